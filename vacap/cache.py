@@ -1,0 +1,128 @@
+"""vacap's KV cache: preallocated buffers written in place, one length per layer.
+
+Layers share one buffer but not one length: compaction (the KV budget, FastV) can leave layers
+with different numbers of slots. Slot order is causal order, so a new token always goes to slot
+``length[l]``; slot index is NOT the token's position (positions are tracked by the decode loop).
+
+Per-slot statistics that must follow their slot through compaction (image flags, saliency,
+sink column sums) are registered as named fields and gathered together with keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(n_layers, batch, capacity, dtype=torch.bool, device=device)
+        # Additive logit per slot, only for cluster tokens (log of the cluster size); None = all zero.
+        self.bias: torch.Tensor | None = None
+        self.length = [0] * n_layers
+        self.capacity = capacity
+        self.fields: dict[str, torch.Tensor] = {}
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    def add_field(self, name: str, heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Register a per-slot statistic # (L, B, heads, capacity), heads in {1, n_kv_heads, n_heads}."""
+        L, B, _, T, _ = self.k.shape
+        self.fields[name] = torch.zeros(L, B, heads, T, dtype=dtype, device=self.k.device)
+        return self.fields[name]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
+        """Write new tokens after the layer's last slot.
+
+        k, v: # (B, Hkv, t, D); valid: # (B, t)
+        Returns the layer's keys, values # (B, Hkv, T, D) and valid # (B, T), T = new length.
+        """
+        start = self.length[layer]
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache full: {end} slots needed, {self.capacity} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        self.valid[layer, :, start:end] = valid
+        self.length[layer] = end
+        return self.view(layer)
+
+    def view(self, layer: int):
+        end = self.length[layer]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.valid[layer, :, :end]
+
+    def layer_bias(self, layer: int) -> torch.Tensor | None:
+        """# (B, Hkv, T) or None."""
+        if self.bias is None:
+            return None
+        return self.bias[layer, :, :, : self.length[layer]]
+
+    def rewrite(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        fields: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Replace a layer's whole content, e.g. after compaction.
+
+        k, v: # (B, Hkv, T', D); valid: # (B, T'); bias: # (B, Hkv, T'); fields[name]: # (B, heads, T')
+        """
+        end = k.shape[2]
+        self.k[layer, :, :, :end] = k
+        self.v[layer, :, :, :end] = v
+        self.valid[layer, :, :end] = valid
+        self.valid[layer, :, end:] = False
+        if bias is not None and self.bias is None:
+            L, B, H, T, _ = self.k.shape
+            self.bias = torch.zeros(L, B, H, T, dtype=torch.float32, device=self.k.device)
+        if self.bias is not None:
+            self.bias[layer, :, :, :end] = 0 if bias is None else bias
+        for name, value in (fields or {}).items():
+            self.fields[name][layer, :, :, :end] = value
+        self.length[layer] = end
+
+    def gather(self, layer: int, index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep the slots ``index`` # (B, Hkv, T') of a layer, in that order, with validity # (B, T').
+
+        Heads may keep different slots. Fields with one head per query head follow their KV head.
+        """
+        k, v, _ = self.view(layer)
+        D = k.shape[-1]
+        bias = self.layer_bias(layer)
+        fields = {name: _gather_slots(value[layer], index) for name, value in self.fields.items()}
+        self.rewrite(
+            layer,
+            k.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, D)),
+            v.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, D)),
+            valid,
+            bias=None if bias is None else bias.gather(2, index),
+            fields=fields,
+        )
+
+
+def _gather_slots(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """value # (B, heads, T); index # (B, Hkv, T') -> # (B, heads, T')."""
+    heads, kv_heads = value.shape[1], index.shape[1]
+    if heads == 1:
+        # Only valid when every head keeps the same slots (FastV); a compaction whose heads
+        # differ (the KV budget) needs its fields registered per KV head.
+        return value.gather(2, index[:, :1])
+    return value.gather(2, index.repeat_interleave(heads // kv_heads, dim=1))

@@ -1,0 +1,108 @@
+"""Decode settings: one frozen dataclass, validated once, carried everywhere.
+
+The CLI turns a ``ValueError`` raised here into a usage error (exit 2), so the allowed ranges
+live in this file only. No torch import: ``vacap --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+METHODS = ("vasparse", "greedy", "vcd", "fastv")
+DEFAULT_PROMPT = "Please describe this image in detail."
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Everything that decides which tokens a caption gets (see ../shared/VASPARSE.md)."""
+
+    method: str = "vasparse"
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 128
+    # 1. visual-aware token selection
+    sparsity: float = 0.5
+    lam: float = 1.0
+    start_layer: int = 2
+    # 2. sink attention penalty
+    sink_beta: float = 0.1
+    # 3. sparse visual contrastive decoding
+    alpha: float = 0.1
+    apc_beta: float = 0.1
+    contrast_layers: int = 0
+    mask_rate: float = 0.5
+    # 4. KV budget with density-peak aggregation
+    kv_budget: float = 1.0
+    cluster_ratio: float = 0.1
+    knn: int = 5
+    # baselines
+    vcd_noise_step: int = 500
+    fastv_layer: int = 2
+    fastv_ratio: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def resolved(self) -> DecodeConfig:
+        """The settings the method really uses: mechanisms a method does not have are off.
+
+        Records store this, so that a `greedy` record does not claim a sparsity it never used.
+        """
+        off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0)
+        if self.method == "greedy":
+            return dataclasses.replace(self, **off)
+        if self.method == "vcd":
+            return dataclasses.replace(self, **{**off, "alpha": 1.0, "apc_beta": 0.1})
+        if self.method == "fastv":
+            return dataclasses.replace(self, **off)
+        return self
+
+    def as_params(self) -> dict:
+        return dataclasses.asdict(self.resolved())
+
+
+def _in_unit(name: str, value: float, *, closed_high: bool = False, open_low: bool = False) -> str | None:
+    if not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    low_ok = value > 0 if open_low else value >= 0
+    high_ok = value <= 1 if closed_high else value < 1
+    if low_ok and high_ok:
+        return None
+    low = "(0" if open_low else "[0"
+    high = "1]" if closed_high else "1)"
+    return f"{name} must be in {low}, {high}, got {value!r}"
+
+
+def _problems(c: DecodeConfig):
+    if c.method not in METHODS:
+        yield f"method must be one of {', '.join(METHODS)}, got {c.method!r}"
+    if not c.prompt.strip():
+        yield "prompt must not be empty"
+    if c.max_new_tokens < 1:
+        yield f"max_new_tokens must be at least 1, got {c.max_new_tokens}"
+    yield from filter(
+        None,
+        (
+            _in_unit("sparsity", c.sparsity),
+            _in_unit("mask_rate", c.mask_rate, closed_high=True),
+            _in_unit("apc_beta", c.apc_beta, closed_high=True),
+            _in_unit("kv_budget", c.kv_budget, closed_high=True, open_low=True),
+            _in_unit("cluster_ratio", c.cluster_ratio, closed_high=True),
+            _in_unit("fastv_ratio", c.fastv_ratio),
+        ),
+    )
+    for name in ("lam", "alpha", "sink_beta"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and value >= 0):
+            yield f"{name} must be a finite number >= 0, got {value!r}"
+    for name in ("start_layer", "contrast_layers", "fastv_layer"):
+        if getattr(c, name) < 0:
+            yield f"{name} must be >= 0, got {getattr(c, name)}"
+    if c.knn < 1:
+        yield f"knn must be at least 1, got {c.knn}"
+    if not 1 <= c.vcd_noise_step <= 999:
+        yield f"vcd_noise_step must be in [1, 999], got {c.vcd_noise_step}"

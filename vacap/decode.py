@@ -1,0 +1,175 @@
+"""Prefill and step loop: vacap's own pure-PyTorch pass over the language model's layers.
+
+One forward reads top to bottom: norm, project, view, rotary, cache write, attention, output
+projection, MLP. The attention is written out (scores, softmax, weighted sum) rather than
+delegated to SDPA because the decoding methods need the logits before the softmax and the
+probabilities after it.
+
+With every mechanism off this is exactly Hugging Face's eager Llama/Mistral/Qwen2 computation,
+so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vacap.cache import KVCache
+from vacap.config import DecodeConfig
+from vacap.model import VisionLanguageModel
+
+
+@dataclass
+class Generated:
+    """One row's output: token ids (the stop token included when one was produced)."""
+
+    tokens: list[int]
+    stopped_by: str  # "eos" or "length"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x # (B, heads, t, D); cos, sin # (B, t, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q # (B, H, t, D), k # (B, Hkv, T, D) -> fp32 logits # (B, H, t, T).
+
+    Query heads are grouped onto their KV head by a view, so keys are never repeated in memory.
+    The product runs in the model's dtype, as Hugging Face's eager attention does.
+    """
+    B, H, t, D = q.shape
+    Hkv = k.shape[1]
+    grouped = q.reshape(B, Hkv, (H // Hkv) * t, D)
+    return (torch.matmul(grouped, k.transpose(2, 3)) * scaling).view(B, H, t, -1).float()
+
+
+def attention_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs # (B, H, t, T) fp32, v # (B, Hkv, T, D) -> # (B, t, H * D)."""
+    B, H, t, T = probs.shape
+    Hkv, D = v.shape[1], v.shape[3]
+    out = torch.matmul(probs.to(v.dtype).reshape(B, Hkv, (H // Hkv) * t, T), v)
+    return out.view(B, H, t, D).transpose(1, 2).reshape(B, t, H * D)
+
+
+class Steering:
+    """What a decoding method may change in the loop; the base class changes nothing (greedy).
+
+    ``layer_logits`` edits one layer's attention logits before the softmax, ``observe`` sees the
+    probabilities after it, and ``next_token`` turns the step's logits into the chosen tokens.
+    """
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+        return logits
+
+    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, prefill: bool) -> None:
+        pass
+
+    def after_prefill(self, cache: KVCache) -> None:
+        pass
+
+    def next_token(self, logits: torch.Tensor, hidden_in: torch.Tensor) -> torch.Tensor:
+        """logits # (B, V); hidden_in # (B, hidden) the current token's input embedding -> # (B,)."""
+        return logits.argmax(-1)
+
+
+def forward(
+    model: VisionLanguageModel,
+    cache: KVCache,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    steering: Steering,
+) -> torch.Tensor:
+    """Run new tokens through every decoder layer, writing their keys and values to the cache.
+
+    x # (B, t, hidden); positions # (B, t) absolute positions; valid # (B, t) real tokens.
+    Returns the last layer's hidden states # (B, t, hidden) (before the final norm).
+    """
+    B, t, _ = x.shape
+    prefill = t > 1
+    cos, sin = model.rotary_emb(x, positions)
+    for index, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values, slot_valid = cache.append(index, k, v, valid)
+
+        logits = steering.layer_logits(index, attention_logits(q, keys, model.scaling), cache, prefill)
+        bias = cache.layer_bias(index)
+        if bias is not None:
+            logits = logits + bias.repeat_interleave(model.n_heads // model.n_kv_heads, dim=1).unsqueeze(2)
+        allowed = slot_valid[:, None, None, :]
+        if prefill:
+            T = keys.shape[2]
+            allowed = allowed & torch.ones(t, T, dtype=torch.bool, device=x.device).tril(T - t)
+        # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
+        # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
+        logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1)
+        steering.observe(index, probs, cache, prefill)
+
+        x = x + attn.o_proj(attention_output(probs, values))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x
+
+
+@torch.no_grad()
+def generate(
+    model: VisionLanguageModel,
+    inputs: dict[str, torch.Tensor],
+    config: DecodeConfig,
+    steering: Steering | None = None,
+) -> list[Generated]:
+    """Caption a prepared batch (``model.prepare``) greedily under ``steering``."""
+    steering = steering or Steering()
+    embeds, _ = model.embed(inputs)
+    valid = inputs["attention_mask"].bool()
+    B, T, _ = embeds.shape
+    max_new = config.max_new_tokens
+    if model.sliding_window is not None and T + max_new > model.sliding_window:
+        raise ValueError(
+            f"prompt ({T} tokens) plus --max-new-tokens ({max_new}) exceeds the model's sliding "
+            f"window ({model.sliding_window}); vacap does not implement sliding-window attention"
+        )
+    cache = KVCache(
+        len(model.layers), B, model.n_kv_heads, model.head_dim, T + max_new, dtype=embeds.dtype, device=embeds.device
+    )
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = forward(model, cache, embeds, positions, valid, steering)
+    steering.after_prefill(cache)
+
+    eos = torch.tensor(model.eos_ids, device=embeds.device)
+    next_position = valid.sum(-1, keepdim=True)
+    step_valid = torch.ones(B, 1, dtype=torch.bool, device=embeds.device)
+    last_input = embeds[:, -1]
+    tokens = torch.full((B, max_new), model.pad_id, dtype=torch.long, device=embeds.device)
+    lengths = torch.full((B,), max_new, dtype=torch.long, device=embeds.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+    for step in range(max_new):
+        logits = model.lm_head(model.norm(hidden[:, -1]))
+        token = steering.next_token(logits, last_input)
+        token = torch.where(finished, model.pad_id, token)
+        tokens[:, step] = token
+        stop = ~finished & torch.isin(token, eos)
+        lengths = torch.where(stop, step + 1, lengths)
+        finished |= stop
+        if finished.all() or step == max_new - 1:
+            break
+        last_input = model.embed_tokens(token)
+        hidden = forward(model, cache, last_input[:, None], next_position, step_valid, steering)
+        next_position = next_position + 1
+
+    return [
+        Generated(tokens[b, : lengths[b]].tolist(), "eos" if finished[b] else "length") for b in range(B)
+    ]

@@ -1,0 +1,210 @@
+"""Loading LLaVA-family checkpoints and exposing their parts to vacap's own decode loop.
+
+The decode loop never calls the Hugging Face model's ``forward``: it calls the modules one by one
+(norms, q/k/v/o projections, MLP, rotary embedding, final norm, LM head). Llama, Mistral and Qwen2
+decoder layers name these parts the same way, so one adapter serves every supported pairing;
+image features come from the checkpoint's own vision tower and projector through
+``get_image_features`` (which also does LLaVA-NeXT / OneVision anyres packing).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger("vacap")
+
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+SUPPORTED_ARCHITECTURES = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+)
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint cannot be used; the message says why and what would work."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for CUDA, but this torch build sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On the CPUs we run on, bf16 matmuls are several times faster than fp32.
+    return torch.bfloat16
+
+
+def _quantization_config(quant: str, device: torch.device):
+    if quant == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"--quant {quant} needs bitsandbytes, which is not installed: pip install 'vacap[quant]'"
+        ) from exc
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=QUANT_SKIP_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+
+
+def _check_supported(config) -> None:
+    architecture = (getattr(config, "architectures", None) or ["<none>"])[0]
+    text_type = getattr(getattr(config, "text_config", None), "model_type", "<none>")
+    if architecture not in SUPPORTED_ARCHITECTURES or text_type not in SUPPORTED_TEXT_MODELS:
+        raise ModelLoadError(
+            f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model"
+        )
+
+
+@dataclass
+class VisionLanguageModel:
+    """A loaded checkpoint, seen as the parts vacap's decode loop needs."""
+
+    name: str
+    hf: nn.Module
+    processor: object
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        text = self.hf.config.text_config
+        language_model = self.hf.model.language_model
+        self.layers: Sequence[nn.Module] = language_model.layers
+        self.embed_tokens: nn.Module = language_model.embed_tokens
+        self.norm: nn.Module = language_model.norm
+        self.rotary_emb: nn.Module = language_model.rotary_emb
+        self.lm_head: nn.Module = self.hf.lm_head
+        self.n_heads: int = text.num_attention_heads
+        self.n_kv_heads: int = text.num_key_value_heads
+        self.head_dim: int = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.scaling: float = self.layers[0].self_attn.scaling
+        self.image_token_id: int = self.hf.config.image_token_id
+        self.sliding_window: int | None = _sliding_window(text)
+        eos = self.hf.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids: tuple[int, ...] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        pad = self.hf.generation_config.pad_token_id
+        self.pad_id: int = pad if pad is not None else self.eos_ids[0]
+        accepted = inspect.signature(self.hf.model.get_image_features).parameters
+        self._image_kwargs = {name for name in accepted if name not in ("self", "kwargs", "pixel_values")}
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def prompt_text(self, prompt: str) -> str:
+        """The user's prompt wrapped in the checkpoint's chat template, with one image."""
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return FALLBACK_TEMPLATE.format(prompt=prompt)
+
+    def prepare(self, images: Sequence, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for a batch of PIL images sharing one prompt, left padded."""
+        text = self.prompt_text(prompt)
+        inputs = self.processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
+        return {
+            name: value.to(self.device, self.dtype if value.is_floating_point() else None)
+            for name, value in inputs.items()
+        }
+
+    @torch.no_grad()
+    def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings with image features in place of the image tokens.
+
+        Returns (embeds (B, T, hidden), image_mask (B, T) bool).
+        """
+        input_ids = inputs["input_ids"]
+        embeds = self.embed_tokens(input_ids)
+        image_mask = input_ids == self.image_token_id
+        if "pixel_values" in inputs:
+            extra = {name: value for name, value in inputs.items() if name in self._image_kwargs}
+            features = self.hf.model.get_image_features(pixel_values=inputs["pixel_values"], **extra)
+            features = torch.cat(list(features.pooler_output), dim=0).to(embeds.dtype)
+            if features.shape[0] != int(image_mask.sum()):
+                raise ModelLoadError(
+                    f"the processor made {int(image_mask.sum())} image tokens but the vision tower gave "
+                    f"{features.shape[0]} features; the processor does not match this checkpoint"
+                )
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+        return embeds, image_mask
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+def _sliding_window(text_config) -> int | None:
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    quant: str = "none",
+) -> VisionLanguageModel:
+    """Load a checkpoint by Hugging Face id or local folder (safetensors only, no remote code)."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+    _check_supported(config)
+    model_class = getattr(transformers, config.architectures[0])
+    quantization = _quantization_config(quant, torch_device)
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": torch_device})
+    try:
+        hf = model_class.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:
+        if quantization is None:
+            raise
+        raise ModelLoadError(f"bitsandbytes could not quantize {name!r} to {quant} on {torch_device}: {exc}") from exc
+    if quantization is None:
+        hf.to(torch_device)
+    hf.eval()
+    processor.tokenizer.padding_side = "left"
+    return VisionLanguageModel(name=name, hf=hf, processor=processor, device=torch_device, dtype=torch_dtype)
