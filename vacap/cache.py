@@ -39,10 +39,14 @@ class KVCache:
     def n_kv_heads(self) -> int:
         return self.k.shape[2]
 
-    def add_field(self, name: str, heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Register a per-slot statistic # (L, B, heads, capacity), heads in {1, n_kv_heads, n_heads}."""
+    def add_field(self, name: str, heads: int, *, shared: bool = False) -> torch.Tensor:
+        """Register a per-slot fp32 statistic # (L, B, heads, capacity), heads in {1, Hkv, H}.
+
+        ``shared`` stores one copy for all layers # (1, B, heads, capacity): right as long as no
+        compaction makes a slot mean different tokens in different layers.
+        """
         L, B, _, T, _ = self.k.shape
-        self.fields[name] = torch.zeros(L, B, heads, T, dtype=dtype, device=self.k.device)
+        self.fields[name] = torch.zeros(1 if shared else L, B, heads, T, device=self.k.device)
         return self.fields[name]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor):
@@ -64,6 +68,11 @@ class KVCache:
     def view(self, layer: int):
         end = self.length[layer]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.valid[layer, :, :end]
+
+    def drop_last(self, n_layers: int) -> None:
+        """Forget the newest slot of the first ``n_layers`` layers (a token written to peek, not keep)."""
+        for layer in range(n_layers):
+            self.length[layer] -= 1
 
     def layer_bias(self, layer: int) -> torch.Tensor | None:
         """# (B, Hkv, T) or None."""
@@ -107,6 +116,8 @@ class KVCache:
         k, v, _ = self.view(layer)
         D = k.shape[-1]
         bias = self.layer_bias(layer)
+        if any(value.shape[0] == 1 < len(self.length) for value in self.fields.values()):
+            raise RuntimeError("a field shared by all layers cannot follow a per-layer compaction")
         fields = {name: _gather_slots(value[layer], index) for name, value in self.fields.items()}
         self.rewrite(
             layer,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 METHODS = ("vasparse", "greedy", "vcd", "fastv")
+DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_PROMPT = "Please describe this image in detail."
 
 

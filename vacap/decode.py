@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from vacap.cache import KVCache
-from vacap.config import DecodeConfig
 from vacap.model import VisionLanguageModel
 
 
@@ -60,23 +59,34 @@ def attention_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class Steering:
-    """What a decoding method may change in the loop; the base class changes nothing (greedy).
+    """What a decoding method may change in the loop; this base class changes nothing (greedy).
 
-    ``layer_logits`` edits one layer's attention logits before the softmax, ``observe`` sees the
-    probabilities after it, and ``next_token`` turns the step's logits into the chosen tokens.
+    The loop calls, in order: ``embed`` (the batch it decodes, which may be larger than the
+    caller's: VCD adds noised copies), ``begin`` once the cache exists, ``layer_logits`` and
+    ``observe`` around every layer's softmax, ``after_prefill`` once, and ``next_token`` per step.
     """
 
+    def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
+        """-> embeds # (B', T, hidden), image_mask # (B', T), valid # (B', T)."""
+        embeds, image_mask = model.embed(inputs)
+        return embeds, image_mask, inputs["attention_mask"].bool()
+
+    def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
+        pass
+
     def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+        """logits # (B, H, t, T) fp32, before any mask; returns the logits the softmax should use."""
         return logits
 
-    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, prefill: bool) -> None:
-        pass
+    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
+        """probs # (B, H, t, T) as used; query_valid # (B, t) marks real (non-padding) queries."""
 
     def after_prefill(self, cache: KVCache) -> None:
         pass
 
-    def next_token(self, logits: torch.Tensor, hidden_in: torch.Tensor) -> torch.Tensor:
-        """logits # (B, V); hidden_in # (B, hidden) the current token's input embedding -> # (B,)."""
+    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """logits # (B, V); token_input # (B, hidden) embedding of the token that produced them;
+        position # (B, 1) its position. -> chosen tokens # (B,)."""
         return logits.argmax(-1)
 
 
@@ -87,16 +97,18 @@ def forward(
     positions: torch.Tensor,
     valid: torch.Tensor,
     steering: Steering,
+    n_layers: int | None = None,
 ) -> torch.Tensor:
-    """Run new tokens through every decoder layer, writing their keys and values to the cache.
+    """Run new tokens through the decoder layers, writing their keys and values to the cache.
 
     x # (B, t, hidden); positions # (B, t) absolute positions; valid # (B, t) real tokens.
-    Returns the last layer's hidden states # (B, t, hidden) (before the final norm).
+    Returns the hidden states after the first ``n_layers`` layers (all by default), before the
+    final norm # (B, t, hidden).
     """
     B, t, _ = x.shape
     prefill = t > 1
     cos, sin = model.rotary_emb(x, positions)
-    for index, layer in enumerate(model.layers):
+    for index, layer in enumerate(model.layers[:n_layers]):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q = attn.q_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
@@ -117,7 +129,7 @@ def forward(
         # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1)
-        steering.observe(index, probs, cache, prefill)
+        steering.observe(index, probs, cache, valid)
 
         x = x + attn.o_proj(attention_output(probs, values))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -128,23 +140,25 @@ def forward(
 def generate(
     model: VisionLanguageModel,
     inputs: dict[str, torch.Tensor],
-    config: DecodeConfig,
-    steering: Steering | None = None,
+    steering: Steering,
+    max_new_tokens: int,
 ) -> list[Generated]:
-    """Caption a prepared batch (``model.prepare``) greedily under ``steering``."""
-    steering = steering or Steering()
-    embeds, _ = model.embed(inputs)
-    valid = inputs["attention_mask"].bool()
+    """Caption a prepared batch (``model.prepare``) under a method's ``steering``
+    (``vacap.methods.steering_for``; a plain ``Steering()`` is greedy decoding)."""
+    rows = inputs["input_ids"].shape[0]
+    embeds, image_mask, valid = steering.embed(model, inputs)
     B, T, _ = embeds.shape
-    max_new = config.max_new_tokens
+    max_new = max_new_tokens
     if model.sliding_window is not None and T + max_new > model.sliding_window:
         raise ValueError(
             f"prompt ({T} tokens) plus --max-new-tokens ({max_new}) exceeds the model's sliding "
             f"window ({model.sliding_window}); vacap does not implement sliding-window attention"
         )
+    # One spare slot: the contrast branch writes its token there and rolls back.
     cache = KVCache(
-        len(model.layers), B, model.n_kv_heads, model.head_dim, T + max_new, dtype=embeds.dtype, device=embeds.device
+        len(model.layers), B, model.n_kv_heads, model.head_dim, T + max_new + 1, dtype=embeds.dtype, device=embeds.device
     )
+    steering.begin(cache, image_mask)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     hidden = forward(model, cache, embeds, positions, valid, steering)
     steering.after_prefill(cache)
@@ -158,7 +172,7 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
     for step in range(max_new):
         logits = model.lm_head(model.norm(hidden[:, -1]))
-        token = steering.next_token(logits, last_input)
+        token = steering.next_token(logits, last_input, next_position - 1)
         token = torch.where(finished, model.pad_id, token)
         tokens[:, step] = token
         stop = ~finished & torch.isin(token, eos)
@@ -171,5 +185,5 @@ def generate(
         next_position = next_position + 1
 
     return [
-        Generated(tokens[b, : lengths[b]].tolist(), "eos" if finished[b] else "length") for b in range(B)
+        Generated(tokens[b, : lengths[b]].tolist(), "eos" if finished[b] else "length") for b in range(rows)
     ]

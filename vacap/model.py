@@ -18,9 +18,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from vacap.config import DEFAULT_MODEL
+
 log = logging.getLogger("vacap")
 
-DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 SUPPORTED_ARCHITECTURES = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
@@ -28,6 +29,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
 QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 

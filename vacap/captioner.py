@@ -1,0 +1,117 @@
+"""The library entry point: load a model once, caption images into records.
+
+    from vacap import Captioner
+    captioner = Captioner("llava-hf/llava-1.5-7b-hf", sparsity=0.5)
+    for record in captioner.caption(["a.jpg", "b.png"]):
+        print(record["caption"])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from vacap.config import DEFAULT_MODEL, DecodeConfig
+from vacap.images import ImageError, LoadedImage, load_image
+from vacap.model import DTYPE_NAMES, load_model
+from vacap.records import make_record, settings_key
+
+
+@dataclass
+class _Job:
+    path: str
+    image: LoadedImage
+
+
+class Captioner:
+    """A loaded model plus frozen decode settings (any ``DecodeConfig`` field as a keyword)."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        quant: str = "none",
+        batch_size: int = 1,
+        **settings,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.config = DecodeConfig(**settings)
+        self.batch_size = batch_size
+        self.model = load_model(model, dtype=dtype, device=device, quant=quant)
+        self.model_name = model
+        # dtype and quantization change the tokens, so they belong to the resume key.
+        self.params = {**self.config.as_params(), "dtype": DTYPE_NAMES[self.model.dtype], "quant": quant}
+        self.settings = settings_key(model, self.params)
+
+    def caption(self, images: Iterable[str | Path]) -> list[dict]:
+        """Caption image files; one record per image, in order, errors included."""
+        return list(self.records(str(p) for p in images))
+
+    def records(
+        self,
+        paths: Iterable[str],
+        *,
+        skip: Callable[[str, str, str], bool] | None = None,
+    ) -> Iterator[dict]:
+        """Yield a record per path as soon as its batch is done.
+
+        ``skip(path, sha256, settings)`` returning True drops an image (resume); it yields nothing
+        for it. Unreadable images yield an ``error`` record without stopping the run.
+        """
+        batch: list[_Job] = []
+        for path in paths:
+            try:
+                loaded = load_image(Path(path))
+            except ImageError as exc:
+                yield self._record(path, "error", error=str(exc))
+                continue
+            if skip is not None and skip(path, loaded.sha256, self.settings):
+                continue
+            batch.append(_Job(path, loaded))
+            if len(batch) == self.batch_size:
+                yield from self._caption_batch(batch)
+                batch = []
+        if batch:
+            yield from self._caption_batch(batch)
+
+    def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[dict]:
+        from vacap.decode import generate
+        from vacap.methods import steering_for
+
+        start = time.perf_counter()
+        try:
+            inputs = self.model.prepare([job.image.image for job in batch], self.config.prompt)
+            outputs = generate(self.model, inputs, steering_for(self.model, self.config), self.config.max_new_tokens)
+        except (RuntimeError, ValueError) as exc:
+            for job in batch:
+                yield self._record(job.path, "error", error=f"captioning failed: {exc}", image=job.image)
+            return
+        seconds = (time.perf_counter() - start) / len(batch)
+        eos = set(self.model.eos_ids)
+        for job, out in zip(batch, outputs):
+            text_tokens = [t for t in out.tokens if t not in eos]
+            yield self._record(
+                job.path,
+                "ok",
+                image=job.image,
+                caption=self.model.decode(text_tokens),
+                tokens=len(text_tokens),
+                seconds=round(seconds, 4),
+            )
+
+    def _record(self, path: str, status: str, *, image: LoadedImage | None = None, **fields) -> dict:
+        if image is not None:
+            fields.update(width=image.width, height=image.height, sha256=image.sha256)
+        return make_record(
+            path=path,
+            status=status,
+            model=self.model_name,
+            method=self.config.method,
+            params=self.params,
+            **fields,
+        )

@@ -1,0 +1,308 @@
+"""Decoding methods as ``Steering`` of the one decode loop: VASparse, VCD and FastV.
+
+The formulas live in ``vacap/vasparse.py`` as pure functions; this module keeps their state
+(statistics per cache slot, masks, the noised batch) and calls them at the loop's hooks.
+The definition is ../shared/VASPARSE.md; choices it leaves open are noted where they are made.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vacap import vasparse as vs
+from vacap.cache import KVCache
+from vacap.config import DecodeConfig
+from vacap.decode import Steering, forward
+from vacap.model import VisionLanguageModel
+
+
+def steering_for(model: VisionLanguageModel, config: DecodeConfig) -> Steering:
+    """Fresh per-batch state for ``config.method`` (its resolved settings)."""
+    config = config.resolved()
+    if config.method == "vcd":
+        return NoisedImageContrast(config)
+    if config.method == "fastv":
+        return FastV(config)
+    if config.method == "vasparse":
+        return VASparse(model, config)
+    return Steering()
+
+
+def _generator(config: DecodeConfig, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(config.seed)
+
+
+def _per_query_head(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """# (B, 1 or Hkv, T) -> broadcastable to # (B, H, T)."""
+    return x if x.shape[1] == 1 else x.repeat_interleave(n_heads // x.shape[1], dim=1)
+
+
+class VASparse(Steering):
+    """Visual-aware token selection, sink penalty, sparse visual contrast and the KV budget.
+
+    Per-slot statistics live in the cache as fields so that compaction carries them: ``image``
+    (1 for image slots), ``v`` (image-attention mass the slot's token gave in the last layer, for
+    the saliency P) and ``colsum`` (running attention column sums, for the sink penalty, one per
+    query head). Without a KV budget every layer holds the same tokens in the same slots, so
+    ``image`` and ``v`` are stored once and P is computed once per step, not per layer.
+    """
+
+    def __init__(self, model: VisionLanguageModel, config: DecodeConfig) -> None:
+        self.model, self.config = model, config
+        self.n_layers, self.n_heads = len(model.layers), model.n_heads
+        self.select = config.sparsity > 0
+        self.sink = config.sink_beta > 0
+        self.contrast = config.alpha > 0
+        self.budget = config.kv_budget < 1
+        self.phi_layers = config.contrast_layers if self.contrast else 0
+        self.saliency = (self.select or self.budget) and config.lam > 0
+        self._step_saliency: torch.Tensor | None = None
+        self._prompt_logits: dict[int, torch.Tensor] = {}
+
+    def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
+        self.cache = cache
+        T = image_mask.shape[1]
+        if self.saliency or self.phi_layers:
+            heads = cache.n_kv_heads if self.budget else 1
+            cache.add_field("image", heads, shared=not self.budget)[..., :T] = image_mask[None, :, None].float()
+        if self.saliency:
+            cache.add_field("v", cache.n_kv_heads if self.budget else 1, shared=not self.budget)
+        if self.sink:
+            cache.add_field("colsum", self.n_heads)
+        if self.phi_layers:
+            # One hidden set per caption, drawn over the prompt's image slots.
+            self.phi_hidden = vs.mask_image_slots(image_mask, self.config.mask_rate, _generator(self.config, image_mask.device))
+
+    def _field(self, name: str, layer: int) -> torch.Tensor:
+        """A field's live slots for a layer # (B, heads, T)."""
+        value = self.cache.fields[name]
+        return value[0 if value.shape[0] == 1 else layer, :, :, : self.cache.length[layer]]
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+        c = self.config
+        if layer < c.start_layer:
+            return logits
+        if prefill:
+            if self.budget:
+                self._prompt_logits[layer] = logits[:, :, -1]
+            return logits
+        s = logits[:, :, 0]  # (B, H, T): one query per decode step
+        valid = cache.valid[layer, :, : s.shape[-1]]
+        out = s
+        if self.sink:
+            weights = vs.sink_weights(self._field("colsum", layer), valid)
+            out = vs.sink_penalty(s, weights, c.sink_beta)
+        if self.select:
+            delta = vs.selection_scores(s, self._saliency(layer, valid), c.lam, valid)
+            keep = vs.keep_mask(delta, c.sparsity, valid, current=s.shape[-1] - 1)
+            out = out.masked_fill(~keep, -math.inf)
+        return out.unsqueeze(2)
+
+    def _saliency(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
+        """P # (B, 1 or H, T); zeros when lam is 0 (the term then vanishes)."""
+        if not self.saliency:
+            return torch.zeros_like(valid, dtype=torch.float32)
+        if self.budget:
+            return _per_query_head(vs.saliency(self._field("v", layer), valid), self.n_heads)
+        if layer == self.config.start_layer:
+            self._step_saliency = vs.saliency(self._field("v", layer), valid)
+        return self._step_saliency
+
+    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
+        if self.sink and layer >= self.config.start_layer:
+            used = probs * query_valid[:, None, :, None]
+            self._field("colsum", layer).add_(used.sum(2))
+        if self.saliency and layer == self.n_layers - 1:
+            image = _per_query_head(self._field("image", layer), self.n_heads) > 0.5
+            mass = vs.image_attention_mass(probs, image)  # (B, t)
+            self._record_new(self.cache.fields["v"], mass)
+
+    def _record_new(self, field: torch.Tensor, value: torch.Tensor) -> None:
+        """Write a statistic of the t newest tokens # (B, t) into their slots in every layer."""
+        t = value.shape[1]
+        for layer in range(field.shape[0]):
+            end = self.cache.length[layer]
+            field[layer, :, :, end - t : end] = value[:, None]
+
+    def after_prefill(self, cache: KVCache) -> None:
+        if self.budget:
+            for layer in range(self.config.start_layer, self.n_layers):
+                self._compact(layer)
+            self._prompt_logits.clear()
+
+    def _compact(self, layer: int) -> None:
+        """Keep the top kv_budget of each KV head's slots; merge the rest into DPC-KNN clusters."""
+        c, cache = self.config, self.cache
+        k, v, valid = cache.view(layer)
+        B, Hkv, T, D = k.shape
+        group = self.n_heads // Hkv
+        saliency = self._saliency(layer, valid)
+        delta = vs.selection_scores(self._prompt_logits[layer], saliency, c.lam, valid)
+        delta = delta.view(B, Hkv, group, T).amax(2)  # a slot stays if any query head of its group wants it
+        # The last prompt token is the query of the first step; like the current token under
+        # selection, it is always kept (VASPARSE.md leaves this open).
+        delta[:, :, -1] = math.inf
+        rows = [self._compact_row(layer, b, delta[b], valid[b]) for b in range(B)]
+        # Rows keep different numbers of slots; pad them to one width, the padding invalid.
+        width = max(row_keys.shape[1] for row_keys, *_ in rows)
+        stack = lambda parts: torch.stack([_pad_slots(x, width) for x in parts])  # noqa: E731
+        keys, values, bias, fields = zip(*rows)
+        new_valid = torch.stack([torch.arange(width, device=k.device) < x.shape[1] for x in keys])
+        cache.rewrite(
+            layer,
+            stack(keys),
+            stack(values),
+            new_valid,
+            bias=stack(bias),
+            fields={name: stack([f[name] for f in fields]) for name in cache.fields},
+        )
+
+    def _compact_row(self, layer: int, b: int, delta: torch.Tensor, valid: torch.Tensor):
+        """One batch row: -> keys, values # (Hkv, T', D), bias # (Hkv, T'), fields {name: # (heads, T')}."""
+        c, cache = self.config, self.cache
+        slots = valid.nonzero().squeeze(1)  # (n,)
+        keep_i, drop_i = vs.budget_split(delta[:, slots], c.kv_budget)
+        keep, drop = slots[keep_i], slots[drop_i]  # (Hkv, k), (Hkv, d)
+        k, v, _ = cache.view(layer)
+        D = k.shape[-1]
+        take = lambda x, idx: x[b].gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # noqa: E731
+        n_clusters = math.ceil(c.cluster_ratio * drop.shape[1] - 1e-9) if drop.shape[1] else 0
+        fields = {name: self._field(name, layer)[b] for name in cache.fields}
+        kept_fields = {name: f.gather(1, _index_for(keep, f.shape[0])) for name, f in fields.items()}
+        if n_clusters == 0:
+            return take(k, keep), take(v, keep), torch.zeros(keep.shape, device=k.device), kept_fields
+        dropped_keys = take(k, drop)
+        assign = vs.dpc_knn(dropped_keys.float(), n_clusters, c.knn)  # (Hkv, d)
+        keys = vs.cluster_reduce(dropped_keys.float(), assign, n_clusters, "mean").to(k.dtype)
+        values = vs.cluster_reduce(take(v, drop).float(), assign, n_clusters, "mean").to(v.dtype)
+        # log(size): a cluster draws the attention its members would have drawn together.
+        bias = vs.cluster_sizes(assign, n_clusters).float().log()
+        merged = {}
+        for name, f in fields.items():
+            members = f.gather(1, _index_for(drop, f.shape[0]))
+            member_assign = _index_for(assign, f.shape[0])
+            reduced = vs.cluster_reduce(members, member_assign, n_clusters, "sum" if name == "colsum" else "mean")
+            merged[name] = (reduced > 0.5).float() if name == "image" else reduced
+        return (
+            torch.cat([take(k, keep), keys], 1),
+            torch.cat([take(v, keep), values], 1),
+            torch.cat([torch.zeros(keep.shape, device=k.device), bias], 1),
+            {name: torch.cat([kept_fields[name], merged[name]], 1) for name in fields},
+        )
+
+    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        if not self.contrast:
+            return logits.argmax(-1)
+        z_theta = logits.float()
+        plausible = vs.plausible_mask(z_theta, self.config.apc_beta)
+        hidden = token_input if not self.phi_layers else self._phi_hidden(token_input, position)
+        # z_phi only matters on the plausible set: gather those LM-head rows, not the whole vocabulary.
+        ids = plausible.any(0).nonzero().squeeze(1)
+        weight = self.model.lm_head.weight[ids]
+        z_phi = torch.full_like(z_theta, math.nan)
+        z_phi[:, ids] = (self.model.norm(hidden) @ weight.T).float()
+        return vs.contrast(z_theta, z_phi, self.config.alpha, plausible).argmax(-1)
+
+    def _phi_hidden(self, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The current token through the first contrast_layers layers with image slots hidden."""
+        B = token_input.shape[0]
+        ones = torch.ones(B, 1, dtype=torch.bool, device=token_input.device)
+        out = forward(self.model, self.cache, token_input[:, None], position, ones, _Hide(self.phi_hidden), self.phi_layers)
+        self.cache.drop_last(self.phi_layers)
+        return out[:, 0]
+
+
+class _Hide(Steering):
+    """The contrast branch's view of the cache: hidden image slots and the step's own main slot."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden  # (B, T_prompt)
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+        T = logits.shape[-1]
+        mask = torch.zeros(logits.shape[0], T, dtype=torch.bool, device=logits.device)
+        mask[:, : self.hidden.shape[1]] = self.hidden
+        # Slot T-2 holds the main pass's copy of this very token; the branch has its own at T-1.
+        mask[:, T - 2] = True
+        return logits.masked_fill(mask[:, None, None], -math.inf)
+
+
+def _pad_slots(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the slot axis (dim 1) of # (heads, n, ...) to width."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]))
+
+
+def _index_for(index: torch.Tensor, heads: int) -> torch.Tensor:
+    """Slot index per KV head # (Hkv, n) -> per field head # (heads, n) (1, Hkv or H heads)."""
+    if heads == index.shape[0]:
+        return index
+    if heads == 1:
+        return index[:1]
+    return index.repeat_interleave(heads // index.shape[0], dim=0)
+
+
+class NoisedImageContrast(Steering):
+    """VCD (Leng et al., CVPR 2024): contrast each row with a copy whose image is diffusion-noised.
+
+    The copies are extra batch rows, so they cost a second cache and a second forward per step.
+    """
+
+    def __init__(self, config: DecodeConfig) -> None:
+        self.config = config
+
+    def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
+        embeds, image_mask, valid = super().embed(model, inputs)
+        pixels = inputs["pixel_values"]
+        noised = vs.diffusion_noise(pixels.float(), self.config.vcd_noise_step, _generator(self.config, pixels.device))
+        noised_embeds, _ = model.embed({**inputs, "pixel_values": noised.to(pixels.dtype)})
+        self.rows = embeds.shape[0]
+        return torch.cat([embeds, noised_embeds]), image_mask.repeat(2, 1), valid.repeat(2, 1)
+
+    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        z, z_noised = logits[: self.rows].float(), logits[self.rows :].float()
+        plausible = vs.plausible_mask(z, self.config.apc_beta)
+        return vs.contrast(z, z_noised, self.config.alpha, plausible).argmax(-1).repeat(2)
+
+
+class FastV(Steering):
+    """FastV (Chen et al., ECCV 2024): after layer K, drop the least-attended image tokens.
+
+    The ranking uses the attention of the K-th layer (index K-1), averaged over heads and the
+    prompt's queries; layers from index K on never see the dropped slots, in the prefill (masked)
+    or after it (compacted away). Outputs equal FastV's pruning of the hidden sequence; the
+    prefill still computes the dropped tokens' own rows, which nobody reads.
+    """
+
+    def __init__(self, config: DecodeConfig) -> None:
+        self.config = config
+        self.dropped: torch.Tensor | None = None
+
+    def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
+        self.image_mask = image_mask
+
+    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
+        if probs.shape[2] > 1 and layer == self.config.fastv_layer - 1:
+            used = probs * query_valid[:, None, :, None]
+            received = used.sum(2).mean(1) / query_valid.sum(-1, keepdim=True)  # (B, T)
+            valid = cache.valid[layer, :, : probs.shape[-1]]
+            keep = vs.fastv_keep(received, self.image_mask, valid, self.config.fastv_ratio)
+            self.dropped = valid & ~keep
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+        if prefill and self.dropped is not None and layer >= self.config.fastv_layer:
+            return logits.masked_fill(self.dropped[:, None, None], -math.inf)
+        return logits
+
+    def after_prefill(self, cache: KVCache) -> None:
+        if self.dropped is None:
+            return
+        keep = cache.valid[0, :, : self.dropped.shape[1]] & ~self.dropped  # (B, T)
+        width = int(keep.sum(-1).max())
+        # Stable sort puts each row's kept slots first, in order; the rest pad the row.
+        order = (~keep).float().argsort(dim=-1, stable=True)[:, :width]
+        new_valid = keep.gather(1, order)
+        index = order[:, None].expand(-1, cache.n_kv_heads, -1)
+        for layer in range(self.config.fastv_layer, len(cache.length)):
+            cache.gather(layer, index, new_valid)

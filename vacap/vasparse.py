@@ -1,0 +1,298 @@
+"""The pure tensor pieces of VASparse decoding, as defined in ../shared/VASPARSE.md.
+
+Every function here takes tensors and returns tensors: no model, no cache, no state; the decode
+loop owns those and calls these. Shapes: B batch rows, H query heads, Hkv KV heads, T cache slots
+(always the last axis), V vocabulary, G independent groups (e.g. layer x KV head), N points of a
+group; ``valid`` is a bool (B, T) mask of real cache slots (False for left padding and empty slots),
+and every statistic (max, softmax, top-k) is taken over the valid slots of its own row, so rows may
+hold different numbers of tokens. Statistics are computed in fp32 whatever the input dtype. Where
+vacap departs from the paper (Zhuang et al., CVPR 2025): the two terms of the selection score
+delta (Eq. 2) are each divided by their maximum over the valid slots of their (row, head), so that
+``lam`` weighs two numbers in [0, 1] on every model (the paper leaves their scales open); counts
+such as ceil((1 - sparsity) * n) are taken with a 1e-9 tolerance so float noise cannot add or drop a
+slot; and DPC-KNN ranks centres by log(rho) + log(distance), the same order as rho * distance
+without the underflow of rho = exp(-large) that would tie every point at zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Counts like ceil(0.3 * 10) must give 3 although (1 - 0.7) * 10 == 3.0000000000000004 in floats.
+_COUNT_TOL = 1e-9
+
+
+def _rank(key: Tensor, descending: bool) -> Tensor:
+    """Position of every entry in a stable sort along the last axis (ties: lower slot first)."""
+    return key.argsort(dim=-1, descending=descending, stable=True).argsort(-1)
+
+
+def _slots(valid: Tensor, ndim: int) -> Tensor:
+    """View a (B, T) mask as (B, 1, ..., 1, T) so that it broadcasts against an ndim tensor."""
+    return valid.view(valid.shape[0], *([1] * (ndim - 2)), valid.shape[-1])
+
+
+def _masked_softmax(x: Tensor, valid: Tensor) -> Tensor:
+    """fp32 softmax over the valid slots, exactly 0 elsewhere (and 0 for a row with no valid slot)."""
+    probs = x.float().masked_fill(~valid, -math.inf).softmax(-1)
+    # An all-invalid row is NaN after the softmax; torch.where drops it.
+    return torch.where(valid, probs, 0.0)
+
+
+def _unit_peak(x: Tensor, valid: Tensor) -> Tensor:
+    """Non-negative x divided by its max over valid slots; 0 on invalid slots and where the max is 0."""
+    x = torch.where(valid, x, 0.0)
+    peak = x.amax(-1, keepdim=True)
+    return torch.where(peak > 0, x / peak, 0.0)
+
+
+def selection_scores(logits: Tensor, saliency: Tensor, lam: float, valid: Tensor) -> Tensor:
+    """Selection score delta of every cached slot (Eq. 2 with vacap's per-head scaling).
+
+        logits    # (B, H, T) raw attention logits s = q.K / sqrt(d): no mask, no sink penalty
+        saliency  # (B, T), (B, 1, T) or (B, H, T) visual saliency P; with GQA and per-KV-head P,
+                  #   repeat it to the query heads first
+        valid     # (B, T) bool
+        returns   # (B, H, T) fp32: s^2 / max s^2 + lam * P / max P, maxima over valid slots of
+                  #   each (row, head); -inf on invalid slots
+
+    A term whose maximum is 0 (all s or all P zero) contributes 0 rather than 0 / 0.
+    """
+    if saliency.dim() == 2:
+        saliency = saliency[:, None]
+    valid = valid[:, None]  # (B, 1, T)
+    delta = _unit_peak(logits.float().square(), valid) + lam * _unit_peak(saliency.float(), valid)
+    return delta.masked_fill(~valid, -math.inf)
+
+
+def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Tensor:
+    """Which slots each head attends to: the top-k of delta, always including ``current``.
+
+        delta     # (B, H, T) selection scores (any float dtype)
+        valid     # (B, T) bool
+        current   # slot of the token being processed (the same in every row; must be valid)
+        returns   # (B, H, T) bool, exactly k True per (row, head), never on an invalid slot
+
+    k = max(1, ceil((1 - sparsity) * n)) with n the row's number of valid slots, so sparsity 0
+    keeps every valid slot. Keeping the k largest delta minimises Eq. 1 (the summed delta of the
+    dropped slots) among the size-k sets that contain the current slot. Ties go to the lower slot.
+    """
+    n = valid.sum(-1)  # (B,)
+    k = torch.ceil((1 - sparsity) * n.double() - _COUNT_TOL).long().clamp_min(1)
+    forced = torch.zeros_like(valid)
+    forced[:, current] = True
+    valid, forced = valid[:, None], forced[:, None]  # (B, 1, T)
+    # Sort key: the current slot first, then the valid slots by delta, the invalid slots last.
+    # Valid deltas are clamped to finite values so that no -inf, +inf or NaN can change that order.
+    big = torch.finfo(torch.float32).max
+    key = delta.float().nan_to_num(nan=-big, posinf=big, neginf=-big)
+    key = torch.where(valid, key, -math.inf).masked_fill(forced & valid, math.inf)
+    # k can exceed n only when n == 0 (k >= 1), hence the final & valid.
+    return (_rank(key, descending=True) < k[:, None, None]) & valid
+
+
+def sink_weights(colsum: Tensor, valid: Tensor) -> Tensor:
+    """Sink weights w = softmax(c) of the running attention column sums (Eq. 5).
+
+        colsum    # (B, H, T) c_i = attention received by slot i from every query so far
+        valid     # (B, T) bool
+        returns   # (B, H, T) fp32, sums to 1 per (row, head), 0 on invalid slots
+    """
+    return _masked_softmax(colsum, _slots(valid, colsum.dim()))
+
+
+def sink_penalty(logits: Tensor, weights: Tensor, beta: float) -> Tensor:
+    """Penalised logits s' = (1 + beta) * s - beta * w * s (Eq. 5).
+
+        logits    # (B, H, T) or (B, H, Tq, T) attention logits s
+        weights   # (B, H, T) sink weights w from sink_weights
+        returns   # same shape and dtype as logits (computed in fp32)
+
+    Apply it BEFORE adding any -inf mask: beta * w * (-inf) is NaN, even where w is 0. With beta 0
+    the result equals the input bit for bit, but the caller skips the call altogether.
+    """
+    if logits.dim() == 4:
+        weights = weights[:, :, None]  # (B, H, 1, T): one weight row for every query
+    s = logits.float()
+    return ((1 + beta) * s - beta * weights * s).to(logits.dtype)
+
+
+def saliency(v: Tensor, valid: Tensor) -> Tensor:
+    """Visual saliency P = softmax(v) over the valid slots (Eq. 3).
+
+        v         # (B, T) or (B, Hkv, T) image-attention mass each cached token gave as a query
+        valid     # (B, T) bool
+        returns   # same shape as v, fp32, sums to 1 over the valid slots, 0 on invalid slots
+    """
+    return _masked_softmax(v, _slots(valid, v.dim()))
+
+
+def image_attention_mass(probs: Tensor, image_slots: Tensor) -> Tensor:
+    """Attention mass each query gave to image slots, averaged over heads (v of Eq. 3).
+
+        probs        # (B, H, Tq, T) attention probabilities actually used
+        image_slots  # (B, T) or (B, H, T) bool, True on slots holding image tokens
+        returns      # (B, Tq) fp32: v_t = mean_h sum_{k image} probs[b, h, t, k]
+    """
+    image = image_slots if image_slots.dim() == 3 else image_slots[:, None]  # (B, H or 1, T)
+    return (probs.float() * image[:, :, None]).sum(-1).mean(1)
+
+
+def plausible_mask(logits: Tensor, apc_beta: float) -> Tensor:
+    """Adaptive plausibility set: tokens with p(j) >= apc_beta * max p (softmax in fp32).
+
+        logits    # (B, V) next-token logits z_theta
+        returns   # (B, V) bool; never empty, the argmax is always plausible
+    """
+    probs = logits.float().softmax(-1)
+    return probs >= apc_beta * probs.amax(-1, keepdim=True)
+
+
+def contrast(z_theta: Tensor, z_phi: Tensor, alpha: float, plausible: Tensor) -> Tensor:
+    """Contrastive logits (Eq. 4) restricted to the plausible set.
+
+        z_theta    # (B, V) logits of the full (sparse) model
+        z_phi      # (B, V) language-prior logits; only read on the plausible set, so it may hold
+                   #   -inf, NaN or anything else outside it
+        plausible  # (B, V) bool from plausible_mask(z_theta, apc_beta)
+        returns    # (B, V) fp32: (1 + alpha) z_theta - alpha z_phi on the plausible set, else -inf
+    """
+    z = (1 + alpha) * z_theta.float() - alpha * z_phi.float()
+    # torch.where selects, so NaN or inf computed outside the plausible set cannot leak.
+    return torch.where(plausible, z, -math.inf)
+
+
+def dpc_knn(x: Tensor, n_clusters: int, k: int) -> Tensor:
+    """Density-peak clustering with k-nearest-neighbour density (DPC-KNN), per group.
+
+        x         # (G, N, D) points (e.g. the dropped keys of one layer and KV head per group)
+        returns   # (G, N) long cluster id in [0, n_clusters)
+
+    rho_i = exp(-mean squared distance to the k nearest other points) (k clipped to [1, N - 1]);
+    dist_i = distance to the nearest denser point (density ties: the lower index is denser), the
+    densest point taking its largest distance (which makes it a centre); the n_clusters points
+    with the largest rho * dist are the centres (ties: lower index); cluster c is the c-th centre
+    in slot order; every point joins its nearest centre (ties: lower cluster id) and a centre
+    always joins its own cluster.
+    With N <= n_clusters every point is its own cluster (ids 0..N-1).
+    """
+    G, N, _ = x.shape
+    if N <= n_clusters:
+        return torch.arange(N, device=x.device).expand(G, N).clone()
+    # The exact pairwise form: the matmul shortcut is off by rounding, which can reorder ties.
+    x = x.float()
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (G, N, N)
+    self_loop = torch.eye(N, dtype=torch.bool, device=x.device)
+    nearest = dist.masked_fill(self_loop, math.inf).topk(max(1, min(k, N - 1)), largest=False).values
+    # log rho, because key distances are large enough for exp(-d^2) to underflow to 0.
+    log_rho = -nearest.square().mean(-1)  # (G, N)
+    rank = _rank(log_rho, descending=True)  # 0 = densest; a strict order even with equal rho
+    denser = rank[:, None, :] < rank[:, :, None]  # (G, N, N): [g, i, j] = j is denser than i
+    peak_dist = torch.where(denser, dist, math.inf).amin(-1)
+    peak_dist = torch.where(rank == 0, dist.amax(-1), peak_dist)
+    log_score = log_rho + peak_dist.log()  # log(rho * dist); -inf for a duplicate point
+    centres = log_score.argsort(dim=-1, descending=True, stable=True)[:, :n_clusters].sort(-1).values
+    to_centre = dist.gather(-1, centres[:, None, :].expand(G, N, n_clusters))  # (G, N, C)
+    assign = to_centre.argmin(-1)
+    # A centre that duplicates another (distance 0) would otherwise join the first one's cluster.
+    ids = torch.arange(n_clusters, device=x.device).expand(G, n_clusters)
+    return assign.scatter(-1, centres, ids)
+
+
+def cluster_sizes(assign: Tensor, n_clusters: int) -> Tensor:
+    """Number of members of every cluster.
+
+        assign    # (G, N) long cluster ids in [0, n_clusters)
+        returns   # (G, C) long
+    """
+    sizes = torch.zeros(assign.shape[0], n_clusters, dtype=torch.long, device=assign.device)
+    return sizes.scatter_add_(1, assign, torch.ones_like(assign))
+
+
+def cluster_reduce(x: Tensor, assign: Tensor, n_clusters: int, reduce: str) -> Tensor:
+    """Sum or mean of the members of every cluster (an empty cluster gives 0).
+
+        x         # (G, N, ...) per-point values (keys, values, column sums, image flags as float)
+        assign    # (G, N) long cluster ids in [0, n_clusters)
+        reduce    # "sum" or "mean"
+        returns   # (G, C, ...) accumulated in fp32, returned in x's dtype (fp32 for non-float x)
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    G, N = assign.shape
+    rest = x.shape[2:]
+    # One index_add over the flattened (group, cluster) axis instead of a loop over groups.
+    flat = (assign + n_clusters * torch.arange(G, device=assign.device)[:, None]).reshape(-1)
+    total = torch.zeros(G * n_clusters, *rest, dtype=torch.float32, device=x.device)
+    total = total.index_add_(0, flat, x.float().reshape(G * N, *rest)).view(G, n_clusters, *rest)
+    if reduce == "mean":
+        sizes = cluster_sizes(assign, n_clusters).clamp_min(1)
+        total = total / sizes.view(G, n_clusters, *([1] * len(rest)))
+    return total.to(x.dtype) if x.is_floating_point() else total
+
+
+def budget_split(delta: Tensor, budget: float) -> tuple[Tensor, Tensor]:
+    """Split n slots into the top ceil(budget * n) by delta and the rest (KV budget, section 4).
+
+        delta     # (G, n) selection scores
+        returns   # keep_idx (G, ceil(budget * n)) and drop_idx (G, n - that) long, each sorted
+                  #   by slot index ascending so the cache keeps its order; ties keep lower slots
+    """
+    n = delta.shape[-1]
+    n_keep = math.ceil(budget * n - _COUNT_TOL)
+    order = delta.float().argsort(dim=-1, descending=True, stable=True)
+    return order[..., :n_keep].sort(-1).values, order[..., n_keep:].sort(-1).values
+
+
+def diffusion_noise(pixels: Tensor, step: int, generator: torch.Generator) -> Tensor:
+    """VCD's forward diffusion: the image after ``step`` of 1000 noising steps.
+
+        pixels    # (..., ) any shape, e.g. (B, 3, H, W) normalised pixel values
+        step      # int in [0, 999]
+        generator # torch.Generator on pixels.device; eps = torch.randn(pixels.shape, fp32)
+        returns   # same shape and dtype as pixels:
+                  #   sqrt(alpha_bar[step]) x + sqrt(1 - alpha_bar[step]) eps
+
+    betas = sigmoid(linspace(-6, 6, 1000)) * (0.5e-2 - 1e-5) + 1e-5, alpha_bar = cumprod(1 - betas);
+    the schedule is computed in fp64, the noise in fp32.
+    """
+    if not 0 <= step < 1000:
+        raise ValueError(f"step must be in [0, 999], got {step}")
+    betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    alpha_bar = torch.cumprod(1 - betas, 0)[step].item()
+    eps = torch.randn(pixels.shape, generator=generator, dtype=torch.float32, device=pixels.device)
+    return (math.sqrt(alpha_bar) * pixels.float() + math.sqrt(1 - alpha_bar) * eps).to(pixels.dtype)
+
+
+def fastv_keep(received: Tensor, image_slots: Tensor, valid: Tensor, ratio: float) -> Tensor:
+    """FastV pruning: drop the least-attended fraction of each row's image slots.
+
+        received     # (B, T) average attention each slot received at layer K
+        image_slots  # (B, T) bool
+        valid        # (B, T) bool
+        returns      # (B, T) bool keep mask: valid slots minus the floor(ratio * n_image) image
+                     #   slots with the least received attention (ties: the lower slot drops)
+    """
+    image = image_slots & valid
+    n_drop = torch.floor(ratio * image.sum(-1).double() + _COUNT_TOL).long()  # (B,)
+    key = torch.where(image, received.float(), math.inf)
+    dropped = image & (_rank(key, descending=False) < n_drop[:, None])
+    return valid & ~dropped
+
+
+def mask_image_slots(image_slots: Tensor, rate: float, generator: torch.Generator) -> Tensor:
+    """Image slots to hide from the contrastive branch, a uniformly random subset per row.
+
+        image_slots  # (B, T) bool
+        generator    # torch.Generator on image_slots.device
+        returns      # (B, T) bool, round(rate * n_image) True per row (round half to even, like
+                     #   Python's round), only on image slots
+    """
+    n_hide = torch.round(rate * image_slots.sum(-1).double()).long()  # (B,)
+    # The n smallest of i.i.d. uniforms are a uniformly random n-subset.
+    noise = torch.rand(image_slots.shape, generator=generator, device=image_slots.device)
+    key = torch.where(image_slots, noise, math.inf)
+    return image_slots & (_rank(key, descending=False) < n_hide[:, None])
