@@ -1,0 +1,39 @@
+"""Shared pieces of the model tests: test images and Hugging Face references."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from PIL import Image
+
+MAX_NEW = 12
+PROMPT = "Describe the picture."
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+# Different sizes and aspect ratios: anyres models give them different image-token counts,
+# so a batch of them is left padded.
+IMAGES = [noise_image(40, 30, 1), noise_image(30, 44, 2), noise_image(32, 32, 3), noise_image(64, 60, 4)]
+
+
+def hf_model(path):
+    """The checkpoint loaded by transformers alone, with eager attention."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    return getattr(transformers, config.architectures[0]).from_pretrained(path, attn_implementation="eager").eval()
+
+
+def hf_greedy(path, inputs, max_new: int = MAX_NEW) -> list[list[int]]:
+    """Tokens of HF generate(do_sample=False, num_beams=1), cut after each row's EOS."""
+    hf = hf_model(path)
+    eos = hf.generation_config.eos_token_id
+    out = hf.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new)
+    rows = []
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+        rows.append(row[:cut])
+    return rows
