@@ -44,14 +44,15 @@ def test_anyres_batch_is_really_padded(tiny_model):
 def test_stops_at_eos_and_at_max_new_tokens(tiny_model):
     model = load_model(str(tiny_model("llava-llama")), dtype="fp32", device="cpu")
     images = [noise_image(20 + 7 * i, 30, 10 + i) for i in range(12)]
-    outputs = generate(model, model.prepare(images, PROMPT), Steering(), MAX_NEW)
+    max_new = 48
+    outputs = generate(model, model.prepare(images, PROMPT), Steering(), max_new)
     by_eos = [g for g in outputs if g.stopped_by == "eos"]
     by_length = [g for g in outputs if g.stopped_by == "length"]
     assert by_eos and by_length, "the fixture should give both kinds of stop on these images"
     for g in by_eos:
         assert g.tokens[-1] in model.eos_ids and not set(g.tokens[:-1]) & set(model.eos_ids)
     for g in by_length:
-        assert len(g.tokens) == MAX_NEW and not set(g.tokens) & set(model.eos_ids)
+        assert len(g.tokens) == max_new and not set(g.tokens) & set(model.eos_ids)
 
 
 def test_cache_writes_in_place_and_gathers_per_head():

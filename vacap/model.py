@@ -172,6 +172,32 @@ def _sliding_window(text_config) -> int | None:
     return int(window)
 
 
+def _load_processor(source: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, trust_remote_code=False)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+    # LLaVA-OneVision's processor insists on a video processor, and every video processor in
+    # transformers 5 needs torchvision (no CPU wheel matches our torch). vacap captions only
+    # images, so it builds the same processor class without the video part.
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    settings, _ = ProcessorMixin.get_processor_dict(source)
+    base = getattr(transformers, settings.pop("processor_class"))
+
+    class ImageOnlyProcessor(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    kwargs = {key: value for key, value in settings.items() if not isinstance(value, dict)}
+    return ImageOnlyProcessor(AutoImageProcessor.from_pretrained(source), AutoTokenizer.from_pretrained(source), **kwargs)
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -181,7 +207,7 @@ def load_model(
 ) -> VisionLanguageModel:
     """Load a checkpoint by Hugging Face id or local folder (safetensors only, no remote code)."""
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -198,7 +224,7 @@ def load_model(
         kwargs.update(quantization_config=quantization, device_map={"": torch_device})
     try:
         hf = model_class.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        processor = _load_processor(source)
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     except (RuntimeError, ValueError) as exc:

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny offline checkpoints, built once per test session."""
+
+import os
+
+# Set before anything imports huggingface_hub or transformers (they read these at import time):
+# a test that would reach a model hub fails at once instead of hanging on the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: ``tiny_model(arch, **kwargs)`` returns the folder of a built tiny checkpoint.
+
+    ``kwargs`` go to :func:`vacap.tiny_models.build_tiny_model`; each distinct ``(arch, kwargs)``
+    is built once per session and shared, so tests must not write into the folder.
+    """
+    built: dict[tuple, Path] = {}
+
+    def build(arch: str, **kwargs) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in built:
+            # Imported here, not at the top, so that tests needing no model never import torch.
+            from vacap.tiny_models import build_tiny_model
+
+            built[key] = build_tiny_model(arch, tmp_path_factory.mktemp(arch), **kwargs)
+        return built[key]
+
+    return build
