@@ -81,6 +81,12 @@ def test_bad_flags_exit_2_and_say_what_is_allowed(args, message):
     assert message in " ".join(out.stderr.split()), out.stderr
 
 
+def test_layer_settings_are_checked_against_the_model(model_dir):
+    out = vacap("caption", SAMPLES / "house.jpg", "--model", model_dir, "--start-layer", "4")
+    assert out.returncode == 2
+    assert "start_layer must be below the model's 4 decoder layers, got 4" in " ".join(out.stderr.split())
+
+
 def test_missing_path_and_unsupported_model_exit_2(tmp_path):
     out = vacap("caption", tmp_path / "nowhere")
     assert out.returncode == 2 and "nowhere" in out.stderr

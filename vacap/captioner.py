@@ -43,6 +43,7 @@ class Captioner:
         self.config = DecodeConfig(**settings)
         self.batch_size = batch_size
         self.model = load_model(model, dtype=dtype, device=device, quant=quant)
+        self.config.check_layers(len(self.model.layers))
         self.model_name = model
         # dtype and quantization change the tokens, so they belong to the resume key.
         self.params = {**self.config.as_params(), "dtype": DTYPE_NAMES[self.model.dtype], "quant": quant}

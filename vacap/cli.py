@@ -90,9 +90,13 @@ def _run(images: list[Path], output: Optional[Path], overwrite: bool, captioner_
     progress = RunProgress(total=len(images))
     try:
         captioner = Captioner(**captioner_args)
-    except ModelLoadError as exc:
-        # The model flags are at fault (unknown id, unsupported architecture, no bitsandbytes).
-        progress.console.print(f"[red]error:[/] {exc}", highlight=False)
+    except (ModelLoadError, ValueError) as exc:
+        # The flags are at fault: unknown model, unsupported architecture, no bitsandbytes, or a
+        # layer setting the model does not have.
+        from rich.text import Text
+
+        # Text, not markup: messages contain brackets such as vacap[quant].
+        progress.console.print(Text.assemble(("error: ", "red"), str(exc)))
         return 2
     with RecordWriter(output, overwrite=overwrite) as writer, progress:
 

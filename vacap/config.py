@@ -62,6 +62,22 @@ class DecodeConfig:
             return dataclasses.replace(self, **off)
         return self
 
+    def check_layers(self, n_layers: int) -> None:
+        """Raise ValueError for layer settings the loaded model does not have."""
+        c = self.resolved()
+        problems = [
+            f"{name} must be below the model's {n_layers} decoder layers, got {value}"
+            for name, value, used in (
+                ("start_layer", c.start_layer, c.method == "vasparse"),
+                ("fastv_layer", c.fastv_layer, c.method == "fastv"),
+            )
+            if used and value >= n_layers
+        ]
+        if c.contrast_layers > n_layers:
+            problems.append(f"contrast_layers must be at most the model's {n_layers} decoder layers")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def as_params(self) -> dict:
         return dataclasses.asdict(self.resolved())
 
@@ -100,9 +116,15 @@ def _problems(c: DecodeConfig):
         value = getattr(c, name)
         if not (math.isfinite(value) and value >= 0):
             yield f"{name} must be a finite number >= 0, got {value!r}"
-    for name in ("start_layer", "contrast_layers", "fastv_layer"):
+    for name in ("start_layer", "contrast_layers"):
         if getattr(c, name) < 0:
             yield f"{name} must be >= 0, got {getattr(c, name)}"
+    if c.fastv_layer < 1:
+        yield f"fastv_layer must be >= 1, got {c.fastv_layer}"
+    if c.kv_budget < 1 and c.contrast_layers > c.start_layer:
+        # The contrast branch hides image slots by their prompt position, which compaction
+        # (from start_layer on) no longer preserves.
+        yield "with kv_budget < 1, contrast_layers must be <= start_layer"
     if c.knn < 1:
         yield f"knn must be at least 1, got {c.knn}"
     if not 1 <= c.vcd_noise_step <= 999:
