@@ -76,6 +76,7 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 # Tile layouts (height, width) for anyres; different aspect ratios pick different layouts.
 GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+MID_IMAGE_SIZE = 192
 
 # LLaVA-1.5 conversation format: "USER: <image>\n{text} ASSISTANT:". Transformers renders chat
 # templates with trim_blocks, so every tag strips whitespace and the newline is an expression.
@@ -175,7 +176,8 @@ def build_tiny_model(
 
     ``init_std`` is the text model's (and projector's) ``initializer_range``; ``seed`` makes the
     weights reproducible. ``quantizable`` picks dimensions that bitsandbytes can quantize on CPU
-    (``size="mid"`` dimensions already qualify). Returns ``out_dir`` as a ``Path``.
+    (``size="mid"`` dimensions already qualify; its images give 576 tokens, as LLaVA-1.5's
+    do). Returns ``out_dir`` as a ``Path``.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
@@ -191,7 +193,10 @@ def build_tiny_model(
 
     tokenizer = _build_tokenizer()
     text_config = _text_config(arch, text_dims, init_std, tokenizer)
-    config, model_class, save_processor = _multimodal_parts(arch, text_config, vision_dims, tokenizer)
+    # A mid-size model sees 192 px: 24 x 24 patches, the 576 image tokens of LLaVA-1.5, so that
+    # benchmarks attend over a cache of realistic length.
+    side = MID_IMAGE_SIZE if size == "mid" else IMAGE_SIZE
+    config, model_class, save_processor = _multimodal_parts(arch, text_config, vision_dims, tokenizer, side)
     config.dtype = torch.float32
 
     # A private RNG stream: the weights depend on ``seed`` only, and the caller's RNG is untouched.
@@ -264,15 +269,19 @@ def _text_config(arch: str, dims: _Dims, init_std: float, tokenizer: PreTrainedT
     return Qwen2Config(num_key_value_heads=dims.heads // 2, **common)
 
 
-def _multimodal_parts(arch: str, text_config, vision: _Dims, tokenizer: PreTrainedTokenizerFast):
-    """The top-level config, the model class and a function saving a matching processor."""
+def _multimodal_parts(arch: str, text_config, vision: _Dims, tokenizer: PreTrainedTokenizerFast, side: int):
+    """The top-level config, the model class and a function saving a matching processor.
+
+    ``side`` is the vision tower's input size; anyres tile layouts scale with it.
+    """
+    pinpoints = [[h * side // IMAGE_SIZE, w * side // IMAGE_SIZE] for h, w in GRID_PINPOINTS]
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision_kwargs = dict(
         hidden_size=vision.hidden,
         num_hidden_layers=vision.layers,
         num_attention_heads=vision.heads,
         intermediate_size=vision.intermediate,
-        image_size=IMAGE_SIZE,
+        image_size=side,
         patch_size=PATCH_SIZE,
     )
     if arch == "llava-onevision":
@@ -281,14 +290,14 @@ def _multimodal_parts(arch: str, text_config, vision: _Dims, tokenizer: PreTrain
             text_config=text_config,
             image_token_id=image_token_id,
             video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-            image_grid_pinpoints=GRID_PINPOINTS,
+            image_grid_pinpoints=pinpoints,
             vision_feature_select_strategy="full",
             vision_feature_layer=-1,
         )
         image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=GRID_PINPOINTS
+            size={"height": side, "width": side}, image_grid_pinpoints=pinpoints
         )
-        save = partial(_save_onevision_processor, image_processor, tokenizer, config.vision_aspect_ratio)
+        save = partial(_save_onevision_processor, image_processor, tokenizer, config.vision_aspect_ratio, side)
         return config, LlavaOnevisionForConditionalGeneration, save
 
     # CLIP tower, LLaVA-1.5 feature selection: penultimate layer, CLS token dropped ("default");
@@ -306,14 +315,14 @@ def _multimodal_parts(arch: str, text_config, vision: _Dims, tokenizer: PreTrain
             vision_config=vision_config,
             text_config=text_config,
             image_token_id=image_token_id,
-            image_grid_pinpoints=GRID_PINPOINTS,
+            image_grid_pinpoints=pinpoints,
             vision_feature_select_strategy="default",
             vision_feature_layer=-2,
         )
         image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            image_grid_pinpoints=GRID_PINPOINTS,
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=pinpoints,
         )
         processor = LlavaNextProcessor(image_processor, **processor_kwargs)
         return config, LlavaNextForConditionalGeneration, processor.save_pretrained
@@ -322,12 +331,12 @@ def _multimodal_parts(arch: str, text_config, vision: _Dims, tokenizer: PreTrain
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=image_token_id,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(side // PATCH_SIZE) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
     )
     processor = LlavaProcessor(image_processor, **processor_kwargs)
     return config, LlavaForConditionalGeneration, processor.save_pretrained
@@ -337,6 +346,7 @@ def _save_onevision_processor(
     image_processor: LlavaOnevisionImageProcessorPil,
     tokenizer: PreTrainedTokenizerFast,
     vision_aspect_ratio: str,
+    side: int,
     out: Path,
 ) -> None:
     """Write what ``LlavaOnevisionProcessor.save_pretrained`` would write.
@@ -354,12 +364,12 @@ def _save_onevision_processor(
         # Class defaults apart from the frame size, which follows the vision tower.
         "video_processor": {
             "video_processor_type": "LlavaOnevisionVideoProcessor",
-            "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            "size": {"height": side, "width": side},
         },
         "image_token": IMAGE_TOKEN,
         "video_token": VIDEO_TOKEN,
         # SigLIP has no CLS token: every patch of a tile is an image token.
-        "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+        "num_image_tokens": (side // PATCH_SIZE) ** 2,
         "vision_feature_select_strategy": "full",
         "vision_aspect_ratio": vision_aspect_ratio,
     }
