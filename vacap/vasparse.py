@@ -1,4 +1,4 @@
-"""The pure tensor pieces of VASparse decoding, as defined in ../shared/VASPARSE.md.
+"""The pure tensor pieces of VASparse decoding, as defined in docs/VASPARSE.md.
 
 Every function here takes tensors and returns tensors: no model, no cache, no state; the decode
 loop owns those and calls these. Shapes: B batch rows, H query heads, Hkv KV heads, T cache slots
@@ -78,7 +78,8 @@ def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Te
 
     k = max(1, ceil((1 - sparsity) * n)) with n the row's number of valid slots, so sparsity 0
     keeps every valid slot. Keeping the k largest delta minimises Eq. 1 (the summed delta of the
-    dropped slots) among the size-k sets that contain the current slot. Ties go to the lower slot.
+    dropped slots) among the size-k sets that contain the current slot. Exact ties at the k-th
+    place are broken by torch.topk (deterministic for a given input).
     """
     n = valid.sum(-1)  # (B,)
     k = torch.ceil((1 - sparsity) * n.double() - _COUNT_TOL).long().clamp_min(1)
@@ -90,8 +91,12 @@ def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Te
     big = torch.finfo(torch.float32).max
     key = delta.float().nan_to_num(nan=-big, posinf=big, neginf=-big)
     key = torch.where(valid, key, -math.inf).masked_fill(forced & valid, math.inf)
-    # k can exceed n only when n == 0 (k >= 1), hence the final & valid.
-    return (_rank(key, descending=True) < k[:, None, None]) & valid
+    # One top-k of the largest k, not a full sort: this runs per layer and step. Row b keeps the
+    # first k_b of its sorted picks; k can exceed n only when n == 0 (k >= 1), hence the & valid.
+    k_max = min(int(k.max()), key.shape[-1])
+    top = key.topk(k_max, dim=-1).indices  # (B, H, k_max), largest first
+    picked = (torch.arange(k_max, device=key.device) < k[:, None, None]).expand_as(top)
+    return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, top, picked) & valid
 
 
 def sink_weights(colsum: Tensor, valid: Tensor) -> Tensor:
