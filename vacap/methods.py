@@ -2,7 +2,7 @@
 
 The formulas live in ``vacap/vasparse.py`` as pure functions; this module keeps their state
 (statistics per cache slot, masks, the noised batch) and calls them at the loop's hooks.
-The definition is ../shared/VASPARSE.md; choices it leaves open are noted where they are made.
+The definition is docs/VASPARSE.md; choices it leaves open are noted where they are made.
 """
 
 from __future__ import annotations

@@ -130,10 +130,11 @@ class VisionLanguageModel:
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return FALLBACK_TEMPLATE.format(prompt=prompt)
 
-    def prepare(self, images: Sequence, prompt: str) -> dict[str, torch.Tensor]:
-        """Processor outputs for a batch of PIL images sharing one prompt, left padded."""
-        text = self.prompt_text(prompt)
-        inputs = self.processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
+    def prepare(self, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Processor outputs for a batch of PIL images, left padded; one prompt for all or one each."""
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        texts = [self.prompt_text(p) for p in prompts]
+        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
         return {
             name: value.to(self.device, self.dtype if value.is_floating_point() else None)
             for name, value in inputs.items()
