@@ -1,0 +1,310 @@
+"""CHAIR: how many of the COCO objects a caption names are not in the image.
+
+Rohrbach et al. (2018), "Object Hallucination in Image Captioning". A caption's objects are
+found by word matching against the 80 COCO classes and their synonyms (:mod:`.coco`); an object
+is hallucinated when its class is not among the image's ground-truth objects (the classes of its
+segmentation annotations, plus the objects its human captions name when those are given).
+
+- ``CHAIR_s``: the fraction of captions with at least one hallucinated object.
+- ``CHAIR_i``: hallucinated object mentions over all object mentions. Every mention counts, a
+  repeated one too ("a dog ... the dog" is two), as the reference implementation counts them.
+- ``recall``: ground-truth objects a caption names over all ground-truth objects, both summed
+  over the captions (a micro average), as in the OPERA / HALC version of the reference script
+  the hallucination papers report.
+- ``avg_len``: mean caption length in words.
+
+Unlike the reference this reads words with a small regex tokenizer and singularises them with
+lemminflect, which ships its data (the reference needs nltk downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePath
+
+from lemminflect import getLemma
+
+from .coco import (
+    ANIMAL_QUALIFIERS,
+    COCO_SYNONYMS,
+    MULTI_WORDS,
+    PASSENGER_VEHICLES,
+    PHRASE_MEANINGS,
+    QUALIFIED_ANIMALS,
+)
+
+# Letters and digits, with inner hyphens and apostrophes kept ("man-made" is one word, like
+# nltk's tokenizer has it, so it does not name a man).
+_WORD = re.compile(r"[^\W_]+(?:[-'’][^\W_]+)*")
+_POSSESSIVE = re.compile(r"['’]s$")
+# COCO 2014 names (COCO_val2014_000000123456.jpg, any split) and bare COCO 2017 names.
+_COCO_FILE = re.compile(r"^(?:COCO_[A-Za-z]+\d*_(\d+)|(\d{12}))\.[A-Za-z]+$")
+
+
+def _synonym_to_class() -> dict[str, str]:
+    return {
+        word: name for name, synonyms in COCO_SYNONYMS.items() for word in (name, *synonyms)
+    }
+
+
+def _phrases() -> dict[tuple[str, ...], str]:
+    """Word sequences read as one word -> that word (which may name no COCO class)."""
+    phrases = {tuple(word.split()): word for word in _SYNONYM_TO_CLASS if " " in word}
+    phrases.update({tuple(word.split()): word for word in MULTI_WORDS})
+    for animal in QUALIFIED_ANIMALS:
+        for qualifier in ANIMAL_QUALIFIERS:
+            phrases[(qualifier, animal)] = animal
+    for vehicle in PASSENGER_VEHICLES:
+        phrases[("passenger", vehicle)] = vehicle
+    phrases.update({tuple(phrase.split()): word for phrase, word in PHRASE_MEANINGS.items()})
+    return phrases
+
+
+_SYNONYM_TO_CLASS = _synonym_to_class()
+_PHRASES = _phrases()
+_LONGEST_PHRASE = max(len(phrase) for phrase in _PHRASES)
+_PHRASE_STARTS = frozenset(phrase[0] for phrase in _PHRASES)  # skips most tokens fast
+# Every single word the matching can use, inside phrases too.
+_VOCABULARY = frozenset(
+    {part for word in _SYNONYM_TO_CLASS for part in word.split()}
+    | {part for phrase in _PHRASES for part in phrase}
+)
+
+
+@lru_cache(maxsize=None)
+def _normalize(token: str) -> str:
+    """The vocabulary form of a lowercase token: singular when that is a known word.
+
+    A token already in the vocabulary stays as it is, so that words lemminflect would change
+    keep their meaning ("skis", "scissors", "people", "sports" of "sports ball"). Otherwise the
+    first noun lemma that is a known word wins ("giraffes" -> "giraffe", "mice" -> "mouse");
+    a token with none stays as it is, as it names no object either way.
+    """
+    token = _POSSESSIVE.sub("", token)
+    if token in _VOCABULARY:
+        return token
+    for lemma in getLemma(token, upos="NOUN"):
+        if lemma in _VOCABULARY:
+            return lemma
+    return token
+
+
+def image_id_of(record: Mapping) -> int | None:
+    """The COCO image id of a caption record: its ``image_id``, else from its file name."""
+    image_id = record.get("image_id")
+    if image_id is not None:
+        try:
+            return int(image_id)
+        except (TypeError, ValueError):
+            return None
+    path = record.get("path")
+    if not isinstance(path, str):
+        return None
+    match = _COCO_FILE.match(PurePath(path.replace("\\", "/")).name)
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
+
+
+@dataclass
+class CaptionScore:
+    """The COCO objects of one caption, checked against its image's ground truth."""
+
+    image_id: int
+    mentioned: list[str]  # COCO classes in mention order, repeats kept
+    hallucinated: list[tuple[str, str]]  # (word as written, COCO class) per hallucinated mention
+    ground_truth: set[str]
+    words: int  # caption length in words
+
+    @property
+    def covered(self) -> set[str]:
+        """Ground-truth objects the caption names."""
+        return self.ground_truth.intersection(self.mentioned)
+
+
+class Chair:
+    """CHAIR scorer over a fixed set of images and their ground-truth COCO objects."""
+
+    def __init__(self, ground_truth: Mapping[int, Iterable[str]]) -> None:
+        self.ground_truth = {int(i): set(objects) for i, objects in ground_truth.items()}
+
+    @classmethod
+    def from_coco(
+        cls, instances: str | Path | dict, captions: str | Path | dict | None = None
+    ) -> Chair:
+        """Ground truth from a COCO instances file, plus the objects its human captions name.
+
+        Every image the files list is known, even one without annotations (it has no objects,
+        so anything a caption names for it is hallucinated).
+        """
+        instances = _load_json(instances)
+        names = {
+            category["id"]: _SYNONYM_TO_CLASS.get(category["name"].lower(), category["name"])
+            for category in instances.get("categories", [])
+        }
+        ground_truth: dict[int, set[str]] = {
+            image["id"]: set() for image in instances.get("images", [])
+        }
+        for annotation in instances.get("annotations", []):
+            objects = ground_truth.setdefault(annotation["image_id"], set())
+            objects.add(names[annotation["category_id"]])
+        if captions is not None:
+            captions = _load_json(captions)
+            for image in captions.get("images", []):
+                ground_truth.setdefault(image["id"], set())
+            for annotation in captions.get("annotations", []):
+                objects = ground_truth.setdefault(annotation["image_id"], set())
+                objects.update(name for _, name in objects_in(annotation["caption"]))
+        return cls(ground_truth)
+
+    def objects_in(self, caption: str) -> list[tuple[str, str]]:
+        """(word as written, COCO class) for each object mention, in caption order."""
+        return objects_in(caption)
+
+    def score(self, image_id: int, caption: str) -> CaptionScore:
+        """Which objects the caption names and which of them the image does not hold."""
+        if image_id not in self.ground_truth:
+            raise KeyError(f"image {image_id} is not in the annotations")
+        ground_truth = self.ground_truth[image_id]
+        objects = objects_in(caption)
+        return CaptionScore(
+            image_id=image_id,
+            mentioned=[name for _, name in objects],
+            hallucinated=[(word, name) for word, name in objects if name not in ground_truth],
+            ground_truth=set(ground_truth),
+            words=len(_WORD.findall(caption)),
+        )
+
+    def evaluate(self, records: Iterable[dict], per_image: bool = False) -> dict:
+        """CHAIR metrics of vacap caption records, overall and per method label.
+
+        Returns ``{"overall": metrics, "by_method": {label: metrics}, "unmatched": n,
+        "not_ok": n}`` and, with ``per_image``, ``"per_image"``: one entry per scored caption.
+        Metrics are ``CHAIR_s``, ``CHAIR_i``, ``recall``, ``avg_len`` and ``n`` (see the module
+        docstring); labels come from :func:`method_labels`.
+
+        Only ``ok`` records count. Those whose image is not in the annotations (or has no id)
+        are counted as ``unmatched``; records of any other status as ``not_ok``. When a file
+        holds the same image with the same settings twice, the last record wins, as on resume.
+        """
+        latest: dict[tuple, dict] = {}
+        for record in records:
+            key = (record.get("path"), record.get("model"), record.get("method"),
+                   json.dumps(record.get("params"), sort_keys=True))
+            latest[key] = record  # an error that was retried later counts as the retry
+        scored = []
+        unmatched = not_ok = 0
+        for record in latest.values():
+            if record.get("status") != "ok":
+                not_ok += 1
+                continue
+            image_id = image_id_of(record)
+            if image_id is None or image_id not in self.ground_truth:
+                unmatched += 1
+                continue
+            scored.append((record, self.score(image_id, record.get("caption") or "")))
+        labels = method_labels([record for record, _ in scored])
+        by_method: dict[str, list[CaptionScore]] = {}
+        for (_, caption_score), label in zip(scored, labels):
+            by_method.setdefault(label, []).append(caption_score)
+        result = {
+            "overall": _metrics([caption_score for _, caption_score in scored]),
+            "by_method": {label: _metrics(scores) for label, scores in by_method.items()},
+            "unmatched": unmatched,
+            "not_ok": not_ok,
+        }
+        if per_image:
+            result["per_image"] = [
+                {
+                    "path": record.get("path"),
+                    "image_id": caption_score.image_id,
+                    "method": label,
+                    "caption": record.get("caption"),
+                    "hallucinated": [list(pair) for pair in caption_score.hallucinated],
+                    "mentioned": caption_score.mentioned,
+                }
+                for (record, caption_score), label in zip(scored, labels)
+            ]
+        return result
+
+
+def objects_in(caption: str) -> list[tuple[str, str]]:
+    """(word as written, COCO class) for each object mention in a caption, in order."""
+    matches = list(_WORD.finditer(caption))
+    tokens = [_normalize(match.group().lower()) for match in matches]
+    words = []  # (text as written, vocabulary word) after reading phrases as one word
+    i = 0
+    while i < len(tokens):
+        size, word = _phrase_at(caption, matches, tokens, i)
+        words.append((caption[matches[i].start():matches[i + size - 1].end()], word))
+        i += size
+    # "the seat of the toilet" names the toilet's seat, not a chair (a reference rule).
+    if any(word == "toilet" for _, word in words):
+        words = [(text, word) for text, word in words if word != "seat"]
+    return [(text, _SYNONYM_TO_CLASS[word]) for text, word in words if word in _SYNONYM_TO_CLASS]
+
+
+def _phrase_at(caption: str, matches: list, tokens: list[str], i: int) -> tuple[int, str]:
+    """(number of tokens, word) of the longest phrase starting at token i, else the token."""
+    if tokens[i] not in _PHRASE_STARTS:
+        return 1, tokens[i]
+    for size in range(min(_LONGEST_PHRASE, len(tokens) - i), 1, -1):
+        phrase = tuple(tokens[i:i + size])
+        # Only words separated by spaces form a phrase: "hot, dog" names a dog.
+        gaps = (caption[matches[j].end():matches[j + 1].start()] for j in range(i, i + size - 1))
+        if phrase in _PHRASES and all(gap.isspace() for gap in gaps):
+            return size, _PHRASES[phrase]
+    return 1, tokens[i]
+
+
+def method_labels(records: list[dict]) -> list[str]:
+    """A label per record: its method, plus the settings that tell that method's records apart.
+
+    ``vasparse sparsity=0.3`` and ``vasparse sparsity=0.7`` when only the sparsity differs among
+    the vasparse records; the model joins the settings when the records come from several.
+    """
+    settings = [
+        {"model": record.get("model"), **(record.get("params") or {})} for record in records
+    ]
+    methods = [str(record.get("method")) for record in records]
+    differing: dict[str, list[str]] = {}
+    for method in dict.fromkeys(methods):
+        group = [s for s, m in zip(settings, methods) if m == method]
+        keys = sorted({key for s in group for key in s})
+        differing[method] = [key for key in keys if len({_shown(s.get(key)) for s in group}) > 1]
+    return [
+        " ".join([method, *(f"{key}={_shown(s.get(key))}" for key in differing[method])])
+        for s, method in zip(settings, methods)
+    ]
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _metrics(scores: list[CaptionScore]) -> dict:
+    """Aggregate metrics; a rate with nothing to count is 0.0."""
+    mentions = sum(len(s.mentioned) for s in scores)
+    ground_truth = sum(len(s.ground_truth) for s in scores)
+    return {
+        "CHAIR_s": _ratio(sum(1 for s in scores if s.hallucinated), len(scores)),
+        "CHAIR_i": _ratio(sum(len(s.hallucinated) for s in scores), mentions),
+        "recall": _ratio(sum(len(s.covered) for s in scores), ground_truth),
+        "avg_len": _ratio(sum(s.words for s in scores), len(scores)),
+        "n": len(scores),
+    }
+
+
+def _ratio(count: int, total: int) -> float:
+    return count / total if total else 0.0
+
+
+def _load_json(source: str | Path | dict) -> dict:
+    if isinstance(source, dict):
+        return source
+    with open(source, encoding="utf-8") as f:
+        return json.load(f)
