@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +45,21 @@ class Captioner:
         self.config = DecodeConfig(**settings)
         self.batch_size = batch_size
         self.model = load_model(model, dtype=dtype, device=device, quant=quant)
+        self.model_name, self.quant = model, quant
+        self._settle()
+
+    def _settle(self) -> None:
         self.config.check_layers(len(self.model.layers))
-        self.model_name = model
         # dtype and quantization change the tokens, so they belong to the resume key.
-        self.params = {**self.config.as_params(), "dtype": DTYPE_NAMES[self.model.dtype], "quant": quant}
-        self.settings = settings_key(model, self.params)
+        self.params = {**self.config.as_params(), "dtype": DTYPE_NAMES[self.model.dtype], "quant": self.quant}
+        self.settings = settings_key(self.model_name, self.params)
+
+    def with_settings(self, **changes) -> Captioner:
+        """The same loaded model under other decode settings (no reload)."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, **changes)
+        other._settle()
+        return other
 
     def caption(self, images: Iterable[str | Path]) -> list[dict]:
         """Caption image files; one record per image, in order, errors included."""
@@ -80,29 +92,49 @@ class Captioner:
         if batch:
             yield from self._caption_batch(batch)
 
-    def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[dict]:
+    def answer(self, image: str | Path, questions: Sequence[str]) -> list[str]:
+        """Answers to several questions about one image, decoded with the captioner's settings.
+
+        Raises ``ImageError`` for an unreadable image.
+        """
+        loaded = load_image(Path(image)).image
+        answers: list[str] = []
+        for start in range(0, len(questions), self.batch_size):
+            chunk = list(questions[start : start + self.batch_size])
+            answers += [text for text, _, _ in self._generate([loaded] * len(chunk), chunk)]
+        return answers
+
+    def _generate(self, images: Sequence, prompts: str | Sequence[str]) -> list[tuple[str, int, dict]]:
+        """-> (text, token count, diagnostics fields) per image, stop tokens left out."""
         from vacap.decode import generate
+        from vacap.diagnostics import Diagnostics
         from vacap.methods import steering_for
 
+        c = self.config
+        steering = steering_for(self.model, c)
+        if c.diagnostics != "none":
+            steering = Diagnostics(steering, self.model, c.start_layer)
+        outputs = generate(self.model, self.model.prepare(images, prompts), steering, c.max_new_tokens)
+        eos = set(self.model.eos_ids)
+        results = []
+        for b, out in enumerate(outputs):
+            tokens = [t for t in out.tokens if t not in eos]
+            extra = steering.row(b, tokens, c.diagnostics) if c.diagnostics != "none" else {}
+            results.append((self.model.decode(tokens), len(tokens), extra))
+        return results
+
+    def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[dict]:
         start = time.perf_counter()
         try:
-            inputs = self.model.prepare([job.image.image for job in batch], self.config.prompt)
-            outputs = generate(self.model, inputs, steering_for(self.model, self.config), self.config.max_new_tokens)
+            texts = self._generate([job.image.image for job in batch], self.config.prompt)
         except (RuntimeError, ValueError) as exc:
             for job in batch:
                 yield self._record(job.path, "error", error=f"captioning failed: {exc}", image=job.image)
             return
         seconds = (time.perf_counter() - start) / len(batch)
-        eos = set(self.model.eos_ids)
-        for job, out in zip(batch, outputs):
-            text_tokens = [t for t in out.tokens if t not in eos]
+        for job, (caption, tokens, extra) in zip(batch, texts):
             yield self._record(
-                job.path,
-                "ok",
-                image=job.image,
-                caption=self.model.decode(text_tokens),
-                tokens=len(text_tokens),
-                seconds=round(seconds, 4),
+                job.path, "ok", image=job.image, caption=caption, tokens=tokens, seconds=round(seconds, 4), **extra
             )
 
     def _record(self, path: str, status: str, *, image: LoadedImage | None = None, **fields) -> dict:

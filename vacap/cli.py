@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Annotated, List, Literal, Optional
 
 import typer
 
@@ -20,13 +20,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_DEFAULTS = DecodeConfig()
+eval_app = typer.Typer(help="Hallucination metrics: CHAIR, POPE, and the shapes benchmark.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+_D = DecodeConfig()
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-@app.callback()
-def main() -> None:
-    """vacap: batch image captioning with hallucination-aware decoding."""
 
 
 def _check_device(value: str) -> str:
@@ -35,73 +32,110 @@ def _check_device(value: str) -> str:
     return value
 
 
-@app.command()
-def caption(
-    paths: List[Path] = typer.Argument(..., help="Image files and folders."),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="JSONL file to write (and resume); stdout when omitted."
-    ),
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face id or local folder."),
-    method: Literal["vasparse", "greedy", "vcd", "fastv"] = typer.Option(_DEFAULTS.method, help="Decoding method."),
-    prompt: str = typer.Option(DEFAULT_PROMPT, help="Instruction given with each image."),
-    max_new_tokens: int = typer.Option(_DEFAULTS.max_new_tokens, min=1, help="Longest caption, in tokens."),
-    batch_size: int = typer.Option(1, min=1, help="Images decoded together."),
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = typer.Option("auto", help="auto: bf16 on CPU, bf16/fp16 on GPU."),
-    device: str = typer.Option("auto", callback=_check_device, help="auto, cpu, cuda or cuda:N."),
-    quant: Literal["none", "8bit", "4bit"] = typer.Option("none", help="bitsandbytes quantization of the LLM."),
-    recursive: bool = typer.Option(True, "--recursive/--no-recursive", help="Descend into sub-folders."),
-    overwrite: bool = typer.Option(False, help="Start the output file afresh instead of resuming."),
-    sparsity: float = typer.Option(_DEFAULTS.sparsity, help="Fraction of cached tokens dropped per step, [0, 1)."),
-    lam: float = typer.Option(_DEFAULTS.lam, help="Weight of visual saliency in token selection, >= 0."),
-    alpha: float = typer.Option(_DEFAULTS.alpha, help="Contrastive decoding weight, >= 0."),
-    apc_beta: float = typer.Option(_DEFAULTS.apc_beta, help="Adaptive plausibility cut-off, [0, 1]."),
-    sink_beta: float = typer.Option(_DEFAULTS.sink_beta, help="Sink attention penalty strength, >= 0."),
-    start_layer: int = typer.Option(_DEFAULTS.start_layer, help="First decoder layer that selection and sink touch."),
-    contrast_layers: int = typer.Option(_DEFAULTS.contrast_layers, help="Decoder layers run for the contrast branch."),
-    mask_rate: float = typer.Option(_DEFAULTS.mask_rate, help="Image slots hidden in the contrast branch, [0, 1]."),
-    kv_budget: float = typer.Option(_DEFAULTS.kv_budget, help="Fraction of the prompt cache kept, (0, 1]; 1 = off."),
-    seed: int = typer.Option(_DEFAULTS.seed, help="Seed for the random parts (masks, VCD noise)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log loading details on stderr."),
-) -> None:
-    """Caption every image under PATHS, one JSONL record per image."""
+# Options shared by the commands that load a model.
+Paths = Annotated[List[Path], typer.Argument(help="Image files and folders.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write; stdout when omitted.")]
+Model = Annotated[str, typer.Option(help="Hugging Face id or local folder.")]
+Prompt = Annotated[str, typer.Option(help="Instruction given with each image.")]
+MaxNew = Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")]
+Batch = Annotated[int, typer.Option(min=1, help="Images decoded together.")]
+Dtype = Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="auto: bf16 on CPU, bf16/fp16 on GPU.")]
+Device = Annotated[str, typer.Option(callback=_check_device, help="auto, cpu, cuda or cuda:N.")]
+Quant = Annotated[Literal["none", "8bit", "4bit"], typer.Option(help="bitsandbytes quantization of the LLM.")]
+Recursive = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")]
+Diagnostics = Annotated[
+    Literal["none", "summary", "tokens"], typer.Option(help="Attention statistics in each record (see README).")
+]
+
+
+@app.callback()
+def main() -> None:
+    """vacap: batch image captioning with hallucination-aware decoding."""
+
+
+def _setup(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vacap: %(message)s")
+
+
+def _usage(exc: Exception) -> typer.BadParameter:
+    return typer.BadParameter(str(exc))
+
+
+def _discover(paths: List[Path], recursive: bool) -> list[Path]:
     from vacap.images import discover
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vacap: %(message)s")
+    try:
+        return discover(paths, recursive=recursive)
+    except FileNotFoundError as exc:
+        raise _usage(exc) from exc
+
+
+def _captioner(console, **arguments):
+    """Load the model; a flag the model cannot honour is a usage error (exit 2)."""
+    from rich.text import Text
+
+    from vacap.captioner import Captioner
+    from vacap.model import ModelLoadError
+
+    try:
+        return Captioner(**arguments)
+    except (ModelLoadError, ValueError) as exc:
+        # Text, not markup: messages contain brackets such as vacap[quant].
+        console.print(Text.assemble(("error: ", "red"), str(exc)))
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def caption(
+    paths: Paths,
+    output: Output = None,
+    model: Model = DEFAULT_MODEL,
+    method: Annotated[Literal["vasparse", "greedy", "vcd", "fastv"], typer.Option(help="Decoding method.")] = _D.method,
+    prompt: Prompt = DEFAULT_PROMPT,
+    max_new_tokens: MaxNew = _D.max_new_tokens,
+    batch_size: Batch = 1,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    quant: Quant = "none",
+    recursive: Recursive = True,
+    overwrite: Annotated[bool, typer.Option(help="Start the output file afresh instead of resuming.")] = False,
+    sparsity: Annotated[float, typer.Option(help="Fraction of cached tokens dropped per step, [0, 1).")] = _D.sparsity,
+    lam: Annotated[float, typer.Option(help="Weight of visual saliency in token selection, >= 0.")] = _D.lam,
+    alpha: Annotated[float, typer.Option(help="Contrastive decoding weight, >= 0.")] = _D.alpha,
+    apc_beta: Annotated[float, typer.Option(help="Adaptive plausibility cut-off, [0, 1].")] = _D.apc_beta,
+    sink_beta: Annotated[float, typer.Option(help="Sink attention penalty strength, >= 0.")] = _D.sink_beta,
+    start_layer: Annotated[int, typer.Option(help="First decoder layer selection and sink touch.")] = _D.start_layer,
+    contrast_layers: Annotated[int, typer.Option(help="Decoder layers of the contrast branch.")] = _D.contrast_layers,
+    mask_rate: Annotated[float, typer.Option(help="Image slots hidden in the contrast branch, [0, 1].")] = _D.mask_rate,
+    kv_budget: Annotated[float, typer.Option(help="Fraction of the prompt cache kept, (0, 1]; 1 = off.")] = _D.kv_budget,
+    seed: Annotated[int, typer.Option(help="Seed for the random parts (masks, VCD noise).")] = _D.seed,
+    diagnostics: Diagnostics = "none",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
+) -> None:
+    """Caption every image under PATHS, one JSONL record per image."""
+    _setup(verbose)
     settings = dict(
         method=method, prompt=prompt, max_new_tokens=max_new_tokens, sparsity=sparsity, lam=lam, alpha=alpha,
         apc_beta=apc_beta, sink_beta=sink_beta, start_layer=start_layer, contrast_layers=contrast_layers,
-        mask_rate=mask_rate, kv_budget=kv_budget, seed=seed,
+        mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics,
     )  # fmt: skip
     try:
         DecodeConfig(**settings)
-        images = discover(paths, recursive=recursive)
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    load = dict(model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size)
-    raise typer.Exit(_run(images, output, overwrite, {**load, **settings}))
+    except ValueError as exc:
+        raise _usage(exc) from exc
+    images = _discover(paths, recursive)
 
-
-def _run(images: list[Path], output: Optional[Path], overwrite: bool, captioner_args: dict) -> int:
-    from vacap.captioner import Captioner
-    from vacap.model import ModelLoadError
     from vacap.progress import RunProgress
     from vacap.records import RecordWriter
 
     progress = RunProgress(total=len(images))
-    try:
-        captioner = Captioner(**captioner_args)
-    except (ModelLoadError, ValueError) as exc:
-        # The flags are at fault: unknown model, unsupported architecture, no bitsandbytes, or a
-        # layer setting the model does not have.
-        from rich.text import Text
-
-        # Text, not markup: messages contain brackets such as vacap[quant].
-        progress.console.print(Text.assemble(("error: ", "red"), str(exc)))
-        return 2
+    captioner = _captioner(
+        progress.console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, **settings
+    )
     with RecordWriter(output, overwrite=overwrite) as writer, progress:
 
-        def skip(path: str, sha256: str, settings: str) -> bool:
-            done = writer.is_done(path, sha256, settings)
+        def skip(path: str, sha256: str, settings_key: str) -> bool:
+            done = writer.is_done(path, sha256, settings_key)
             if done:
                 progress.skipped()
             return done
@@ -110,7 +144,91 @@ def _run(images: list[Path], output: Optional[Path], overwrite: bool, captioner_
             writer.write(record)
             progress.record(record)
     progress.console.print(progress.summary())
-    return 1 if progress.counts["error"] else 0
+    raise typer.Exit(1 if progress.counts["error"] else 0)
+
+
+@app.command()
+def compare(
+    paths: Paths,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
+    sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
+    ablation: Annotated[bool, typer.Option(help="Add VASparse with each mechanism alone.")] = False,
+    output: Output = None,
+    model: Model = DEFAULT_MODEL,
+    prompt: Prompt = DEFAULT_PROMPT,
+    max_new_tokens: MaxNew = _D.max_new_tokens,
+    batch_size: Batch = 1,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    quant: Quant = "none",
+    recursive: Recursive = True,
+    diagnostics: Annotated[Literal["summary", "tokens"], typer.Option(help="Attention statistics kept.")] = "summary",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
+) -> None:
+    """Run several methods and settings on the same images: one JSONL, and a table on stderr."""
+    from vacap.compare import parse_list, settings_grid, summary_table
+
+    _setup(verbose)
+    try:
+        grid = settings_grid(
+            parse_list(methods, str, "--methods"),
+            parse_list(sparsity, float, "--sparsity") if sparsity else None,
+            ablation,
+        )
+        for settings in grid.values():
+            DecodeConfig(**settings, prompt=prompt, max_new_tokens=max_new_tokens)
+    except ValueError as exc:
+        raise _usage(exc) from exc
+    images = [str(p) for p in _discover(paths, recursive)]
+
+    from vacap.progress import RunProgress
+    from vacap.records import RecordWriter
+
+    progress = RunProgress(total=len(images) * len(grid))
+    base = _captioner(
+        progress.console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
+        prompt=prompt, max_new_tokens=max_new_tokens, diagnostics=diagnostics,
+    )  # fmt: skip
+    written: list[dict] = []
+    with RecordWriter(output, overwrite=True) as writer, progress:
+        for label, settings in grid.items():
+            for record in base.with_settings(**settings).records(images):
+                record["setting"] = label
+                writer.write(record)
+                progress.record(record)
+                written.append(record)
+    progress.console.print(summary_table(written, list(grid)))
+    progress.console.print(progress.summary())
+    raise typer.Exit(1 if progress.counts["error"] else 0)
+
+
+@app.command()
+def show(
+    records: Annotated[Path, typer.Argument(help="A JSONL file written by vacap.")],
+    image: Annotated[str, typer.Option(help="Path, file name or unique part of the path of the image.")],
+    setting: Annotated[Optional[str], typer.Option(help="Only records of this method or compare setting.")] = None,
+    heatmap: Annotated[Optional[Path], typer.Option(help="Write the image with attention overlaid (PNG).")] = None,
+    token: Annotated[Optional[int], typer.Option(help="Heatmap of this token (0-based); default: caption mean.")] = None,
+) -> None:
+    """Print a caption with its tokens coloured by image attention; optionally write a heatmap."""
+    from rich.console import Console
+
+    from vacap import show as view
+
+    console = Console()
+    try:
+        matches = view.find(records, image, setting)
+    except (OSError, ValueError) as exc:
+        raise _usage(exc) from exc
+    for record in matches:
+        console.print(view.render(record))
+    if heatmap is not None:
+        try:
+            view.write_heatmap(matches[-1], heatmap, token)
+        except ValueError as exc:
+            Console(stderr=True).print(f"error: {exc}", markup=False)
+            raise typer.Exit(1) from exc
+        Console(stderr=True).print(f"heatmap written to {heatmap}", markup=False)
 
 
 if __name__ == "__main__":

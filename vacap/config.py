@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 METHODS = ("vasparse", "greedy", "vcd", "fastv")
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+DIAGNOSTICS = ("none", "summary", "tokens")
 DEFAULT_PROMPT = "Please describe this image in detail."
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Everything that decides which tokens a caption gets (see ../shared/VASPARSE.md)."""
+    """Everything that decides which tokens a caption gets (see docs/VASPARSE.md)."""
 
     method: str = "vasparse"
     prompt: str = DEFAULT_PROMPT
@@ -42,6 +43,8 @@ class DecodeConfig:
     fastv_layer: int = 2
     fastv_ratio: float = 0.5
     seed: int = 0
+    # What the records say about attention: none, summary, or tokens (per token).
+    diagnostics: str = "none"
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -97,6 +100,8 @@ def _in_unit(name: str, value: float, *, closed_high: bool = False, open_low: bo
 def _problems(c: DecodeConfig):
     if c.method not in METHODS:
         yield f"method must be one of {', '.join(METHODS)}, got {c.method!r}"
+    if c.diagnostics not in DIAGNOSTICS:
+        yield f"diagnostics must be one of {', '.join(DIAGNOSTICS)}, got {c.diagnostics!r}"
     if not c.prompt.strip():
         yield "prompt must not be empty"
     if c.max_new_tokens < 1:

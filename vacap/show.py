@@ -1,0 +1,101 @@
+"""`vacap show`: a caption with its tokens coloured by image attention, and attention heatmaps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from rich.text import Text
+
+from vacap.diagnostics import decode_grid
+
+
+def find(records_path: Path, image: str, setting: str | None = None) -> list[dict]:
+    """Records of one image: exact path, else file name, else a unique part of the path."""
+    records = []
+    with open(records_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed run
+    if setting is not None:
+        records = [r for r in records if setting in (r.get("setting"), r.get("method"))]
+    for match in (
+        lambda p: p == image,
+        lambda p: Path(p).name == image,
+        lambda p: image in p,
+    ):
+        found = [r for r in records if match(r["path"])]
+        paths = {r["path"] for r in found}
+        if len(paths) == 1:
+            return found
+        if len(paths) > 1:
+            raise ValueError(f"{image!r} matches several images: {', '.join(sorted(paths)[:5])}")
+    raise ValueError(f"no record for an image matching {image!r} in {records_path}")
+
+
+def _shade(share: float) -> str:
+    """Background from grey (no image attention) to red (all of it)."""
+    level = max(0.0, min(1.0, share))
+    red, other = 60 + int(195 * level), 60 - int(40 * level)
+    return f"on rgb({red},{other},{other})"
+
+
+def render(record: dict) -> Text:
+    label = record.get("setting") or record["method"]
+    text = Text(f"{record['path']}  [{label}]\n", style="bold")
+    if record["status"] != "ok":
+        return text.append(f"{record['status']}: {record.get('error')}\n")
+    details = record.get("token_diagnostics")
+    if not details:
+        text.append(record["caption"] + "\n")
+        return text.append("(no per-token attention: caption with --diagnostics tokens)\n", style="dim")
+    for entry in details:
+        text.append(entry["token"], style=_shade(entry["image_attention"]))
+    summary = record.get("diagnostics") or {}
+    text.append(
+        f"\nimage attention {summary.get('image_attention')}, sink {summary.get('sink_attention')}, "
+        f"sink ratio {summary.get('sink_ratio')}, kept {summary.get('kept_fraction')}, "
+        f"contrast changed {summary.get('contrast_changed')} tokens\n",
+        style="dim",
+    )
+    return text
+
+
+def write_heatmap(record: dict, out: Path, token: int | None = None) -> None:
+    """The record's image with the attention of one token (or the caption mean) overlaid, as PNG."""
+    from vacap.images import load_image
+
+    summary = record.get("diagnostics")
+    if not summary:
+        raise ValueError("the record has no attention diagnostics; caption with --diagnostics summary or tokens")
+    if token is None:
+        encoded = summary.get("patch_attention")
+    else:
+        details = record.get("token_diagnostics") or []
+        if not 0 <= token < len(details):
+            raise ValueError(f"--token must be in [0, {len(details)}) for this record (--diagnostics tokens)")
+        encoded = details[token]["patch_attention"]
+    if encoded is None:
+        raise ValueError("no patch attention in this record (the cache was compacted: KV budget or FastV)")
+    grid = decode_grid(encoded, summary["grid"])
+    image = load_image(Path(record["path"])).image
+    if summary.get("grid_region") == "center":
+        # The CLIP processor saw the centre square of the picture.
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        box = (left, top, left + side, top + side)
+    else:
+        box = (0, 0, image.width, image.height)
+    size = (box[2] - box[0], box[3] - box[1])
+    heat = Image.fromarray((grid.numpy() * 255).astype("uint8"), "L").resize(size, Image.Resampling.BILINEAR)
+    red = Image.new("RGB", size, (255, 0, 0))
+    region = image.crop(box)
+    # Alpha follows attention: strong patches turn red, the rest shows the picture.
+    region = Image.composite(red, region, heat.point(lambda v: int(v * 0.6)))
+    image.paste(region, box[:2])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG")
