@@ -231,5 +231,122 @@ def show(
         Console(stderr=True).print(f"heatmap written to {heatmap}", markup=False)
 
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
+
+
+def _print_report(title: str, rows: dict, columns: list[str], as_json: bool, extra: dict | None = None) -> None:
+    """Results are the command's data: stdout, as a table or JSON."""
+    import json
+
+    from rich.console import Console
+
+    from vacap.evaluate.report import metrics_table
+
+    if as_json:
+        typer.echo(json.dumps({**(extra or {}), "results": rows}, indent=2))
+    else:
+        Console().print(metrics_table(title, rows, columns))
+
+
+@eval_app.command("chair")
+def eval_chair(
+    captions_jsonl: Annotated[Path, typer.Argument(help="Records written by vacap caption or compare.")],
+    instances: Annotated[Path, typer.Option(help="COCO instances_*.json (segmentation objects).")],
+    captions: Annotated[Optional[Path], typer.Option(help="COCO captions_*.json: objects in human captions.")] = None,
+    per_image: Annotated[Optional[Path], typer.Option(help="Write the hallucinated words per record (JSONL).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """CHAIR_s, CHAIR_i, recall and length of captions, overall and per method."""
+    import json
+
+    from vacap.evaluate.chair import Chair
+
+    try:
+        chair = Chair.from_coco(instances, captions)
+        with open(captions_jsonl, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError, KeyError) as exc:
+        raise _usage(exc) from exc
+    result = chair.evaluate(records, per_image=per_image is not None)
+    if per_image is not None:
+        with open(per_image, "w", encoding="utf-8") as f:
+            for entry in result["per_image"]:
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    rows = {"overall": result["overall"], **result["by_method"]}
+    counts = {"unmatched": result["unmatched"], "not_ok": result["not_ok"]}
+    _print_report("CHAIR", rows, ["CHAIR_s", "CHAIR_i", "recall", "avg_len", "n"], as_json, counts)
+    if result["unmatched"] or result["not_ok"]:
+        typer.echo(f"{result['unmatched']} records without a known COCO image id, {result['not_ok']} not ok", err=True)
+
+
+@eval_app.command("pope")
+def eval_pope(
+    images: Annotated[Path, typer.Argument(help="Folder holding the COCO images named in --instances.")],
+    instances: Annotated[Path, typer.Option(help="COCO instances_*.json.")],
+    split: Annotated[Literal["random", "popular", "adversarial"], typer.Option(help="How absent objects are chosen.")] = "random",
+    limit: Annotated[Optional[int], typer.Option("--images", min=1, help="Use this many images (seeded choice).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the question sampling.")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write every answer (JSONL).")] = None,
+    model: Model = DEFAULT_MODEL,
+    method: Annotated[Literal["vasparse", "greedy", "vcd", "fastv"], typer.Option(help="Decoding method.")] = _D.method,
+    sparsity: Annotated[float, typer.Option(help="VASparse sparsity, [0, 1).")] = _D.sparsity,
+    max_new_tokens: MaxNew = 16,
+    batch_size: Batch = 6,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    quant: Quant = "none",
+    as_json: JsonFlag = False,
+) -> None:
+    """POPE: ask "Is there a {object} in the image?" for present and absent objects; score yes/no."""
+    import json
+
+    from rich.console import Console
+
+    from vacap.evaluate import pope
+    from vacap.images import ImageError
+
+    try:
+        questions = pope.build_questions(instances, split, images=limit, seed=seed)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _usage(exc) from exc
+    console = Console(stderr=True)
+    captioner = _captioner(
+        console, model=model, method=method, sparsity=sparsity, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, dtype=dtype, device=device, quant=quant,
+    )  # fmt: skip
+    by_image: dict[str, list] = {}
+    for question in questions:
+        by_image.setdefault(question.file_name, []).append(question)
+    asked, answers, missing = [], [], 0
+    from rich.progress import Progress
+
+    with Progress(console=console) as progress:
+        task = progress.add_task("asking", total=len(questions))
+        for file_name, group in by_image.items():
+            try:
+                replies = captioner.answer(images / file_name, [q.text for q in group])
+            except ImageError:
+                missing += len(group)
+                progress.advance(task, len(group))
+                continue
+            asked += group
+            answers += replies
+            progress.advance(task, len(group))
+    if output is not None:
+        with open(output, "w", encoding="utf-8") as f:
+            for question, answer in zip(asked, answers):
+                entry = {**question.__dict__, "answer": answer, "parsed": pope.parse_answer(answer)}
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    if not asked:
+        console.print(f"error: none of the {len(questions)} questions' images were readable under {images}")
+        raise typer.Exit(1)
+    label = method if method != "vasparse" else f"vasparse sparsity={sparsity:g}"
+    metrics = pope.score(asked, answers)
+    columns = ["accuracy", "precision", "recall", "f1", "yes_ratio", "n"]
+    _print_report(f"POPE ({split})", {label: metrics}, columns, as_json, {"split": split, "missing": missing})
+    if missing:
+        console.print(f"{missing} questions skipped: their images are missing or unreadable")
+
+
 if __name__ == "__main__":
     app()

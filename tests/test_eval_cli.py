@@ -1,0 +1,89 @@
+"""`vacap eval chair` and `vacap eval pope` end to end, on a hand-made COCO-format dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import noise_image
+
+CATEGORIES = [{"id": i + 1, "name": name} for i, name in enumerate(["person", "dog", "cat", "car", "bus", "chair", "cup", "tv"])]
+# image id -> classes present
+TRUTH = {1: ["dog", "person", "car"], 2: ["cat", "chair", "cup", "tv"], 3: ["bus", "car", "person"]}
+
+
+def file_name(image_id: int) -> str:
+    return f"COCO_val2014_{image_id:012d}.jpg"
+
+
+@pytest.fixture
+def coco(tmp_path):
+    ids = {c["name"]: c["id"] for c in CATEGORIES}
+    annotations = [
+        {"id": 100 * image_id + k, "image_id": image_id, "category_id": ids[name], "bbox": [0, 0, 5, 5]}
+        for image_id, names in TRUTH.items()
+        for k, name in enumerate(names)
+    ]
+    images = [{"id": i, "file_name": file_name(i), "width": 40, "height": 30} for i in TRUTH]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    for i in TRUTH:
+        noise_image(40, 30, i).save(folder / file_name(i))
+    return path, folder
+
+
+def vacap(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    return subprocess.run([sys.executable, "-m", "vacap.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+
+
+def test_eval_chair_reports_per_method(coco, tmp_path):
+    instances, _ = coco
+    records = [
+        # greedy: image 1 names a dog (right) and a cat (wrong); image 2 a cat and a chair (both right).
+        {"path": f"x/{file_name(1)}", "status": "ok", "caption": "A dog and a cat.", "method": "greedy", "params": {}},
+        {"path": f"x/{file_name(2)}", "status": "ok", "caption": "A cat on a chair.", "method": "greedy", "params": {}},
+        # vasparse: image 1 names a person and a car (right); image 3's record failed.
+        {"path": f"x/{file_name(1)}", "status": "ok", "caption": "A man near a car.", "method": "vasparse", "params": {}},
+        {"path": f"x/{file_name(3)}", "status": "error", "caption": None, "method": "vasparse", "params": {}},
+    ]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    per_image = tmp_path / "per_image.jsonl"
+    out = vacap("eval", "chair", captions, "--instances", instances, "--json", "--per-image", per_image)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    greedy, vasparse = result["results"]["greedy"], result["results"]["vasparse"]
+    assert greedy["CHAIR_s"] == pytest.approx(1 / 2) and greedy["CHAIR_i"] == pytest.approx(1 / 4)
+    assert greedy["recall"] == pytest.approx(3 / 7)  # dog of 3 classes, cat and chair of 4
+    assert vasparse["CHAIR_s"] == 0 and vasparse["recall"] == pytest.approx(2 / 3) and vasparse["n"] == 1
+    assert result["not_ok"] == 1
+    entries = [json.loads(line) for line in per_image.read_text().splitlines()]
+    assert [["cat", "cat"]] in [e["hallucinated"] for e in entries]
+    table = vacap("eval", "chair", captions, "--instances", instances)
+    assert "CHAIR_s" in table.stdout and "vasparse" in table.stdout
+    assert vacap("eval", "chair", captions, "--instances", tmp_path / "missing.json").returncode == 2
+
+
+def test_eval_pope_asks_and_scores(coco, tmp_path, tiny_model):
+    instances, folder = coco
+    answers = tmp_path / "answers.jsonl"
+    out = vacap("eval", "pope", folder, "--instances", instances, "--split", "popular", "--model",
+                tiny_model("llava-llama"), "--method", "greedy", "--max-new-tokens", "6", "-o", answers, "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == 6 * len(TRUTH) and {r["label"] for r in rows} == {"yes", "no"}
+    # The score is recomputed here from the answers file.
+    tp = sum(r["label"] == "yes" and r["parsed"] == "yes" for r in rows)
+    tn = sum(r["label"] == "no" and r["parsed"] == "no" for r in rows)
+    result = json.loads(out.stdout)["results"]["greedy"]
+    assert result["accuracy"] == pytest.approx((tp + tn) / len(rows))
+    assert result["yes_ratio"] == pytest.approx(sum(r["parsed"] == "yes" for r in rows) / len(rows))
+    bad = vacap("eval", "pope", folder, "--instances", instances, "--split", "sideways")
+    assert bad.returncode == 2 and "sideways" in bad.stderr
