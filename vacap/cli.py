@@ -348,5 +348,37 @@ def eval_pope(
         console.print(f"{missing} questions skipped: their images are missing or unreadable")
 
 
+@eval_app.command("shapes")
+def eval_shapes(
+    model: Annotated[str, typer.Option(help="Model to evaluate; `demo` is the one trained on the shapes world.")] = "demo",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
+    sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
+    ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Add VASparse with each mechanism alone.")] = True,
+    scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the generated test scenes.")] = 1234,
+    batch_size: Batch = 8,
+    dtype: Dtype = "fp32",
+    device: Device = "auto",
+    as_json: JsonFlag = False,
+) -> None:
+    """CHAIR-style hallucination figures on generated shapes scenes with known ground truth."""
+    from vacap.compare import parse_list, settings_grid
+    from vacap.evaluate.shapes import run_benchmark
+    from vacap.model import ModelLoadError
+
+    try:
+        grid = settings_grid(
+            parse_list(methods, str, "--methods"),
+            parse_list(sparsity, float, "--sparsity") if sparsity else None,
+            ablation,
+        )
+        rows = run_benchmark(model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device)
+    except (ValueError, ModelLoadError) as exc:
+        raise _usage(exc) from exc
+    table = {row["setting"]: {k: v for k, v in row.items() if k not in ("setting", "texts")} for row in rows}
+    columns = ["CHAIR_s", "CHAIR_i", "recall", "mean_length", "tokens_per_s", "errors"]
+    _print_report(f"shapes benchmark: {scenes} test scenes, seed {seed}", table, columns, as_json, {"model": model})
+
+
 if __name__ == "__main__":
     app()

@@ -123,15 +123,16 @@ class Diagnostics(Steering):
         chosen = token[: self.rows]
         layers = self.n_layers - self.start_layer
         step = {name: value / layers for name, value in self._step.items()}
-        step.setdefault("kept", torch.ones(self.rows))
+        step.setdefault("kept", torch.ones(self.rows, device=z.device))
         step["logprob"] = z.log_softmax(-1).gather(1, chosen[:, None]).squeeze(1)
         step["changed"] = (chosen != z.argmax(-1)).float()
-        self.steps.append(step)
+        # One transfer per step, not per layer: on a GPU each .cpu() waits for the device.
+        self.steps.append({name: value.cpu() for name, value in step.items()})
         self._step = {}
         return token
 
     def _add(self, name: str, value: torch.Tensor) -> None:
-        self._step[name] = self._step.get(name, 0) + value.cpu()
+        self._step[name] = self._step.get(name, 0) + value
 
     def _base_image_slots(self, image_mask: torch.Tensor) -> torch.Tensor | None:
         """Slot of every base-grid patch, row-major # (B, g*g); None if a row has too few."""

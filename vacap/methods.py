@@ -112,8 +112,9 @@ class VASparse(Steering):
 
     def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
         if self.sink and layer >= self.config.start_layer:
-            used = probs * query_valid[:, None, :, None]
-            self._field("colsum", layer).add_(used.sum(2))
+            if probs.shape[2] > 1:  # only the prefill has padding queries to leave out
+                probs = probs * query_valid[:, None, :, None]
+            self._field("colsum", layer).add_(probs.sum(2))
         if self.saliency and layer == self.n_layers - 1:
             image = _per_query_head(self._field("image", layer), self.n_heads) > 0.5
             mass = vs.image_attention_mass(probs, image)  # (B, t)

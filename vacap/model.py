@@ -173,6 +173,19 @@ def _sliding_window(text_config) -> int | None:
     return int(window)
 
 
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
+
+
+def _source(name: str) -> str:
+    """`demo` is the model shipped inside vacap; an existing path is a local folder; else a hub id."""
+    if name == "demo":
+        if not (DEMO_MODEL / "config.json").exists():
+            raise ModelLoadError(f"the demo model is missing from this installation ({DEMO_MODEL})")
+        return str(DEMO_MODEL)
+    path = Path(name).expanduser()
+    return str(path) if path.exists() else name
+
+
 def _load_processor(source: str):
     from transformers import AutoProcessor
 
@@ -212,7 +225,7 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    source = _source(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
