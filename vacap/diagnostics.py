@@ -60,6 +60,10 @@ def decode_grid(text: str, side: int) -> torch.Tensor:
     return torch.tensor(list(base64.b64decode(text)), dtype=torch.float32).view(side, side) / 255
 
 
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
 class Diagnostics(Steering):
     """Records per-token attention statistics around an inner method's steering."""
 
@@ -151,15 +155,15 @@ class Diagnostics(Steering):
     def row(self, b: int, tokens: list[int], mode: str) -> dict:
         """Record fields for batch row ``b`` whose generated ids are ``tokens``."""
         steps = self.steps[: len(tokens)]
-        stat = lambda name: [float(s[name][b]) for s in steps]  # noqa: E731
-        image, sink, heads, kept, changed = (stat(n) for n in ("image", "sink", "sink_heads", "kept", "changed"))
-        patches = [s["patches"][b] for s in steps if "patches" in s]
-        mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+        image, sink, heads, kept, changed = (
+            [float(step[name][b]) for step in steps] for name in ("image", "sink", "sink_heads", "kept", "changed")
+        )
+        patches = [step["patches"][b] for step in steps if "patches" in step]
         summary = {
-            "image_attention": mean(image),
-            "sink_attention": mean(sink),
-            "sink_ratio": mean(heads),
-            "kept_fraction": mean(kept),
+            "image_attention": _mean(image),
+            "sink_attention": _mean(sink),
+            "sink_ratio": _mean(heads),
+            "kept_fraction": _mean(kept),
             "contrast_changed": int(sum(changed)),
             "grid": self.side,
             "grid_region": self.region,

@@ -147,17 +147,16 @@ class VASparse(Steering):
         delta[:, :, -1] = math.inf
         rows = [self._compact_row(layer, b, delta[b], valid[b]) for b in range(B)]
         # Rows keep different numbers of slots; pad them to one width, the padding invalid.
-        width = max(row_keys.shape[1] for row_keys, *_ in rows)
-        stack = lambda parts: torch.stack([_pad_slots(x, width) for x in parts])  # noqa: E731
         keys, values, bias, fields = zip(*rows)
+        width = max(x.shape[1] for x in keys)
         new_valid = torch.stack([torch.arange(width, device=k.device) < x.shape[1] for x in keys])
         cache.rewrite(
             layer,
-            stack(keys),
-            stack(values),
+            _stack_padded(keys, width),
+            _stack_padded(values, width),
             new_valid,
-            bias=stack(bias),
-            fields={name: stack([f[name] for f in fields]) for name in cache.fields},
+            bias=_stack_padded(bias, width),
+            fields={name: _stack_padded([f[name] for f in fields], width) for name in cache.fields},
         )
 
     def _compact_row(self, layer: int, b: int, delta: torch.Tensor, valid: torch.Tensor):
@@ -167,17 +166,16 @@ class VASparse(Steering):
         keep_i, drop_i = vs.budget_split(delta[:, slots], c.kv_budget)
         keep, drop = slots[keep_i], slots[drop_i]  # (Hkv, k), (Hkv, d)
         k, v, _ = cache.view(layer)
-        D = k.shape[-1]
-        take = lambda x, idx: x[b].gather(1, idx.unsqueeze(-1).expand(-1, -1, D))  # noqa: E731
+        k, v = k[b], v[b]  # (Hkv, T, D)
         n_clusters = math.ceil(c.cluster_ratio * drop.shape[1] - 1e-9) if drop.shape[1] else 0
         fields = {name: self._field(name, layer)[b] for name in cache.fields}
         kept_fields = {name: f.gather(1, _index_for(keep, f.shape[0])) for name, f in fields.items()}
         if n_clusters == 0:
-            return take(k, keep), take(v, keep), torch.zeros(keep.shape, device=k.device), kept_fields
-        dropped_keys = take(k, drop)
+            return _take_slots(k, keep), _take_slots(v, keep), torch.zeros(keep.shape, device=k.device), kept_fields
+        dropped_keys = _take_slots(k, drop)
         assign = vs.dpc_knn(dropped_keys.float(), n_clusters, c.knn)  # (Hkv, d)
         keys = vs.cluster_reduce(dropped_keys.float(), assign, n_clusters, "mean").to(k.dtype)
-        values = vs.cluster_reduce(take(v, drop).float(), assign, n_clusters, "mean").to(v.dtype)
+        values = vs.cluster_reduce(_take_slots(v, drop).float(), assign, n_clusters, "mean").to(v.dtype)
         # log(size): a cluster draws the attention its members would have drawn together.
         bias = vs.cluster_sizes(assign, n_clusters).float().log()
         merged = {}
@@ -187,8 +185,8 @@ class VASparse(Steering):
             reduced = vs.cluster_reduce(members, member_assign, n_clusters, "sum" if name == "colsum" else "mean")
             merged[name] = (reduced > 0.5).float() if name == "image" else reduced
         return (
-            torch.cat([take(k, keep), keys], 1),
-            torch.cat([take(v, keep), values], 1),
+            torch.cat([_take_slots(k, keep), keys], 1),
+            torch.cat([_take_slots(v, keep), values], 1),
             torch.cat([torch.zeros(keep.shape, device=k.device), bias], 1),
             {name: torch.cat([kept_fields[name], merged[name]], 1) for name in fields},
         )
@@ -230,9 +228,14 @@ class _Hide(Steering):
         return logits.masked_fill(mask[:, None, None], -math.inf)
 
 
-def _pad_slots(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the slot axis (dim 1) of # (heads, n, ...) to width."""
-    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]))
+def _take_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x # (Hkv, T, D), index # (Hkv, n) -> # (Hkv, n, D): each head its own slots."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _stack_padded(parts, width: int) -> torch.Tensor:
+    """Stack per-row # (heads, n_b, ...) into # (B, heads, width, ...), zero-padding the slot axis."""
+    return torch.stack([torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1])) for x in parts])
 
 
 def _index_for(index: torch.Tensor, heads: int) -> torch.Tensor:
