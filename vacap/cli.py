@@ -152,6 +152,7 @@ def compare(
     paths: Paths,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
     sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
     ablation: Annotated[bool, typer.Option(help="Add VASparse with each mechanism alone.")] = False,
     output: Output = None,
     model: Model = DEFAULT_MODEL,
@@ -173,6 +174,7 @@ def compare(
         grid = settings_grid(
             parse_list(methods, str, "--methods"),
             parse_list(sparsity, float, "--sparsity") if sparsity else None,
+            parse_list(alpha, float, "--alpha") if alpha else None,
             ablation,
         )
         for settings in grid.values():
@@ -353,6 +355,7 @@ def eval_shapes(
     model: Annotated[str, typer.Option(help="Model to evaluate; `demo` is the one trained on the shapes world.")] = "demo",
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
     sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
     ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Add VASparse with each mechanism alone.")] = True,
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the generated test scenes.")] = 1234,
@@ -370,6 +373,7 @@ def eval_shapes(
         grid = settings_grid(
             parse_list(methods, str, "--methods"),
             parse_list(sparsity, float, "--sparsity") if sparsity else None,
+            parse_list(alpha, float, "--alpha") if alpha else None,
             ablation,
         )
         rows = run_benchmark(model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device)

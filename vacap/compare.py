@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import defaultdict
 from typing import Iterable, Sequence
@@ -29,18 +30,27 @@ def parse_list(text: str, kind: type, name: str) -> list:
         raise ValueError(f"{name}: {exc}") from exc
 
 
-def settings_grid(methods: Sequence[str], sparsities: Sequence[float] | None, ablation: bool = False) -> dict[str, dict]:
-    """Label -> settings: every method once, VASparse once per sparsity, plus the ablations."""
+def settings_grid(
+    methods: Sequence[str],
+    sparsities: Sequence[float] | None = None,
+    alphas: Sequence[float] | None = None,
+    ablation: bool = False,
+) -> dict[str, dict]:
+    """Label -> settings: every method once, VASparse once per (sparsity, alpha) pair given,
+    plus the ablations."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    sweeps = [("sparsity", values) for values in [sparsities] if values] + [("alpha", a) for a in [alphas] if a]
     grid: dict[str, dict] = {}
     for method in methods:
-        if method == "vasparse" and sparsities:
-            for sparsity in sparsities:
-                grid[f"vasparse sparsity={sparsity:g}"] = dict(method="vasparse", sparsity=sparsity)
-        else:
+        if method != "vasparse" or not sweeps:
             grid[method] = dict(method=method)
+            continue
+        for combination in itertools.product(*(values for _, values in sweeps)):
+            settings = dict(zip((name for name, _ in sweeps), combination))
+            label = " ".join(f"{name}={value:g}" for name, value in settings.items())
+            grid[f"vasparse {label}"] = dict(method="vasparse", **settings)
     if ablation:
         grid.update(MECHANISMS_ALONE)
     return grid
