@@ -228,7 +228,12 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS.splitlines(), trainer)
-    # Prepend BOS like the Llama tokenizer of LLaVA-1.5 does.
+    return llava_tokenizer(tokenizer, {"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN})
+
+
+def llava_tokenizer(tokenizer: Tokenizer, extra_special_tokens: dict[str, str]) -> PreTrainedTokenizerFast:
+    """A trained ``tokenizers`` model as LLaVA-1.5's tokenizer behaves: BOS prepended (as Llama's
+    does), left padding, <pad>/<s>/</s>/<unk> specials, the processors' named tokens, the chat template."""
     bos_id = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
@@ -240,7 +245,7 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN},
+        extra_special_tokens=extra_special_tokens,
         chat_template=CHAT_TEMPLATE,
     )
 
