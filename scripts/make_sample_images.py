@@ -2,6 +2,8 @@
 
 Different formats and aspect ratios on purpose: anyres models split wide, tall and square
 images into different numbers of tiles, so the samples exercise different token counts.
+Four scenes of the shapes world's test split (``vacap.demo.shapes``) join them: the pictures
+the shipped demo model (``--model demo``) was made for.
 
     python scripts/make_sample_images.py [OUTPUT_DIR]
 """
@@ -109,11 +111,19 @@ SAMPLES = {
 }
 
 
+SCENE_SEED = 7
+
+
 def main(output: Path) -> None:
+    from vacap.demo.shapes import scenes
+
     output.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
     for name, (draw, options) in SAMPLES.items():
         draw(rng).save(output / name, **options)
+    for i, scene in enumerate(scenes(4, SCENE_SEED, "test"), start=1):
+        scene.image.save(output / f"scene_{i}.png", optimize=True)
+        print(f"scene_{i}.png: {scene.caption}")
 
 
 if __name__ == "__main__":
