@@ -140,7 +140,7 @@ The image shows an indoor scene with warm light, a chair, a table and a plant.
 
 
 @dataclass(frozen=True)
-class _Dims:
+class Dims:
     """Transformer dimensions of a text model or a vision tower."""
 
     hidden: int
@@ -150,17 +150,17 @@ class _Dims:
 
 
 # Four text layers so that code that starts working at layer 2 has layers to work on.
-_TINY_TEXT = _Dims(hidden=64, layers=4, heads=4, intermediate=128)
+_TINY_TEXT = Dims(hidden=64, layers=4, heads=4, intermediate=128)
 # bitsandbytes 4-bit on CPU needs in_features % 64 == 0 and out_features % 32 == 0 for every
 # quantized Linear: hidden 128 with 4 heads gives head_dim 32, so even 2 KV heads give 64.
-_QUANT_TEXT = _Dims(hidden=128, layers=4, heads=4, intermediate=256)
+_QUANT_TEXT = Dims(hidden=128, layers=4, heads=4, intermediate=256)
 # For speed benchmarks: ~310M parameters with multi-head attention (llava-llama, llava-next),
 # ~285M with the grouped-query attention of the others. The vision tower stays tiny.
-_MID_TEXT = _Dims(hidden=1024, layers=24, heads=16, intermediate=2816)
+_MID_TEXT = Dims(hidden=1024, layers=24, heads=16, intermediate=2816)
 
 # Two layers so that vision_feature_layer=-2 selects a real hidden state.
-_TINY_VISION = _Dims(hidden=32, layers=2, heads=2, intermediate=64)
-_QUANT_VISION = _Dims(hidden=64, layers=2, heads=2, intermediate=128)
+_TINY_VISION = Dims(hidden=32, layers=2, heads=2, intermediate=64)
+_QUANT_VISION = Dims(hidden=64, layers=2, heads=2, intermediate=128)
 
 
 def build_tiny_model(
@@ -250,7 +250,7 @@ def llava_tokenizer(tokenizer: Tokenizer, extra_special_tokens: dict[str, str]) 
     )
 
 
-def _text_config(arch: str, dims: _Dims, init_std: float, tokenizer: PreTrainedTokenizerFast):
+def _text_config(arch: str, dims: Dims, init_std: float, tokenizer: PreTrainedTokenizerFast):
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=dims.hidden,
@@ -274,7 +274,7 @@ def _text_config(arch: str, dims: _Dims, init_std: float, tokenizer: PreTrainedT
     return Qwen2Config(num_key_value_heads=dims.heads // 2, **common)
 
 
-def _multimodal_parts(arch: str, text_config, vision: _Dims, tokenizer: PreTrainedTokenizerFast, side: int):
+def _multimodal_parts(arch: str, text_config, vision: Dims, tokenizer: PreTrainedTokenizerFast, side: int):
     """The top-level config, the model class and a function saving a matching processor.
 
     ``side`` is the vision tower's input size; anyres tile layouts scale with it.

@@ -39,7 +39,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 # Sleep rather than spin while waiting for the other OpenMP thread: with spinning, any other
@@ -63,7 +62,7 @@ from transformers import (
 from vacap.config import DEFAULT_PROMPT
 from vacap.demo import MODEL_DIR
 from vacap.demo.shapes import COLOURS, NUMBERS, SHAPES, SIZE, make_scene, scenes
-from vacap.tiny_models import CHAT_TEMPLATE, llava_tokenizer
+from vacap.tiny_models import CHAT_TEMPLATE, Dims, llava_tokenizer
 
 IMAGE_TOKEN = "<image>"
 # Order fixes the ids: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4.
@@ -97,14 +96,6 @@ AUX_WEIGHT = 1.0  # weight of the per-patch shape/colour loss (see PatchHead)
 EVAL_SCENES = 200
 EVAL_SEED = 1234
 THREADS = 2
-
-
-@dataclass(frozen=True)
-class Dims:
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
 
 
 VISION = Dims(hidden=128, layers=4, heads=4, intermediate=512)
