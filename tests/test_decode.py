@@ -17,17 +17,18 @@ def ours(model, images) -> list[list[int]]:
     return [g.tokens for g in generate(model, inputs, Steering(), MAX_NEW)]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_matches_hf_generate_single_and_batched(tiny_model, arch):
+def test_greedy_matches_hf_generate_single_and_batched(tiny_model, arch, dtype):
     path = tiny_model(arch)
-    model = load_model(str(path), dtype="fp32", device="cpu")
+    model = load_model(str(path), dtype=dtype, device="cpu")
 
     single = ours(model, IMAGES[:1])
-    assert single == hf_greedy(path, model.prepare(IMAGES[:1], PROMPT))
+    assert single == hf_greedy(path, model.prepare(IMAGES[:1], PROMPT), dtype=model.dtype)
 
     batched_inputs = model.prepare(IMAGES, PROMPT)
     batched = [g.tokens for g in generate(model, batched_inputs, Steering(), MAX_NEW)]
-    assert batched == hf_greedy(path, batched_inputs)
+    assert batched == hf_greedy(path, batched_inputs, dtype=model.dtype)
     assert len({t for row in batched for t in row}) > 5, "parity on varied tokens, not on an instant EOS"
     # Each image decoded alone gives what it got in the mixed batch.
     assert batched == [ours(model, [image])[0] for image in IMAGES]
