@@ -148,6 +148,15 @@ class Dims:
     heads: int
     intermediate: int
 
+    def config_kwargs(self) -> dict:
+        """The keywords transformers' Llama/Mistral/Qwen2/CLIP/SigLIP configs name them by."""
+        return dict(
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate,
+        )
+
 
 # Four text layers so that code that starts working at layer 2 has layers to work on.
 _TINY_TEXT = Dims(hidden=64, layers=4, heads=4, intermediate=128)
@@ -253,10 +262,7 @@ def llava_tokenizer(tokenizer: Tokenizer, extra_special_tokens: dict[str, str]) 
 def _text_config(arch: str, dims: Dims, init_std: float, tokenizer: PreTrainedTokenizerFast):
     common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=dims.hidden,
-        num_hidden_layers=dims.layers,
-        num_attention_heads=dims.heads,
-        intermediate_size=dims.intermediate,
+        **dims.config_kwargs(),
         max_position_embeddings=4096,
         initializer_range=init_std,
         bos_token_id=tokenizer.bos_token_id,
@@ -282,10 +288,7 @@ def _multimodal_parts(arch: str, text_config, vision: Dims, tokenizer: PreTraine
     pinpoints = [[h * side // IMAGE_SIZE, w * side // IMAGE_SIZE] for h, w in GRID_PINPOINTS]
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision_kwargs = dict(
-        hidden_size=vision.hidden,
-        num_hidden_layers=vision.layers,
-        num_attention_heads=vision.heads,
-        intermediate_size=vision.intermediate,
+        **vision.config_kwargs(),
         image_size=side,
         patch_size=PATCH_SIZE,
     )

@@ -147,11 +147,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
     """A freshly initialised model (weights from ``seed`` only)."""
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT.hidden,
-        num_hidden_layers=TEXT.layers,
-        num_attention_heads=TEXT.heads,
+        **TEXT.config_kwargs(),
         num_key_value_heads=TEXT.heads,
-        intermediate_size=TEXT.intermediate,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -159,10 +156,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
         tie_word_embeddings=False,
     )
     vision_config = CLIPVisionConfig(
-        hidden_size=VISION.hidden,
-        num_hidden_layers=VISION.layers,
-        num_attention_heads=VISION.heads,
-        intermediate_size=VISION.intermediate,
+        **VISION.config_kwargs(),
         image_size=SIZE,
         patch_size=PATCH_SIZE,
     )
