@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import transformers
 from PIL import Image
 
 MAX_NEW = 12
 PROMPT = "Describe the picture."
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -41,3 +45,21 @@ def hf_greedy(path, inputs, max_new: int = MAX_NEW, dtype: torch.dtype = torch.f
         cut = next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
         rows.append(row[:cut])
     return rows
+
+
+def deep_folder(root: Path, levels: int = 22) -> Path:
+    """A folder whose path is longer than PATH_MAX (4096), made level by level through dir fds,
+    with an image inside it. Returns the image's (too long) path."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d" * 200, dir_fd=fd)
+            inner = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        image = os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.write(image, (SAMPLES / "scene_1.png").read_bytes())
+        os.close(image)
+    finally:
+        os.close(fd)
+    return root.joinpath(*["d" * 200] * levels, "deep.png")

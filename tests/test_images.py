@@ -3,9 +3,10 @@ import os
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from helpers import deep_folder
+from PIL import Image, ImageChops
 
-from vacap.images import IMAGE_EXTENSIONS, ImageError, discover, file_sha256, load_image
+from vacap.images import IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageError, Listing, discover, file_sha256, load_image
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 
@@ -42,28 +43,28 @@ def rel(paths, root):
 
 
 def test_discover_recursive_sorted_case_insensitive_and_hidden_skipped(tree):
-    found = discover([tree])
+    found = discover([tree]).files
     # Sorted by the whole path string: "sub/..." sorts before "z.jpg".
     assert rel(found, tree) == ["a.png", "b.JPG", "sub/c.jpeg", "sub/deeper/e.WebP", "z.jpg"]
 
 
 def test_discover_not_recursive(tree):
-    assert rel(discover([tree], recursive=False), tree) == ["a.png", "b.JPG", "z.jpg"]
+    assert rel(discover([tree], recursive=False).files, tree) == ["a.png", "b.JPG", "z.jpg"]
 
 
 def test_discover_keeps_explicit_files_whatever_their_name(tree):
-    found = discover([tree / "notes.txt", tree / ".hidden.jpg"])
+    found = discover([tree / "notes.txt", tree / ".hidden.jpg"]).files
     assert found == [tree / "notes.txt", tree / ".hidden.jpg"]
 
 
 def test_discover_keeps_argument_order_and_drops_duplicates(tree):
-    found = discover([tree / "z.jpg", tree / "sub", tree, tree / "sub" / ".." / "a.png"])
+    found = discover([tree / "z.jpg", tree / "sub", tree, tree / "sub" / ".." / "a.png"]).files
     assert rel(found, tree) == ["z.jpg", "sub/c.jpeg", "sub/deeper/e.WebP", "a.png", "b.JPG"]
 
 
 def test_discover_keeps_paths_relative_as_given(tree, monkeypatch):
     monkeypatch.chdir(tree.parent)
-    found = discover(["photos"], recursive=False)
+    found = discover(["photos"], recursive=False).files
     assert found == [Path("photos/a.png"), Path("photos/b.JPG"), Path("photos/z.jpg")]
     assert not any(p.is_absolute() for p in found)
 
@@ -75,7 +76,34 @@ def test_discover_missing_path_names_it(tmp_path):
 
 
 def test_discover_empty_folder(tmp_path):
-    assert discover([tmp_path]) == []
+    assert discover([tmp_path]) == Listing([], [])
+
+
+def test_folders_too_deep_to_list_are_reported_not_dropped(tmp_path):
+    touch(tmp_path / "a.png")
+    deep = deep_folder(tmp_path)
+    listing = discover([tmp_path])
+    assert listing.files == [tmp_path / "a.png"]
+    [(folder, reason)] = listing.problems
+    assert len(str(folder)) > 4096 and str(deep).startswith(str(folder))
+    assert reason == "cannot list folder: File name too long"
+
+
+def test_a_named_path_too_long_is_kept_and_fails_to_load_with_the_reason(tmp_path):
+    deep = deep_folder(tmp_path)
+    assert discover([deep]).files == [deep]
+    with pytest.raises(ImageError, match="cannot read file: File name too long"):
+        load_image(deep)
+
+
+def test_special_files_named_like_images_are_kept_for_an_error_record(tmp_path):
+    touch(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert rel(discover([tmp_path]).files, tmp_path) == ["a.png", "dangling.jpg", "pipe.png"]
+    assert discover([tmp_path / "dangling.jpg"]).files == [tmp_path / "dangling.jpg"]
+    with pytest.raises(ImageError, match="broken symbolic link"):
+        load_image(tmp_path / "dangling.jpg")
 
 
 def test_image_extensions_are_lowercase_with_dot():
@@ -253,6 +281,20 @@ def test_directory(tmp_path):
         load_image(folder)
 
 
+def test_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
+    # Opening a FIFO that no process writes to blocks forever unless the loader refuses it.
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(ImageError, match=r"not a regular file \(a FIFO\)"):
+        load_image(tmp_path / "pipe.jpg")
+    with pytest.raises(ImageError, match="not a regular file"):
+        file_sha256(tmp_path / "pipe.jpg")
+
+
+def test_character_device_is_refused():
+    with pytest.raises(ImageError, match=r"not a regular file \(a character device\)"):
+        load_image(Path("/dev/zero"))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "gone.png")
@@ -284,6 +326,25 @@ def test_sha256_is_of_the_file_bytes(tmp_path):
     assert file_sha256(path) == expected
 
 
+@pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (700, 30)])
+def test_thin_pictures_are_padded_so_the_model_input_stays_bounded(tmp_path, size):
+    path = save(Image.new("RGB", size, (200, 0, 0)), tmp_path / "thin.png")
+    loaded = load_image(path)
+    assert (loaded.width, loaded.height) == size  # the record keeps the picture's own size
+    long, short = max(loaded.image.size), min(loaded.image.size)
+    assert long <= 4096 and long <= MAX_ASPECT_RATIO * short
+    # The picture sits in the middle of a white canvas.
+    white = Image.new("RGB", loaded.image.size, (255, 255, 255))
+    left, top, right, bottom = ImageChops.difference(loaded.image, white).getbbox()
+    assert abs((left + right) - loaded.image.width) <= 1 and abs((top + bottom) - loaded.image.height) <= 1
+    assert loaded.image.getpixel((left, top)) == (200, 0, 0)
+
+
+def test_pictures_within_the_aspect_limit_are_untouched(tmp_path):
+    path = save(Image.new("RGB", (300, 30), (1, 2, 3)), tmp_path / "wide.png")
+    assert load_image(path).image.size == (300, 30)
+
+
 def test_loaded_image_is_independent_of_the_file(tmp_path):
     path = save(Image.new("RGB", (8, 8), (9, 8, 7)), tmp_path / "x.png")
     loaded = load_image(path)
@@ -295,7 +356,7 @@ def test_loaded_image_is_independent_of_the_file(tmp_path):
 
 
 def test_sample_images_load_and_vary():
-    paths = discover([SAMPLES])
+    paths = discover([SAMPLES]).files
     # Six drawn pictures of varied formats and shapes, and four shapes-world test scenes.
     assert len(paths) == 10 and sum(p.name.startswith("scene_") for p in paths) == 4
     loaded = [load_image(p) for p in paths]

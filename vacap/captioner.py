@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from vacap.config import DEFAULT_MODEL, DecodeConfig
-from vacap.images import ImageError, LoadedImage, load_image
+from vacap.images import ImageError, LoadedImage, discover, load_image
 from vacap.model import DTYPE_NAMES, load_model
 from vacap.records import make_record, settings_key
 
@@ -67,30 +68,43 @@ class Captioner:
 
     def records(
         self,
-        paths: Iterable[str],
+        paths: Iterable[str | Path],
         *,
         skip: Callable[[str, str, str], bool] | None = None,
+        recursive: bool = True,
     ) -> Iterator[dict]:
-        """Yield a record per path as soon as its batch is done.
+        """Yield a record per image as soon as its batch is done.
 
-        ``skip(path, sha256, settings)`` returning True drops an image (resume); it yields nothing
-        for it. Unreadable images yield an ``error`` record without stopping the run.
+        A folder stands for the images in it, found as ``vacap caption`` finds them (a folder
+        that cannot be searched yields an ``error`` record). ``skip(path, sha256, settings)``
+        returning True drops an image (resume); it yields nothing for it. Unreadable images yield
+        an ``error`` record without stopping the run.
         """
         batch: list[_Job] = []
-        for path in paths:
-            try:
-                loaded = load_image(Path(path))
-            except ImageError as exc:
-                yield self._record(path, "error", error=str(exc))
-                continue
-            if skip is not None and skip(path, loaded.sha256, self.settings):
-                continue
-            batch.append(_Job(path, loaded))
-            if len(batch) == self.batch_size:
-                yield from self._caption_batch(batch)
-                batch = []
+        for given in paths:
+            files: Iterable = [given]
+            if os.path.isdir(given):
+                listing = discover([given], recursive=recursive)
+                yield from (self.error_record(str(folder), reason) for folder, reason in listing.problems)
+                files = listing.files
+            for path in map(str, files):
+                try:
+                    loaded = load_image(Path(path))
+                except ImageError as exc:
+                    yield self.error_record(path, str(exc))
+                    continue
+                if skip is not None and skip(path, loaded.sha256, self.settings):
+                    continue
+                batch.append(_Job(path, loaded))
+                if len(batch) == self.batch_size:
+                    yield from self._caption_batch(batch)
+                    batch = []
         if batch:
             yield from self._caption_batch(batch)
+
+    def error_record(self, path: str, reason: str) -> dict:
+        """The record of an image that could not be captioned, under these settings."""
+        return self._record(path, "error", error=reason)
 
     def answer(self, image: str | Path, questions: Sequence[str]) -> list[str]:
         """Answers to several questions about one image, decoded with the captioner's settings.

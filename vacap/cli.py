@@ -5,6 +5,7 @@ torch and transformers are imported inside the commands, so `vacap --help` start
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -61,7 +62,8 @@ def _usage(exc: Exception) -> typer.BadParameter:
     return typer.BadParameter(str(exc))
 
 
-def _discover(paths: List[Path], recursive: bool) -> list[Path]:
+def _discover(paths: List[Path], recursive: bool):
+    """The images to caption (a ``Listing``); a path that does not exist is a usage error."""
     from vacap.images import discover
 
     try:
@@ -123,16 +125,20 @@ def caption(
         DecodeConfig(**settings)
     except ValueError as exc:
         raise _usage(exc) from exc
-    images = _discover(paths, recursive)
+    listing = _discover(paths, recursive)
 
     from vacap.progress import RunProgress
     from vacap.records import RecordWriter
 
-    progress = RunProgress(total=len(images))
+    progress = RunProgress(total=len(listing.files) + len(listing.problems))
     captioner = _captioner(
         progress.console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, **settings
     )
     with RecordWriter(output, overwrite=overwrite) as writer, progress:
+        for path, reason in listing.problems:
+            record = captioner.error_record(str(path), reason)
+            writer.write(record)
+            progress.record(record)
 
         def skip(path: str, sha256: str, settings_key: str) -> bool:
             done = writer.is_done(path, sha256, settings_key)
@@ -140,7 +146,7 @@ def caption(
                 progress.skipped()
             return done
 
-        for record in captioner.records((str(p) for p in images), skip=skip):
+        for record in captioner.records((str(p) for p in listing.files), skip=skip):
             writer.write(record)
             progress.record(record)
     progress.console.print(progress.summary())
@@ -181,12 +187,13 @@ def compare(
             DecodeConfig(**settings, prompt=prompt, max_new_tokens=max_new_tokens)
     except ValueError as exc:
         raise _usage(exc) from exc
-    images = [str(p) for p in _discover(paths, recursive)]
+    listing = _discover(paths, recursive)
+    images = [str(p) for p in listing.files]
 
     from vacap.progress import RunProgress
     from vacap.records import RecordWriter
 
-    progress = RunProgress(total=len(images) * len(grid))
+    progress = RunProgress(total=(len(images) + len(listing.problems)) * len(grid))
     base = _captioner(
         progress.console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
         prompt=prompt, max_new_tokens=max_new_tokens, diagnostics=diagnostics,
@@ -194,7 +201,9 @@ def compare(
     written: list[dict] = []
     with RecordWriter(output, overwrite=True) as writer, progress:
         for label, settings in grid.items():
-            for record in base.with_settings(**settings).records(images):
+            captioner = base.with_settings(**settings)
+            problems = (captioner.error_record(str(path), reason) for path, reason in listing.problems)
+            for record in itertools.chain(problems, captioner.records(images)):
                 record["setting"] = label
                 writer.write(record)
                 progress.record(record)

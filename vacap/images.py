@@ -10,6 +10,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,18 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 _WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WHITE = (255, 255, 255)
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+# The processors scale an image's short side up to the model's input size, so a thin picture
+# grows with its aspect ratio (a 20000x1 PNG of 140 bytes became 2 GB for the 96-pixel demo
+# model, 27 GB at LLaVA-1.5's 336). Beyond this ratio the picture is padded instead, after its
+# long side is brought down to _THIN_MAX_SIDE, which keeps the padded canvas small too.
+MAX_ASPECT_RATIO = 10
+_THIN_MAX_SIDE = 4096
 
 
 class ImageError(Exception):
@@ -31,7 +44,7 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class LoadedImage:
-    image: Image.Image  # always mode RGB, EXIF orientation already applied
+    image: Image.Image  # what the model sees: RGB, EXIF orientation applied, thin pictures padded
     width: int
     height: int
     sha256: str  # of the file bytes, so a record identifies exactly what was captioned
@@ -40,48 +53,75 @@ class LoadedImage:
 # --- discovery -------------------------------------------------------------------------------
 
 
-def discover(paths: Sequence[str | Path], recursive: bool = True) -> list[Path]:
-    """Files to caption, in a stable order.
+@dataclass(frozen=True)
+class Listing:
+    """What discovery found: the files to caption, and the paths it could not search."""
+
+    files: list[Path]
+    problems: list[tuple[Path, str]]  # (path, reason): folders that could not be listed
+
+
+def discover(paths: Sequence[str | Path], recursive: bool = True) -> Listing:
+    """Files to caption, in a stable order, and the folders that could not be searched.
 
     Files named explicitly are kept whatever their extension (the user asked for them; if they
-    are not images they become error records). Folders contribute only image files, skipping
-    dot-names. Each argument's files are sorted, arguments keep their order, and a file reached
-    twice (same resolved path) is kept the first time only.
+    are not images they become error records). Folders contribute every entry with an image
+    extension that is not itself a folder, skipping dot-names: a FIFO, a socket or a broken link
+    named like an image is kept, so that loading it gives an error record instead of silence.
+    Each argument's files are sorted, arguments keep their order, and a file reached twice (same
+    resolved path) is kept the first time only. A named path that does not exist raises
+    ``FileNotFoundError``.
     """
     found: list[Path] = []
+    problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
     for arg in paths:
-        for path in _expand(Path(arg), recursive):
-            key = path.resolve()
+        for path in _expand(Path(arg), recursive, problems):
+            key = _identity(path)
             if key not in seen:
                 seen.add(key)
                 found.append(path)
-    return found
+    return Listing(found, problems)
 
 
-def _expand(path: Path, recursive: bool) -> list[Path]:
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    if not path.is_dir():
+def _identity(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:  # a path longer than the system allows cannot be resolved
+        return path.absolute()
+
+
+def _expand(path: Path, recursive: bool, problems: list[tuple[Path, str]]) -> list[Path]:
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError:
+        # Too long a name, say: loading it will fail with the system's own reason.
         return [path]
-    files = (path / rel for rel in _image_files_under(path, recursive))
+    if not exists:
+        if path.is_symlink():
+            return [path]  # a broken link: loading names it as one
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if not is_dir:
+        return [path]
+    files = (path / rel for rel in _image_files_under(path, recursive, problems))
     return sorted(files, key=lambda p: p.as_posix())
 
 
-def _image_files_under(root: Path, recursive: bool) -> Iterator[str]:
-    """Relative paths of the image files under root, hidden names skipped."""
+def _image_files_under(root: Path, recursive: bool, problems: list[tuple[Path, str]]) -> Iterator[str]:
+    """Relative paths of the image-named entries under root, hidden names skipped."""
+
+    def unlisted(error: OSError) -> None:
+        problems.append((Path(error.filename or root), f"cannot list folder: {error.strerror or error}"))
+
     # os.walk does not follow symlinked folders, so a link loop cannot hang discovery.
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, onerror=unlisted):
         if recursive:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
         else:
             dirs.clear()
         rel_folder = os.path.relpath(folder, root)
         for name in files:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            # Skips broken symlinks, fifos and sockets that merely have an image name.
-            if os.path.isfile(os.path.join(folder, name)):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield name if rel_folder == "." else os.path.join(rel_folder, name)
 
 
@@ -89,40 +129,61 @@ def _image_files_under(root: Path, recursive: bool) -> Iterator[str]:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a regular file's bytes; ``ImageError`` for anything else."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(Path(path)) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def load_image(path: Path) -> LoadedImage:
-    """Decode one file into RGB; any problem with the file raises ``ImageError``."""
-    data = _read_bytes(Path(path))
+    """Decode one file into RGB; any problem with the file raises ``ImageError``.
+
+    ``width`` and ``height`` are the picture's own; ``image`` is what the model is given, padded
+    when the picture is extremely thin (see :func:`bound_aspect`).
+    """
+    with _open_regular(Path(path)) as f:
+        # Read once: the hash and the decoded pixels then come from the very same bytes.
+        try:
+            data = f.read()
+        except OSError as e:
+            raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    if not data:
+        raise ImageError("empty file")
     image = _decode(data)
     return LoadedImage(
-        image=image,
+        image=bound_aspect(image),
         width=image.width,
         height=image.height,
         sha256=hashlib.sha256(data).hexdigest(),
     )
 
 
-def _read_bytes(path: Path) -> bytes:
-    # Read once: the hash and the decoded pixels then come from the very same bytes.
-    if path.is_dir():
-        raise ImageError("is a directory, not an image file")
+def _open_regular(path: Path) -> io.BufferedReader:
+    """Open a regular file for reading, refusing FIFOs, sockets and devices without blocking."""
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever. It changes
+        # nothing for a regular file, and the check below refuses everything else.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ImageError("file not found") from None
+        raise ImageError("broken symbolic link" if os.path.islink(path) else "file not found") from None
     except PermissionError:
         raise ImageError("permission denied") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or e}") from None
-    if not data:
-        raise ImageError("empty file")
-    return data
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ImageError("is a directory, not an image file")
+        raise ImageError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')})")
+    os.set_blocking(fd, True)
+    try:
+        return open(fd, "rb")
+    except OSError as e:
+        os.close(fd)
+        raise ImageError(f"cannot read file: {e.strerror or e}") from None
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -169,6 +230,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     return image.convert("RGB")
+
+
+def bound_aspect(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """A picture thinner than ``max_ratio``:1 centred on white, padded along its short side to
+    that ratio (and first scaled down to a long side of ``_THIN_MAX_SIDE`` if longer); any
+    other picture unchanged."""
+    long, short = max(image.size), min(image.size)
+    if long <= max_ratio * short:
+        return image
+    if long > _THIN_MAX_SIDE:
+        scale = _THIN_MAX_SIDE / long
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BOX)
+        long = max(image.size)
+    side = math.ceil(long / max_ratio)
+    size = (image.width, side) if image.width >= image.height else (side, image.height)
+    canvas = Image.new("RGB", size, _WHITE)
+    canvas.paste(image, ((size[0] - image.width) // 2, (size[1] - image.height) // 2))
+    return canvas
 
 
 def _stretch_to_gray(image: Image.Image) -> Image.Image:
