@@ -46,8 +46,8 @@ def test_selection_scores_hand_worked():
     logits = torch.tensor([[[100.0, 2.0, -1.0, 0.0, 1.0]]])  # slot 0 is padding: its 100 is ignored
     sal = torch.tensor([[[0.9, 0.2, 0.4, 0.1, 0.4]]])
     valid = torch.tensor([[False, True, True, True, True]])
-    # s^2 = 4, 1, 0, 1 -> /4 ; P = .2 .4 .1 .4 -> /.4 ; lam = 2
-    want = [-math.inf, 1.0 + 1.0, 0.25 + 2.0, 0.0 + 0.5, 0.25 + 2.0]
+    # s^2 = 4, 1, 0, 1 -> /4 ; P = .2 .4 .1 .4 -> min-max (P - .1) / .3 = 1/3, 1, 0, 1 ; lam = 2
+    want = [-math.inf, 1.0 + 2 / 3, 0.25 + 2.0, 0.0 + 0.0, 0.25 + 2.0]
     assert vs.selection_scores(logits, sal, 2.0, valid)[0, 0].tolist() == pytest.approx(want)
 
 
@@ -55,6 +55,14 @@ def test_selection_scores_all_zero_terms_give_zero_not_nan():
     zeros = torch.zeros(1, 2, 3)
     delta = vs.selection_scores(zeros, zeros, 1.0, torch.tensor([[False, True, True]]))
     assert delta.tolist() == [[[-math.inf, 0.0, 0.0]] * 2]
+
+
+def test_constant_saliency_adds_nothing_however_large():
+    # P = softmax(v) is often nearly flat: min-max scaling must not turn a constant into 1.
+    logits = torch.tensor([[[3.0, -1.0, 2.0]]])
+    flat = torch.full((1, 3), 0.3)
+    delta = vs.selection_scores(logits, flat, 5.0, torch.ones(1, 3, dtype=torch.bool))
+    assert delta[0, 0].tolist() == pytest.approx([1.0, 1 / 9, 4 / 9])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,8 +83,9 @@ def test_selection_scores_scale_per_row_and_head(dtype, sal_shape):
             s = [float(logits[b, h, i]) for i in range(T)]
             row = sal[b] if sal.dim() == 2 else sal[b, min(h, sal.shape[1] - 1)]
             p = [float(row[i]) for i in range(T)]
-            ms, mp = max(s[i] ** 2 for i in idx), max(p[i] for i in idx)
-            want = [s[i] ** 2 / ms + lam * p[i] / mp if i in idx else -math.inf for i in range(T)]
+            ms = max(s[i] ** 2 for i in idx)
+            low, high = min(p[i] for i in idx), max(p[i] for i in idx)
+            want = [s[i] ** 2 / ms + lam * (p[i] - low) / (high - low) if i in idx else -math.inf for i in range(T)]
             assert delta[b, h].tolist() == pytest.approx(want, rel=1e-5)
 
 
@@ -97,8 +106,8 @@ def test_sparsity_zero_keeps_every_valid_slot_like_no_selection(dtype):
 
 def eq1_brute_force(s, p, lam, idx, current, k):
     """The kept set minimising Eq. 1: the summed scaled cost of the dropped slots."""
-    ms, mp = max(s[i] ** 2 for i in idx), max(p[i] for i in idx)
-    cost = {i: s[i] ** 2 / ms + lam * p[i] / mp for i in idx}
+    ms, low, high = max(s[i] ** 2 for i in idx), min(p[i] for i in idx), max(p[i] for i in idx)
+    cost = {i: s[i] ** 2 / ms + lam * (p[i] - low) / (high - low) for i in idx}
     candidates = [set(S) for S in itertools.combinations(idx, k) if current in S]
     return min(candidates, key=lambda S: sum(cost[i] for i in idx if i not in S))
 
@@ -323,13 +332,14 @@ def test_contrast_alpha_zero_is_z_theta_on_plausible():
 
 
 def numpy_dpc_knn(points: np.ndarray, n_clusters: int, k: int) -> tuple[list[int], list[int]]:
-    """The textbook algorithm, literally, with plain loops: rho = exp(.) and score = rho * dist.
+    """The textbook algorithm, literally, with plain loops: rho = exp(.) and score = rho * dist,
+    distances divided by sqrt(D) (TCFormer's DPC-KNN, contract revision 2).
 
     rho is a Decimal, whose exponent range holds exp(-1e4) that float64 would flush to 0."""
-    N = len(points)
+    N, D = points.shape
     if N <= n_clusters:
         return list(range(N)), list(range(N))
-    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)) / math.sqrt(D)
     k = max(1, min(k, N - 1))
     rho = []
     for i in range(N):
@@ -340,7 +350,7 @@ def numpy_dpc_knn(points: np.ndarray, n_clusters: int, k: int) -> tuple[list[int
     dist = []
     for i in range(N):
         denser = [d[i, j] for j in range(N) if position[j] < position[i]]
-        dist.append(min(denser) if denser else max(d[i]))
+        dist.append(min(denser) if denser else d.max())  # the densest: the largest distance of all
     score = [rho[i] * Decimal(float(dist[i])) for i in range(N)]
     centres = sorted(sorted(range(N), key=lambda i: (-score[i], i))[:n_clusters])
     assign = [
@@ -408,7 +418,22 @@ def test_dpc_knn_few_points():
 
 def test_dpc_knn_bf16_clusters_the_rounded_points():
     x = torch.randn(2, 15, 6, generator=gen(26)).to(torch.bfloat16)
-    assert torch.equal(vs.dpc_knn(x, 4, 3), vs.dpc_knn(x.float(), 4, 3))
+    assign = vs.dpc_knn(x, 4, 3)
+    for g in range(2):
+        assert assign[g].tolist() == numpy_dpc_knn(x[g].double().numpy(), 4, 3)[0]
+
+
+def test_dpc_knn_gives_separated_blobs_in_high_dimension_their_own_clusters():
+    # Revision 2's case: 10 blobs in D = 128. Unscaled distances made log rho span hundreds, so
+    # the centres piled onto a few blobs (here none of the 10 got a cluster of its own).
+    g = gen(27)
+    means = 4.0 * torch.randn(10, 128, generator=g)
+    labels = torch.arange(10).repeat_interleave(8)
+    x = means[labels] + torch.randn(80, 128, generator=g)
+    assign = vs.dpc_knn(x[None], n_clusters=10, k=5)[0]
+    clusters = {blob: set(assign[labels == blob].tolist()) for blob in range(10)}
+    assert all(len(ids) == 1 for ids in clusters.values())
+    assert len(set.union(*clusters.values())) == 10  # one cluster per blob, none shared
 
 
 # 10. Cluster reduction ---------------------------------------------------------------------------

@@ -7,11 +7,13 @@ group; ``valid`` is a bool (B, T) mask of real cache slots (False for left paddi
 and every statistic (max, softmax, top-k) is taken over the valid slots of its own row, so rows may
 hold different numbers of tokens. Statistics are computed in fp32 whatever the input dtype. Where
 vacap departs from the paper (Zhuang et al., CVPR 2025): the two terms of the selection score
-delta (Eq. 2) are each divided by their maximum over the valid slots of their (row, head), so that
-``lam`` weighs two numbers in [0, 1] on every model (the paper leaves their scales open); counts
-such as ceil((1 - sparsity) * n) are taken with a 1e-9 tolerance so float noise cannot add or drop a
-slot; and DPC-KNN ranks centres by log(rho) + log(distance), the same order as rho * distance
-without the underflow of rho = exp(-large) that would tie every point at zero.
+delta (Eq. 2) are each scaled to [0, 1] over the valid slots of their (row, head), s^2 by its
+maximum and P min-max (revision 2 of the contract), so that ``lam`` weighs two numbers spanning
+[0, 1] on every model (the paper leaves their scales open); counts such as ceil((1 - sparsity) * n)
+are taken with a 1e-9 tolerance so float noise cannot add or drop a slot; DPC-KNN measures
+distances divided by sqrt(D), as TCFormer does; and it ranks centres by log(rho) + log(distance),
+the same order as rho * distance without the underflow of rho = exp(-large) that would tie every
+point at zero.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def _unit_peak(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(peak > 0, x / peak, 0.0)
 
 
+def _min_max(x: Tensor, valid: Tensor) -> Tensor:
+    """(x - min) / (max - min) over valid slots; 0 on invalid slots and where x is constant."""
+    low = torch.where(valid, x, math.inf).amin(-1, keepdim=True)
+    high = torch.where(valid, x, -math.inf).amax(-1, keepdim=True)
+    span = high - low
+    return torch.where(valid & (span > 0), (x - low) / span, 0.0)
+
+
 def selection_scores(logits: Tensor, saliency: Tensor, lam: float, valid: Tensor) -> Tensor:
     """Selection score delta of every cached slot (Eq. 2 with vacap's per-head scaling).
 
@@ -56,15 +66,15 @@ def selection_scores(logits: Tensor, saliency: Tensor, lam: float, valid: Tensor
         saliency  # (B, T), (B, 1, T) or (B, H, T) visual saliency P; with GQA and per-KV-head P,
                   #   repeat it to the query heads first
         valid     # (B, T) bool
-        returns   # (B, H, T) fp32: s^2 / max s^2 + lam * P / max P, maxima over valid slots of
-                  #   each (row, head); -inf on invalid slots
+        returns   # (B, H, T) fp32: s^2 / max s^2 + lam * Phat, Phat = (P - min P) / (max P - min P),
+                  #   extremes over the valid slots of each (row, head); -inf on invalid slots
 
-    A term whose maximum is 0 (all s or all P zero) contributes 0 rather than 0 / 0.
+    A term that cannot be scaled (all s zero, or P constant) contributes 0 rather than 0 / 0.
     """
     if saliency.dim() == 2:
         saliency = saliency[:, None]
     valid = valid[:, None]  # (B, 1, T)
-    delta = _unit_peak(logits.float().square(), valid) + lam * _unit_peak(saliency.float(), valid)
+    delta = _unit_peak(logits.float().square(), valid) + lam * _min_max(saliency.float(), valid)
     return delta.masked_fill(~valid, -math.inf)
 
 
@@ -176,20 +186,21 @@ def dpc_knn(x: Tensor, n_clusters: int, k: int) -> Tensor:
         x         # (G, N, D) points (e.g. the dropped keys of one layer and KV head per group)
         returns   # (G, N) long cluster id in [0, n_clusters)
 
-    rho_i = exp(-mean squared distance to the k nearest other points) (k clipped to [1, N - 1]);
-    dist_i = distance to the nearest denser point (density ties: the lower index is denser), the
-    densest point taking its largest distance (which makes it a centre); the n_clusters points
+    Distances are Euclidean divided by sqrt(D). rho_i = exp(-mean squared distance to the k
+    nearest other points) (k clipped to [1, N - 1]); dist_i = distance to the nearest denser point
+    (density ties: the lower index is denser), the densest point taking the largest distance
+    between any two points of its group (which makes it a centre); the n_clusters points
     with the largest rho * dist are the centres (ties: lower index); cluster c is the c-th centre
     in slot order; every point joins its nearest centre (ties: lower cluster id) and a centre
     always joins its own cluster.
     With N <= n_clusters every point is its own cluster (ids 0..N-1).
     """
-    G, N, _ = x.shape
+    G, N, D = x.shape
     if N <= n_clusters:
         return torch.arange(N, device=x.device).expand(G, N).clone()
     # The exact pairwise form: the matmul shortcut is off by rounding, which can reorder ties.
     x = x.float()
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (G, N, N)
+    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)  # (G, N, N)
     self_loop = torch.eye(N, dtype=torch.bool, device=x.device)
     nearest = dist.masked_fill(self_loop, math.inf).topk(max(1, min(k, N - 1)), largest=False).values
     # log rho, because key distances are large enough for exp(-d^2) to underflow to 0.
@@ -197,7 +208,7 @@ def dpc_knn(x: Tensor, n_clusters: int, k: int) -> Tensor:
     rank = _rank(log_rho, descending=True)  # 0 = densest; a strict order even with equal rho
     denser = rank[:, None, :] < rank[:, :, None]  # (G, N, N): [g, i, j] = j is denser than i
     peak_dist = torch.where(denser, dist, math.inf).amin(-1)
-    peak_dist = torch.where(rank == 0, dist.amax(-1), peak_dist)
+    peak_dist = torch.where(rank == 0, dist.amax((-2, -1))[:, None], peak_dist)
     log_score = log_rho + peak_dist.log()  # log(rho * dist); -inf for a duplicate point
     centres = log_score.argsort(dim=-1, descending=True, stable=True)[:, :n_clusters].sort(-1).values
     to_centre = dist.gather(-1, centres[:, None, :].expand(G, N, n_clusters))  # (G, N, C)
