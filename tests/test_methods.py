@@ -193,11 +193,13 @@ def test_identity_6_kv_budget(loaded):
     assert run(model, IMAGES, **{**OFF, "kv_budget": 0.3, "cluster_ratio": 0.1})[0] != plain
 
 
-def test_vcd_first_token_matches_recomputation(tiny_model):
+@pytest.mark.parametrize("alpha, weight", [(None, 1.0), (0.4, 0.4)])  # VCD's own alpha, or the user's
+def test_vcd_first_token_matches_recomputation(tiny_model, alpha, weight):
     path = tiny_model("llava-llama")
     model = load_model(str(path), dtype="fp32", device="cpu")
     hf = hf_model(path)
-    config = DecodeConfig(method="vcd", max_new_tokens=1).resolved()
+    config = DecodeConfig(method="vcd", max_new_tokens=1, alpha=alpha).resolved()
+    assert config.alpha == weight
     inputs = model.prepare(IMAGES, PROMPT)
     # VCD's forward diffusion, written out: sigmoid schedule over 1000 steps.
     betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
@@ -210,8 +212,10 @@ def test_vcd_first_token_matches_recomputation(tiny_model):
         z_noised = hf(**{**inputs, "pixel_values": noised}).logits[:, -1].float()
     p = torch.softmax(z, -1)
     plausible = p >= config.apc_beta * p.max(-1, keepdim=True).values
-    expected = torch.where(plausible, 2 * z - z_noised, -math.inf).argmax(-1)
-    tokens, _ = run(model, IMAGES, max_new=1, method="vcd")
+    expected = torch.where(plausible, (1 + weight) * z - weight * z_noised, -math.inf).argmax(-1)
+    if alpha is not None:  # the weight matters here: another weight would choose other tokens
+        assert not torch.equal(expected, torch.where(plausible, 2 * z - z_noised, -math.inf).argmax(-1))
+    tokens, _ = run(model, IMAGES, max_new=1, method="vcd", alpha=alpha)
     assert [t[0] for t in tokens] == expected.tolist()
 
 

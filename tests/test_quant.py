@@ -43,6 +43,21 @@ def test_language_model_is_quantized_and_the_rest_is_not(quantizable, quant, lay
     assert 1 <= len(out[0].tokens) <= 6
 
 
+@pytest.mark.parametrize("dtype, torch_dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_4bit_computes_in_the_runs_dtype(quantizable, dtype, torch_dtype):
+    import torch
+
+    from vacap.model import load_model
+
+    model = load_model(str(quantizable), quant="4bit", dtype=dtype, device="cpu")
+    expected = getattr(torch, torch_dtype)
+    layers = [m for m in model.hf.model.language_model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and {m.compute_dtype for m in layers} == {expected}
+    # The dequantized product itself comes out in that dtype.
+    proj = model.layers[0].self_attn.q_proj
+    assert proj(torch.ones(1, proj.in_features, dtype=expected)).dtype == expected
+
+
 def test_cli_quant_4bit_writes_ok_records(quantizable):
     out = subprocess.run(
         [sys.executable, "-m", "vacap.cli", "caption", str(SAMPLES), "--model", str(quantizable), "--quant", "4bit",

@@ -93,10 +93,15 @@ class KVCache:
         """Replace a layer's whole content, e.g. after compaction.
 
         k, v: # (B, Hkv, T', D); valid: # (B, T'); bias: # (B, Hkv, T'); fields[name]: # (B, heads, T')
+        Every slot from T' on is cleared (keys, values, bias and fields zero, invalid): a token
+        appended there later must start from nothing, not from a dropped token's statistics.
+        A field left out of ``fields`` is zero in the whole layer.
         """
         end = k.shape[2]
         self.k[layer, :, :, :end] = k
         self.v[layer, :, :, :end] = v
+        self.k[layer, :, :, end:] = 0
+        self.v[layer, :, :, end:] = 0
         self.valid[layer, :, :end] = valid
         self.valid[layer, :, end:] = False
         if bias is not None and self.bias is None:
@@ -104,9 +109,18 @@ class KVCache:
             self.bias = torch.zeros(L, B, H, T, dtype=torch.float32, device=self.k.device)
         if self.bias is not None:
             self.bias[layer, :, :, :end] = 0 if bias is None else bias
-        for name, value in (fields or {}).items():
-            self.fields[name][layer, :, :, :end] = value
+            self.bias[layer, :, :, end:] = 0
+        self._check_per_layer_fields()
+        for name, field in self.fields.items():
+            field[layer] = 0
+            if fields and name in fields:
+                field[layer, :, :, :end] = fields[name]
         self.length[layer] = end
+
+    def _check_per_layer_fields(self) -> None:
+        shared = [name for name, field in self.fields.items() if field.shape[0] == 1 < len(self.length)]
+        if shared:
+            raise RuntimeError(f"fields shared by all layers cannot follow a per-layer compaction: {shared}")
 
     def gather(self, layer: int, index: torch.Tensor, valid: torch.Tensor) -> None:
         """Keep the slots ``index`` # (B, Hkv, T') of a layer, in that order, with validity # (B, T').
@@ -116,8 +130,7 @@ class KVCache:
         k, v, _ = self.view(layer)
         D = k.shape[-1]
         bias = self.layer_bias(layer)
-        if any(value.shape[0] == 1 < len(self.length) for value in self.fields.values()):
-            raise RuntimeError("a field shared by all layers cannot follow a per-layer compaction")
+        self._check_per_layer_fields()
         fields = {name: _gather_slots(value[layer], index) for name, value in self.fields.items()}
         self.rewrite(
             layer,

@@ -103,7 +103,9 @@ def caption(
     overwrite: Annotated[bool, typer.Option(help="Start the output file afresh instead of resuming.")] = False,
     sparsity: Annotated[float, typer.Option(help="Fraction of cached tokens dropped per step, [0, 1).")] = _D.sparsity,
     lam: Annotated[float, typer.Option(help="Weight of visual saliency in token selection, >= 0.")] = _D.lam,
-    alpha: Annotated[float, typer.Option(help="Contrastive decoding weight, >= 0.")] = _D.alpha,
+    alpha: Annotated[
+        Optional[float], typer.Option(help="Contrastive decoding weight, >= 0 [default: 0.1 for vasparse, 1 for vcd].")
+    ] = None,
     apc_beta: Annotated[float, typer.Option(help="Adaptive plausibility cut-off, [0, 1].")] = _D.apc_beta,
     sink_beta: Annotated[float, typer.Option(help="Sink attention penalty strength, >= 0.")] = _D.sink_beta,
     start_layer: Annotated[int, typer.Option(help="First decoder layer selection and sink touch.")] = _D.start_layer,

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 METHODS = ("vasparse", "greedy", "vcd", "fastv")
+# Contrastive weight when none is given: VASparse's default, and VCD's published alpha = 1.
+METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0}
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DIAGNOSTICS = ("none", "summary", "tokens")
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -29,8 +31,8 @@ class DecodeConfig:
     start_layer: int = 2
     # 2. sink attention penalty
     sink_beta: float = 0.1
-    # 3. sparse visual contrastive decoding
-    alpha: float = 0.1
+    # 3. sparse visual contrastive decoding; None: the method's own weight (METHOD_ALPHA)
+    alpha: float | None = None
     apc_beta: float = 0.1
     contrast_layers: int = 0
     mask_rate: float = 0.5
@@ -55,15 +57,16 @@ class DecodeConfig:
         """The settings the method really uses: mechanisms a method does not have are off.
 
         Records store this, so that a `greedy` record does not claim a sparsity it never used.
+        A contrastive method takes the user's ``alpha`` and ``apc_beta`` as given; without an
+        ``alpha`` it takes its own default (``METHOD_ALPHA``).
         """
+        alpha = METHOD_ALPHA.get(self.method, 0.0) if self.alpha is None else self.alpha
+        if self.method == "vasparse":
+            return dataclasses.replace(self, alpha=alpha)
         off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0)
-        if self.method == "greedy":
-            return dataclasses.replace(self, **off)
         if self.method == "vcd":
-            return dataclasses.replace(self, **{**off, "alpha": 1.0, "apc_beta": 0.1})
-        if self.method == "fastv":
-            return dataclasses.replace(self, **off)
-        return self
+            return dataclasses.replace(self, **{**off, "alpha": alpha})
+        return dataclasses.replace(self, **off)
 
     def check_layers(self, n_layers: int) -> None:
         """Raise ValueError for layer settings the loaded model does not have."""
@@ -119,7 +122,7 @@ def _problems(c: DecodeConfig):
     )
     for name in ("lam", "alpha", "sink_beta"):
         value = getattr(c, name)
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             yield f"{name} must be a finite number >= 0, got {value!r}"
     for name in ("start_layer", "contrast_layers"):
         if getattr(c, name) < 0:

@@ -86,7 +86,8 @@ class VASparse(Steering):
             return logits
         if prefill:
             if self.budget:
-                self._prompt_logits[layer] = logits[:, :, -1]
+                # A copy: a view would keep the whole (B, H, T, T) logits of every layer alive.
+                self._prompt_logits[layer] = logits[:, :, -1].clone()
             return logits
         s = logits[:, :, 0]  # (B, H, T): one query per decode step
         valid = cache.valid[layer, :, : s.shape[-1]]

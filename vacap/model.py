@@ -55,7 +55,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def _quantization_config(quant: str, device: torch.device):
+def _quantization_config(quant: str, dtype: torch.dtype):
     if quant == "none":
         return None
     try:
@@ -70,7 +70,9 @@ def _quantization_config(quant: str, device: torch.device):
     if quant == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            # 4-bit weights are dequantized to this dtype for every product: the run's dtype,
+            # so that --dtype fp32 (or fp16 on a GPU without bf16) is what really computes.
+            bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=QUANT_SKIP_MODULES,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
@@ -232,7 +234,7 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
     _check_supported(config)
     model_class = getattr(transformers, config.architectures[0])
-    quantization = _quantization_config(quant, torch_device)
+    quantization = _quantization_config(quant, torch_dtype)
     kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": torch_device})
