@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
+from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 MAX_NEW = 12
 PROMPT = "Describe the picture."
@@ -63,3 +67,81 @@ def deep_folder(root: Path, levels: int = 22) -> Path:
     finally:
         os.close(fd)
     return root.joinpath(*["d" * 200] * levels, "deep.png")
+
+
+def positions(inputs) -> torch.Tensor:
+    """Positions as vacap numbers a left-padded batch: from 0 at each row's first real token."""
+    return (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
+
+def extended(inputs: dict, tokens: torch.Tensor) -> dict:
+    """The prepared inputs with the tokens # (B, n) appended to every row, as real tokens."""
+    ones = torch.ones(tokens.shape, dtype=inputs["attention_mask"].dtype)
+    return {
+        **inputs,
+        "input_ids": torch.cat([inputs["input_ids"], tokens], 1),
+        "attention_mask": torch.cat([inputs["attention_mask"], ones], 1),
+    }
+
+
+@torch.no_grad()
+def hf_states(hf, inputs):
+    """HF's own forward: ``hidden_states[l]`` is the input of decoder layer l, ``attentions[l]``
+    its eager attention probabilities # (B, H, T, T)."""
+    return hf(**inputs, position_ids=positions(inputs), output_attentions=True, output_hidden_states=True)
+
+
+@torch.no_grad()
+def hf_layer_qkv(hf, hidden: torch.Tensor, pos: torch.Tensor, layer: int):
+    """Queries, keys and values of decoder layer ``layer`` from its input ``hidden`` # (B, T, hidden),
+    through HF's modules and rotary function: q # (B, H, T, D), k and v # (B, Hkv, T, D)."""
+    lm = hf.model.language_model
+    block = lm.layers[layer]
+    h = block.input_layernorm(hidden)
+    B, T, _ = h.shape
+    D = block.self_attn.head_dim
+    q, k, v = (proj(h).view(B, T, -1, D).transpose(1, 2) for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj))
+    cos, sin = lm.rotary_emb(h, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def hf_layer_logits(hf, hidden: torch.Tensor, pos: torch.Tensor, layer: int) -> torch.Tensor:
+    """Raw attention logits s = q.k * scaling of every query and key # (B, H, T, T), no mask."""
+    q, k, _ = hf_layer_qkv(hf, hidden, pos, layer)
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    return (q @ k.transpose(2, 3)).float() * hf.model.language_model.layers[layer].self_attn.scaling
+
+
+def image_mass(attentions: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """v of the contract: attention each query gave to image slots, averaged over heads # (B, T)."""
+    return (attentions.float() * image[:, None, None, :]).sum(-1).mean(1)
+
+
+def numpy_dpc_knn(points: np.ndarray, n_clusters: int, k: int) -> tuple[list[int], list[int]]:
+    """The textbook algorithm, literally, with plain loops: rho = exp(.) and score = rho * dist,
+    distances divided by sqrt(D) (TCFormer's DPC-KNN, contract revision 2).
+
+    rho is a Decimal, whose exponent range holds exp(-1e4) that float64 would flush to 0."""
+    N, D = points.shape
+    if N <= n_clusters:
+        return list(range(N)), list(range(N))
+    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)) / math.sqrt(D)
+    k = max(1, min(k, N - 1))
+    rho = []
+    for i in range(N):
+        nearest = sorted(float(d[i, j]) for j in range(N) if j != i)[:k]
+        rho.append(Decimal(-sum(x * x for x in nearest) / k).exp())
+    order = sorted(range(N), key=lambda i: (-rho[i], i))
+    position = {i: r for r, i in enumerate(order)}
+    dist = []
+    for i in range(N):
+        denser = [d[i, j] for j in range(N) if position[j] < position[i]]
+        dist.append(min(denser) if denser else d.max())  # the densest: the largest distance of all
+    score = [rho[i] * Decimal(float(dist[i])) for i in range(N)]
+    centres = sorted(sorted(range(N), key=lambda i: (-score[i], i))[:n_clusters])
+    assign = [
+        centres.index(i) if i in centres else min(range(n_clusters), key=lambda c: (d[i, centres[c]], c))
+        for i in range(N)
+    ]
+    return assign, centres

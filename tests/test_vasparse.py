@@ -9,9 +9,9 @@ import math
 from decimal import Decimal
 from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
+from helpers import numpy_dpc_knn
 
 from vacap import vasparse as vs
 
@@ -329,35 +329,6 @@ def test_contrast_alpha_zero_is_z_theta_on_plausible():
 
 
 # 9. DPC-KNN --------------------------------------------------------------------------------------
-
-
-def numpy_dpc_knn(points: np.ndarray, n_clusters: int, k: int) -> tuple[list[int], list[int]]:
-    """The textbook algorithm, literally, with plain loops: rho = exp(.) and score = rho * dist,
-    distances divided by sqrt(D) (TCFormer's DPC-KNN, contract revision 2).
-
-    rho is a Decimal, whose exponent range holds exp(-1e4) that float64 would flush to 0."""
-    N, D = points.shape
-    if N <= n_clusters:
-        return list(range(N)), list(range(N))
-    d = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)) / math.sqrt(D)
-    k = max(1, min(k, N - 1))
-    rho = []
-    for i in range(N):
-        nearest = sorted(float(d[i, j]) for j in range(N) if j != i)[:k]
-        rho.append(Decimal(-sum(x * x for x in nearest) / k).exp())
-    order = sorted(range(N), key=lambda i: (-rho[i], i))
-    position = {i: r for r, i in enumerate(order)}
-    dist = []
-    for i in range(N):
-        denser = [d[i, j] for j in range(N) if position[j] < position[i]]
-        dist.append(min(denser) if denser else d.max())  # the densest: the largest distance of all
-    score = [rho[i] * Decimal(float(dist[i])) for i in range(N)]
-    centres = sorted(sorted(range(N), key=lambda i: (-score[i], i))[:n_clusters])
-    assign = [
-        centres.index(i) if i in centres else min(range(n_clusters), key=lambda c: (d[i, centres[c]], c))
-        for i in range(N)
-    ]
-    return assign, centres
 
 
 def blobs(seed: int) -> tuple[torch.Tensor, list[int]]:
