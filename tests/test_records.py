@@ -1,3 +1,4 @@
+import base64
 import json
 import logging
 import os
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 import vacap
-from vacap.records import RECORD_KEYS, RecordWriter, make_record, settings_key
+from vacap.records import RECORD_KEYS, NotRecords, OutputError, RecordWriter, make_record, scan, settings_key
 
 MODEL = "llava-hf/llava-1.5-7b-hf"
 PARAMS = {"method": "vasparse", "sparsity": 0.5, "max_new_tokens": 128}
@@ -149,19 +150,7 @@ def test_truncated_last_line_is_repaired(tmp_path, caplog):
     assert [r["path"] for r in read_lines(out)] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
 
 
-def test_invalid_last_line_with_newline_is_removed(tmp_path, caplog):
-    out = tmp_path / "out.jsonl"
-    first_run(out)
-    complete = out.read_bytes()
-    with open(out, "ab") as f:
-        f.write(b'{"path": "d.jpg", "sta\n')
-    with caplog.at_level(logging.WARNING, logger="vacap"), RecordWriter(out):
-        pass
-    assert out.read_bytes() == complete
-    assert "broken last line" in caplog.text
-
-
-def test_complete_last_record_missing_its_newline_is_kept(tmp_path):
+def test_complete_record_missing_only_its_newline_is_kept(tmp_path):
     out = tmp_path / "out.jsonl"
     first_run(out)
     out.write_bytes(out.read_bytes().rstrip(b"\n"))
@@ -173,38 +162,139 @@ def test_complete_last_record_missing_its_newline_is_kept(tmp_path):
     assert [r["path"] for r in read_lines(out)] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
 
 
-def test_garbage_middle_line_is_ignored_and_kept(tmp_path, caplog):
-    out = tmp_path / "out.jsonl"
-    good = json.dumps(record("a.jpg", sha256="aaa"))
-    other = json.dumps(record("c.jpg", sha256="ccc"))
-    content = f"{good}\nthis is not json\n[1, 2]\n\n{other}\n".encode()
-    out.write_bytes(content)
+# --- refusing what is not vacap's --------------------------------------------------------------
 
-    with caplog.at_level(logging.WARNING, logger="vacap"), RecordWriter(out) as writer:
-        assert writer.previously_done == 2
-        assert writer.is_done("c.jpg", "ccc", settings_key(MODEL, PARAMS))
-
-    assert out.read_bytes() == content  # user data is never rewritten
-    assert "line 2" in caplog.text and "line 3" in caplog.text
-    assert "line 4" not in caplog.text  # blank lines are not worth a warning
+GOOD = json.dumps(record("a.jpg", sha256="aaa"))
 
 
-def test_invalid_utf8_line_is_ignored(tmp_path):
-    out = tmp_path / "out.jsonl"
-    out.write_bytes(b"\xff\xfe garbage\n" + json.dumps(record()).encode() + b"\n")
-    with RecordWriter(out) as writer:
-        assert writer.previously_done == 1
-
-
-def test_overwrite_truncates(tmp_path):
-    out = tmp_path / "out.jsonl"
-    first_run(out)
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        # A complete line cannot be a torn write, even as the last line.
+        (f"{GOOD}\n" + '{"path": "d.jpg", "sta\n', "line 2 is not JSON"),
+        (f"{GOOD}\nthis is not json\n{GOOD}\n", "line 2 is not JSON"),
+        (f'{GOOD}\n[1, 2]\n', "line 2 is JSON but not a vacap record"),
+        ('{"name": "x", "status": "ok"}\n', "line 1 is JSON but not a vacap record"),
+        (b"\xff\xfe garbage\n" + GOOD.encode() + b"\n", "line 1 is not UTF-8 text"),
+        # A CSV whose last row has no newline: that row is not how a record line begins.
+        ("name,caption\na.jpg,a cat\nb.jpg,a dog", "line 1 is not JSON"),
+        (f"{GOOD}\nb.jpg,a dog", "line 2 is not JSON"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 40, "line 1 is not UTF-8 text"),
+    ],
+)
+def test_a_file_that_is_not_vacap_records_is_refused_untouched(tmp_path, content, where):
+    out = tmp_path / "mine.dat"
+    data = content if isinstance(content, bytes) else content.encode()
+    out.write_bytes(data)
+    for resume in (True, False):
+        with pytest.raises(OutputError, match="--overwrite") as refused:
+            RecordWriter(out, resume=resume)
+        assert where in str(refused.value)
+        assert str(out) in str(refused.value)
+        assert out.read_bytes() == data
+    # The refusal released the lock: the file can still be opened, here to be replaced.
     with RecordWriter(out, overwrite=True) as writer:
-        assert out.read_bytes() == b""
-        assert writer.previously_done == 0
-        assert not writer.is_done("a.jpg", "aaa", settings_key(MODEL, PARAMS))
         writer.write(record("z.jpg"))
     assert [r["path"] for r in read_lines(out)] == ["z.jpg"]
+
+
+@pytest.mark.parametrize("tail", [b'{"path": "d.j', b'{"pa', b"{"])
+def test_only_an_unterminated_line_that_begins_like_a_record_counts_as_torn(tail):
+    good = f"{GOOD}\n\n{GOOD}\n".encode()
+    records, intact = scan(good + tail)
+    assert len(records) == 2 and intact == len(good)
+    with pytest.raises(NotRecords, match="line 4"):
+        scan(good + tail + b"\n")
+    with pytest.raises(NotRecords, match="line 4"):
+        scan(good + b"x" + tail)
+    assert scan(b"") == ([], 0)
+    assert scan(good + b"  ") == (records, len(good)), "a blank unterminated tail is cut too"
+
+
+def test_overwrite_replaces_the_content_at_the_first_record(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first_run(out)
+    before = out.read_bytes()
+    with RecordWriter(out, overwrite=True) as writer:
+        assert writer.previously_done == 0
+        assert not writer.is_done("a.jpg", "aaa", settings_key(MODEL, PARAMS))
+        assert out.read_bytes() == before  # a run that stops before its first record loses nothing
+        writer.write(record("z.jpg"))
+        assert [r["path"] for r in read_lines(out)] == ["z.jpg"]
+    with RecordWriter(out, overwrite=True):
+        pass
+    assert [r["path"] for r in read_lines(out)] == ["z.jpg"]
+
+
+def test_replacing_checks_the_old_content_and_resumes_nothing(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first_run(out)
+    with open(out, "ab") as f:
+        f.write(b'{"path": "torn')
+    with RecordWriter(out, resume=False) as writer:
+        assert writer.previously_done == 0
+        writer.write(record("z.jpg"))
+    assert [r["path"] for r in read_lines(out)] == ["z.jpg"]
+
+
+def test_a_file_created_but_never_written_is_removed(tmp_path):
+    out = tmp_path / "sub" / "out.jsonl"
+    with RecordWriter(out):
+        assert out.exists()
+    assert not out.exists()
+    out.write_bytes(b"")
+    with RecordWriter(out):
+        pass
+    assert out.exists(), "a file that was there before stays"
+
+
+@pytest.mark.parametrize("make", ["directory", "parent is a file"])
+def test_unusable_output_paths_are_an_output_error(tmp_path, make):
+    if make == "directory":
+        out = tmp_path / "folder"
+        out.mkdir()
+    else:
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out.jsonl"
+    with pytest.raises(OutputError, match="cannot write to"):
+        RecordWriter(out)
+
+
+# --- names that are not UTF-8 ------------------------------------------------------------------
+
+RAW_NAME = b"caf\xe9 \xff.png"
+
+
+def test_a_name_that_is_not_utf8_gives_valid_json_and_its_bytes():
+    path = os.fsdecode(b"/pics/" + RAW_NAME)  # how os.listdir hands such a name to Python
+    rec = record(path, error="cannot read " + path, status="error")
+    line = json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    assert b"\\ud" not in line and b"\\xe9" in line  # no surrogate escapes, readable \xNN
+    back = json.loads(line)
+    assert back["path"] == "/pics/caf\\xe9 \\xff.png"
+    assert base64.b64decode(back["path_bytes"]) == b"/pics/" + RAW_NAME
+    assert os.fsdecode(base64.b64decode(back["path_bytes"])) == path
+    assert back["error"] == "cannot read /pics/caf\\xe9 \\xff.png"
+    assert list(back)[: len(RECORD_KEYS) + 1] == [*RECORD_KEYS, "path_bytes"]
+    assert "path_bytes" not in record("/pics/café.png")
+
+
+def test_resume_recognises_a_name_that_is_not_utf8(tmp_path):
+    out = tmp_path / "out.jsonl"
+    path = os.fsdecode(b"/pics/" + RAW_NAME)
+    # The prompt can hold such bytes too (from the command line); the key must still match.
+    params = {**PARAMS, "prompt": os.fsdecode(b"d\xe9cris")}
+    with RecordWriter(out) as writer:
+        writer.write(record(path, params=params))
+        # A name that reads the same but really has a backslash is another file.
+        writer.write(record("/pics/caf\\xe9 \\xff.png", sha256="bbb", params=params))
+    out.read_bytes().decode("utf-8")
+    key = settings_key(MODEL, params)
+    with RecordWriter(out) as writer:
+        assert writer.previously_done == 2
+        assert writer.is_done(path, "aaa", key)
+        assert not writer.is_done(path, "bbb", key)
+        assert writer.is_done("/pics/caf\\xe9 \\xff.png", "bbb", key)
 
 
 # --- stdout ----------------------------------------------------------------------------------

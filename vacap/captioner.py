@@ -18,8 +18,17 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from vacap.config import DEFAULT_MODEL, DecodeConfig
 from vacap.images import ImageError, LoadedImage, discover, load_image
-from vacap.model import DTYPE_NAMES, load_model
+from vacap.model import DTYPE_NAMES, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
+
+
+def record_params(config: DecodeConfig, *, dtype: str, device: str, quant: str) -> dict:
+    """The ``params`` of every record, and with the model name the resume key: the decode
+    settings, plus the dtype ``load_model`` resolves ``dtype`` to on ``device`` and the
+    quantization (both change the tokens). Needs no loaded model, so a resume can tell what
+    is done before loading one; the Captioner uses it too, so the two cannot disagree."""
+    resolved = resolve_dtype(dtype, resolve_device(device))
+    return {**config.as_params(), "dtype": DTYPE_NAMES[resolved], "quant": quant}
 
 
 @dataclass
@@ -46,13 +55,13 @@ class Captioner:
         self.config = DecodeConfig(**settings)
         self.batch_size = batch_size
         self.model = load_model(model, dtype=dtype, device=device, quant=quant)
-        self.model_name, self.quant = model, quant
+        self.model_name = model
+        self._precision = dict(dtype=dtype, device=device, quant=quant)
         self._settle()
 
     def _settle(self) -> None:
         self.config.check_layers(len(self.model.layers))
-        # dtype and quantization change the tokens, so they belong to the resume key.
-        self.params = {**self.config.as_params(), "dtype": DTYPE_NAMES[self.model.dtype], "quant": self.quant}
+        self.params = record_params(self.config, **self._precision)
         self.settings = settings_key(self.model_name, self.params)
 
     def with_settings(self, **changes) -> Captioner:

@@ -124,35 +124,110 @@ def caption(
         mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics,
     )  # fmt: skip
     try:
-        DecodeConfig(**settings)
+        config = DecodeConfig(**settings)
     except ValueError as exc:
         raise _usage(exc) from exc
     listing = _discover(paths, recursive)
+    images = listing.files
 
-    from vacap.progress import RunProgress
-    from vacap.records import RecordWriter
+    from rich.console import Console
 
-    progress = RunProgress(total=len(listing.files) + len(listing.problems))
-    captioner = _captioner(
-        progress.console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, **settings
-    )
-    with RecordWriter(output, overwrite=overwrite) as writer, progress:
-        for path, reason in listing.problems:
-            record = captioner.error_record(str(path), reason)
-            writer.write(record)
-            progress.record(record)
+    from vacap.records import make_record, settings_key
 
-        def skip(path: str, sha256: str, settings_key: str) -> bool:
-            done = writer.is_done(path, sha256, settings_key)
-            if done:
-                progress.skipped()
-            return done
+    console = Console(stderr=True)
+    with _open_output(console, output, overwrite=overwrite, resume=True) as writer:
+        if not images and not listing.problems:
+            console.print("no images to caption")
+            raise typer.Exit(0)
+        params = _record_params(console, config, dtype=dtype, device=device, quant=quant)
+        problems = [
+            make_record(path=path, status="error", error=reason, model=model, method=config.method, params=params)
+            for path, reason in listing.problems
+        ]
+        todo = _still_to_do(images, writer, settings_key(model, params))
+        if not todo and not problems:
+            console.print(f"all {len(images)} images already captioned with these settings")
+            raise typer.Exit(0)
 
-        for record in captioner.records((str(p) for p in listing.files), skip=skip):
-            writer.write(record)
-            progress.record(record)
-    progress.console.print(progress.summary())
+        from vacap.progress import RunProgress
+
+        progress = RunProgress(total=len(images) + len(problems), console=console)
+        progress.skipped(len(images) - len(todo))
+        records = iter(problems)
+        if todo:  # folders that could not be listed alone need no model
+            captioner = _captioner(
+                console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, **settings
+            )
+
+            def skip(path: str, sha256: str, settings_key: str) -> bool:
+                done = writer.is_done(path, sha256, settings_key)
+                if done:
+                    progress.skipped()
+                return done
+
+            records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
+        with progress:
+            _write_records(console, writer, progress, records)
+    progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
+
+
+def _open_output(console, output: Optional[Path], **mode):
+    """The output opened, locked and checked, before any model loads; any problem exits 2."""
+    from vacap.records import OutputError, RecordWriter
+
+    try:
+        return RecordWriter(output, **mode)
+    except OutputError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _record_params(console, config: DecodeConfig, **precision) -> dict:
+    """The records' params (and so the resume key), worked out as the Captioner will, without
+    loading the model."""
+    from vacap.captioner import record_params
+    from vacap.model import ModelLoadError
+
+    try:
+        return record_params(config, **precision)
+    except ModelLoadError as exc:  # --device cuda without CUDA
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _still_to_do(images: List[Path], writer, key: str) -> list[Path]:
+    """The images without an ok record for their current bytes under these settings.
+
+    Only an image whose path has such a record is hashed; the rest are read once, when captioned.
+    """
+    from vacap.images import ImageError, file_sha256
+
+    todo = []
+    for image in images:
+        hashes = writer.done_hashes(str(image), key)
+        if hashes:
+            try:
+                if file_sha256(image) in hashes:
+                    continue
+            except ImageError:
+                pass  # captioning it will say what is wrong, as an error record
+        todo.append(image)
+    return todo
+
+
+def _write_records(console, writer, progress, records) -> None:
+    """Write and count each record; an output that fails mid-run ends the run with exit 1."""
+    from vacap.records import OutputError
+
+    try:
+        for record in records:
+            writer.write(record)
+            progress.record(record)
+    except OutputError as exc:
+        kept = "; the records written before are kept, and a new run continues from them" if writer.resumable else ""
+        console.print(f"error: {exc}{kept}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -172,6 +247,9 @@ def compare(
     quant: Quant = "none",
     recursive: Recursive = True,
     diagnostics: Annotated[Literal["summary", "tokens"], typer.Option(help="Attention statistics kept.")] = "summary",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the output file even if it holds something other than vacap records.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
 ) -> None:
     """Run several methods and settings on the same images: one JSONL, and a table on stderr."""
@@ -192,26 +270,37 @@ def compare(
     listing = _discover(paths, recursive)
     images = [str(p) for p in listing.files]
 
-    from vacap.progress import RunProgress
-    from vacap.records import RecordWriter
+    from rich.console import Console
 
-    progress = RunProgress(total=(len(images) + len(listing.problems)) * len(grid))
-    base = _captioner(
-        progress.console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
-        prompt=prompt, max_new_tokens=max_new_tokens, diagnostics=diagnostics,
-    )  # fmt: skip
-    written: list[dict] = []
-    with RecordWriter(output, overwrite=True) as writer, progress:
-        for label, settings in grid.items():
-            captioner = base.with_settings(**settings)
-            problems = (captioner.error_record(str(path), reason) for path, reason in listing.problems)
-            for record in itertools.chain(problems, captioner.records(images)):
-                record["setting"] = label
-                writer.write(record)
-                progress.record(record)
-                written.append(record)
-    progress.console.print(summary_table(written, list(grid)))
-    progress.console.print(progress.summary())
+    from vacap.progress import RunProgress
+
+    console = Console(stderr=True)
+    # compare replaces its output each time, so it resumes nothing; it still refuses a file
+    # that is not vacap records (or is being written by another run) before the model loads.
+    with _open_output(console, output, overwrite=overwrite, resume=False) as writer:
+        if not images and not listing.problems:
+            console.print("no images to compare")
+            raise typer.Exit(0)
+        progress = RunProgress(total=(len(images) + len(listing.problems)) * len(grid), console=console)
+        base = _captioner(
+            console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
+            prompt=prompt, max_new_tokens=max_new_tokens, diagnostics=diagnostics,
+        )  # fmt: skip
+        written: list[dict] = []
+
+        def labelled():
+            for label, settings in grid.items():
+                captioner = base.with_settings(**settings)
+                problems = (captioner.error_record(str(path), reason) for path, reason in listing.problems)
+                for record in itertools.chain(problems, captioner.records(images)):
+                    record["setting"] = label
+                    written.append(record)
+                    yield record
+
+        with progress:
+            _write_records(console, writer, progress, labelled())
+    console.print(summary_table(written, list(grid)))
+    progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
 
 
