@@ -54,7 +54,15 @@ def main() -> None:
 
 
 def _setup(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vacap: %(message)s")
+    """vacap's own log lines on stderr. Only on the `vacap` logger: libraries such as
+    huggingface_hub print through handlers of their own, and a root handler printed each of
+    their lines a second time."""
+    logger = logging.getLogger("vacap")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("vacap: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _usage(exc: Exception) -> typer.BadParameter:
@@ -81,7 +89,7 @@ def _captioner(console, **arguments):
         return Captioner(**arguments)
     except (ModelLoadError, ValueError) as exc:
         # Text, not markup: messages contain brackets such as vacap[quant].
-        console.print(Text.assemble(("error: ", "red"), str(exc)))
+        console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         raise typer.Exit(2) from exc
 
 
