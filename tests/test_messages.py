@@ -130,3 +130,19 @@ def test_unreachable_hub_still_loads_a_cached_model(tmp_path, tiny_model, closed
     out, _ = run_clean(args, env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert '"status": "ok"' in out.stdout and "Retrying" not in out.stderr
+
+
+# -- --version ------------------------------------------------------------------------------------
+
+
+def test_version_prints_the_installed_version_without_torch():
+    from importlib.metadata import version
+
+    out = vacap("--version", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"vacap {version('vacap')}\n"
+    probe = (
+        "import sys\nfrom vacap.cli import app\ntry:\n    app(['--version'])\nexcept SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0

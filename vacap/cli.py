@@ -48,8 +48,20 @@ Diagnostics = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vacap import __version__
+
+        typer.echo(f"vacap {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """vacap: batch image captioning with hallucination-aware decoding."""
 
 
