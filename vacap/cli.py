@@ -243,7 +243,7 @@ def show(
     except (OSError, ValueError) as exc:
         raise _usage(exc) from exc
     for record in matches:
-        console.print(view.render(record))
+        console.print(view.render(record, console.color_system))
     if heatmap is not None:
         try:
             view.write_heatmap(matches[-1], heatmap, token)
