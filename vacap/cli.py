@@ -319,7 +319,12 @@ def eval_pope(
     quant: Quant = "none",
     as_json: JsonFlag = False,
 ) -> None:
-    """POPE: ask "Is there a {object} in the image?" for present and absent objects; score yes/no."""
+    """POPE: ask "Is there a {object} in the image?" for present and absent objects; score yes/no.
+
+    Each image annotated with at least 3 classes gets 3 questions about objects it holds and 3
+    about objects it lacks; images with fewer classes are left out. An answer whose first
+    sentence says neither yes nor no is counted as unanswered and left out of the scores.
+    """
     import json
 
     from rich.console import Console
@@ -364,10 +369,25 @@ def eval_pope(
         raise typer.Exit(1)
     label = method if method != "vasparse" else f"vasparse sparsity={sparsity:g}"
     metrics = pope.score(asked, answers)
-    columns = ["accuracy", "precision", "recall", "f1", "yes_ratio", "n"]
+    if not metrics["n"]:
+        example = next((answer for answer in answers if answer.strip()), "")
+        console.print(
+            f"error: none of the {len(asked)} answers says yes or no, so there is nothing to score "
+            f"(one answer: {example!r}); a model that is not trained to answer questions cannot be "
+            "scored by POPE",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    columns = ["accuracy", "precision", "recall", "f1", "yes_ratio", "n", "unanswered"]
     _print_report(f"POPE ({split})", {label: metrics}, columns, as_json, {"split": split, "missing": missing})
+    if metrics["unanswered"]:
+        console.print(
+            f"{metrics['unanswered']} of {len(asked)} answers say neither yes nor no: counted as unanswered "
+            "and left out of the scores",
+            markup=False,
+        )
     if missing:
-        console.print(f"{missing} questions skipped: their images are missing or unreadable")
+        console.print(f"{missing} questions skipped: their images are missing or unreadable", markup=False)
 
 
 @eval_app.command("shapes")
