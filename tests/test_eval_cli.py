@@ -100,3 +100,27 @@ def test_eval_pope_names_the_three_class_rule(tmp_path):
     assert out.returncode == 2
     assert "no image in the instances file has at least 3 annotated classes" in out.stderr
     assert "readable" not in out.stderr
+
+
+def test_eval_chair_with_no_matching_record_exits_1_saying_why(coco, tmp_path):
+    instances, _ = coco
+    records = [
+        {"path": f"photos/holiday_{i}.jpg", "status": "ok", "caption": "A dog.", "method": "greedy", "params": {}}
+        for i in range(4)
+    ]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = vacap("eval", "chair", captions, "--instances", instances)
+    assert out.returncode == 1
+    assert "none of the 4 ok records matches an image" in out.stderr
+    assert "COCO_val2014_000000123456.jpg" in out.stderr and "holiday_0.jpg" in out.stderr
+    assert out.stdout == ""
+    # Matched ids that are not in the annotations are no better.
+    unknown = [{**records[0], "path": f"x/{file_name(77)}"}]
+    captions.write_text(json.dumps(unknown[0]) + "\n")
+    out = vacap("eval", "chair", captions, "--instances", instances, "--json")
+    assert out.returncode == 1 and "none of the 1 ok records matches" in out.stderr
+    failed = [{**records[0], "status": "error", "caption": None}]
+    captions.write_text(json.dumps(failed[0]) + "\n")
+    out = vacap("eval", "chair", captions, "--instances", instances)
+    assert out.returncode == 1 and "none of the 1 records is ok" in out.stderr

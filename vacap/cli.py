@@ -270,6 +270,20 @@ def _print_report(title: str, rows: dict, columns: list[str], as_json: bool, ext
         Console().print(metrics_table(title, rows, columns))
 
 
+def _nothing_to_score(records: list[dict], result: dict, instances: Path) -> str:
+    """Why CHAIR scored no record, with what the user can check."""
+    if not records:
+        return "the records file holds no record"
+    if not result["unmatched"]:
+        return f"none of the {len(records)} records is ok (status other than ok), so no caption is scored"
+    names = [Path(str(r.get("path"))).name for r in records if r.get("status") == "ok"]
+    return (
+        f"none of the {result['unmatched']} ok records matches an image of {instances}: CHAIR finds an "
+        "image by its COCO id, from an image_id field or a file name such as COCO_val2014_000000123456.jpg "
+        f"or 000000123456.jpg, and these records' files are named like {', '.join(names[:3])}"
+    )
+
+
 @eval_app.command("chair")
 def eval_chair(
     captions_jsonl: Annotated[Path, typer.Argument(help="Records written by vacap caption or compare.")],
@@ -290,6 +304,9 @@ def eval_chair(
     except (OSError, ValueError, KeyError) as exc:
         raise _usage(exc) from exc
     result = chair.evaluate(records, per_image=per_image is not None)
+    if not result["overall"]["n"]:
+        typer.echo(f"error: {_nothing_to_score(records, result, instances)}", err=True)
+        raise typer.Exit(1)
     if per_image is not None:
         with open(per_image, "w", encoding="utf-8") as f:
             for entry in result["per_image"]:
