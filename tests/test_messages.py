@@ -146,3 +146,28 @@ def test_version_prints_the_installed_version_without_torch():
         "    assert exit.code == 0, exit.code\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+# -- tables in 80 columns -------------------------------------------------------------------------
+
+
+def test_compare_table_shows_sweep_labels_whole_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from vacap.compare import settings_grid, summary_table
+
+    grid = settings_grid(["greedy", "vasparse", "vcd"], [0.35, 0.7], [0.15, 1.0], ablation=True)
+    records = [
+        {"setting": label, "path": "a.png", "status": "ok", "caption": "a red heart.", "tokens": 5, "seconds": 0.5,
+         "diagnostics": {"image_attention": 0.4}}
+        for label in grid
+    ]  # fmt: skip
+    console = Console(file=io.StringIO(), width=80)
+    console.print(summary_table(records, list(grid)))
+    lines = console.file.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = [line for line in lines if line.startswith(("greedy", "vasparse", "vcd"))]
+    assert [row.split("  ")[0] for row in rows] == list(grid)
+    assert "…" not in console.file.getvalue()

@@ -256,8 +256,10 @@ def show(
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
 
 
-def _print_report(title: str, rows: dict, columns: list[str], as_json: bool, extra: dict | None = None) -> None:
-    """Results are the command's data: stdout, as a table or JSON."""
+def _print_report(
+    title: str, rows: dict, columns: list[str], as_json: bool, extra: dict | None = None, **table
+) -> None:
+    """Results are the command's data: stdout, as a table or JSON (``table``: headers, formats)."""
     import json
 
     from rich.console import Console
@@ -267,7 +269,7 @@ def _print_report(title: str, rows: dict, columns: list[str], as_json: bool, ext
     if as_json:
         typer.echo(json.dumps({**(extra or {}), "results": rows}, indent=2))
     else:
-        Console().print(metrics_table(title, rows, columns))
+        Console().print(metrics_table(title, rows, columns, **table))
 
 
 def _nothing_to_score(records: list[dict], result: dict, instances: Path) -> str:
@@ -413,7 +415,10 @@ def eval_shapes(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
     sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
-    ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Add VASparse with each mechanism alone.")] = True,
+    ablation: Annotated[
+        Optional[bool],
+        typer.Option("--ablation/--no-ablation", help="Add VASparse with each mechanism alone [default: with vasparse]."),
+    ] = None,
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the generated test scenes.")] = 1234,
     batch_size: Batch = 8,
@@ -421,24 +426,33 @@ def eval_shapes(
     device: Device = "auto",
     as_json: JsonFlag = False,
 ) -> None:
-    """CHAIR-style hallucination figures on generated shapes scenes with known ground truth."""
+    """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
+
+    --sparsity, --alpha and --ablation add VASparse runs, so they need vasparse in --methods;
+    the ablation rows are on by default when it is there.
+    """
     from vacap.compare import parse_list, settings_grid
     from vacap.evaluate.shapes import run_benchmark
     from vacap.model import ModelLoadError
 
     try:
+        chosen = parse_list(methods, str, "--methods")
         grid = settings_grid(
-            parse_list(methods, str, "--methods"),
+            chosen,
             parse_list(sparsity, float, "--sparsity") if sparsity else None,
             parse_list(alpha, float, "--alpha") if alpha else None,
-            ablation,
+            "vasparse" in chosen if ablation is None else ablation,
         )
         rows = run_benchmark(model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device)
     except (ValueError, ModelLoadError) as exc:
         raise _usage(exc) from exc
     table = {row["setting"]: {k: v for k, v in row.items() if k not in ("setting", "texts")} for row in rows}
     columns = ["CHAIR_s", "CHAIR_i", "recall", "mean_length", "tokens_per_s", "errors"]
-    _print_report(f"shapes benchmark: {scenes} test scenes, seed {seed}", table, columns, as_json, {"model": model})
+    _print_report(
+        f"shapes benchmark: {scenes} test scenes, seed {seed}", table, columns, as_json, {"model": model},
+        headers={"mean_length": "words", "tokens_per_s": "tok/s", "errors": "err"},
+        formats={"CHAIR_s": ".3f", "CHAIR_i": ".3f", "recall": ".3f", "mean_length": ".1f", "tokens_per_s": ".1f"},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
