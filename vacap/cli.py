@@ -384,7 +384,9 @@ def eval_pope(
                 entry = {**question.__dict__, "answer": answer, "parsed": pope.parse_answer(answer)}
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     if not asked:
-        console.print(f"error: none of the {len(questions)} questions' images were readable under {images}")
+        console.print(
+            f"error: none of the {len(questions)} questions' images were readable under {images}", markup=False
+        )
         raise typer.Exit(1)
     label = method if method != "vasparse" else f"vasparse sparsity={sparsity:g}"
     metrics = pope.score(asked, answers)
@@ -417,7 +419,9 @@ def eval_shapes(
     alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
     ablation: Annotated[
         Optional[bool],
-        typer.Option("--ablation/--no-ablation", help="Add VASparse with each mechanism alone [default: with vasparse]."),
+        typer.Option(
+            "--ablation/--no-ablation", help="Add VASparse with each mechanism alone [default: with vasparse]."
+        ),
     ] = None,
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the generated test scenes.")] = 1234,

@@ -47,7 +47,8 @@ def settings_grid(
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if "vasparse" not in methods:
-        given = [flag for flag, value in (("--sparsity", sparsities), ("--alpha", alphas), ("--ablation", ablation)) if value]
+        flags = (("--sparsity", sparsities), ("--alpha", alphas), ("--ablation", ablation))
+        given = [flag for flag, value in flags if value]
         if given:
             raise ValueError(
                 f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} VASparse runs, but vasparse is not "

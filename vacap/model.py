@@ -212,7 +212,9 @@ def _source(name: str) -> tuple[str, bool]:
         try:
             validate_repo_id(name)
         except ValueError as exc:
-            raise ModelLoadError(f"{name!r} is neither a folder nor a Hugging Face id ({exc}); give {MODEL_CHOICES}") from exc
+            raise ModelLoadError(
+                f"{name!r} is neither a folder nor a Hugging Face id ({exc}); give {MODEL_CHOICES}"
+            ) from exc
         return name, True
     if not path.exists():
         raise ModelLoadError(f"no such model folder: {name}; give {MODEL_CHOICES}")
