@@ -53,10 +53,12 @@ def test_token_diagnostics_match_hf_eager_attentions(tiny_model, arch):
         logprob = out.logits[0, T - 1 + i].float().log_softmax(-1)[generated[i]]
         assert entry["logprob"] == pytest.approx(float(logprob), abs=2e-4)
         assert entry["contrast_changed"] is False
-        assert entry["token"] == captioner.model.tokenizer.decode([generated[i]])
+        text_so_far = captioner.model.tokenizer.decode(generated[: i + 1], skip_special_tokens=True)
+        assert text_so_far.strip().endswith("".join(e["token"] for e in details[: i + 1]).strip())
         grid = decode_grid(entry["patch_attention"], record["diagnostics"]["grid"])
         best = int(grid.flatten().argmax())
         assert [best // grid.shape[0], best % grid.shape[0]] in entry["top_patches"]
+    assert "".join(e["token"] for e in details) == record["caption"]
     summary = record["diagnostics"]
     mean_share = sum(e["image_attention"] for e in details) / len(details)
     assert summary["image_attention"] == pytest.approx(mean_share, abs=1e-3)
@@ -88,7 +90,8 @@ def test_show_and_heatmap(tiny_model, tmp_path):
     heat = tmp_path / "heat.png"
     shown = vacap("show", records, "--image", "house.jpg", "--heatmap", heat, "--token", "1")
     assert shown.returncode == 0, shown.stderr
-    assert "".join(e["token"] for e in record["token_diagnostics"]) in shown.stdout
+    assert "".join(e["token"] for e in record["token_diagnostics"]) == record["caption"]
+    assert record["caption"] in shown.stdout
     original = load_image(IMAGE).image
     with Image.open(heat) as picture:
         assert picture.format == "PNG" and picture.size == original.size
@@ -120,3 +123,65 @@ def test_compare_writes_every_setting_and_a_table(tiny_model, tmp_path):
     greedy = {r["path"]: r["caption"] for r in records if r["setting"] == "greedy"}
     assert {r["path"]: r["caption"] for r in map(json.loads, alone.stdout.splitlines())} == greedy
     assert vacap("compare", IMAGE, "--methods", "greedy,beam").returncode == 2
+
+
+def test_token_texts_keep_the_spaces_between_words(tiny_model):
+    """SentencePiece marks a word's leading space on its first token; decoded alone it is lost."""
+    from transformers import AutoTokenizer
+
+    from vacap.diagnostics import token_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("llava-llama"))
+    sentence = "a red heart and a yellow ring at the bottom."
+    ids = tokenizer(sentence, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    texts = token_texts(tokenizer, ids)
+    assert len(texts) == len(ids) and texts[-1] == ""
+    assert "".join(texts) == sentence
+    assert any(text.startswith(" ") for text in texts)
+
+
+def test_show_prints_the_words_with_their_spaces(tmp_path):
+    """The demo model writes real words: `vacap show` must print them as the caption has them."""
+    records = tmp_path / "records.jsonl"
+    scene = SAMPLES / "scene_2.png"
+    out = vacap("caption", scene, "--model", "demo", "--dtype", "fp32", "--method", "greedy",
+                "--max-new-tokens", "8", "--diagnostics", "tokens", "-o", records)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    record = json.loads(records.read_text())
+    assert record["caption"].count(" ") >= 3
+    assert "".join(e["token"] for e in record["token_diagnostics"]) == record["caption"]
+    shown = vacap("show", records, "--image", scene.name)
+    assert shown.returncode == 0, shown.stderr
+    assert record["caption"] in shown.stdout
+
+
+def _backgrounds(record: dict, color_system: str) -> dict[str, str]:
+    """Token text -> the SGR codes it is printed with on a terminal of ``color_system``."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from vacap.show import render
+
+    console = Console(file=io.StringIO(), color_system=color_system, force_terminal=True, width=200)
+    console.print(render(record, console.color_system))
+    tokens = {e["token"] for e in record["token_diagnostics"]}
+    found = re.findall(r"\x1b\[([0-9;]+)m([^\x1b]+)", console.file.getvalue())
+    return {text: codes for codes, text in found if text in tokens}
+
+
+@pytest.mark.parametrize("color_system, distinct", [("truecolor", 5), ("256", 5), ("standard", 4)])
+def test_show_shades_differ_without_true_colour(color_system, distinct):
+    # High, close shares, as a small model gives them: on a plain grey-to-red gradient they all
+    # came out the same red on 8-colour terminals and in two reds on 256-colour ones.
+    shares = [0.80, 0.84, 0.88, 0.92, 0.96]
+    record = {
+        "path": "a.png", "status": "ok", "method": "greedy", "caption": "w0 w1 w2 w3 w4",
+        "token_diagnostics": [{"token": f" w{i}" if i else "w0", "image_attention": s} for i, s in enumerate(shares)],
+        "diagnostics": {"image_attention": 0.88},
+    }  # fmt: skip
+    shades = _backgrounds(record, color_system)
+    assert len(shades) == len(shares)
+    assert len(set(shades.values())) >= distinct
+    assert shades["w0"] != shades[" w4"]

@@ -71,19 +71,56 @@ def test_eval_chair_reports_per_method(coco, tmp_path):
     assert vacap("eval", "chair", captions, "--instances", tmp_path / "missing.json").returncode == 2
 
 
-def test_eval_pope_asks_and_scores(coco, tmp_path, tiny_model):
+def test_eval_pope_counts_answers_without_yes_or_no_as_unanswered(coco, tmp_path, tiny_model):
+    """A model that does not answer the question (random weights here, the shapes demo model for a
+    user) has nothing to score: exit 1 saying so, instead of reading every answer as "yes"."""
     instances, folder = coco
     answers = tmp_path / "answers.jsonl"
     out = vacap("eval", "pope", folder, "--instances", instances, "--split", "popular", "--model",
                 tiny_model("llava-llama"), "--method", "greedy", "--max-new-tokens", "6", "-o", answers, "--json")  # fmt: skip
-    assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(rows) == 6 * len(TRUTH) and {r["label"] for r in rows} == {"yes", "no"}
-    # The score is recomputed here from the answers file.
-    tp = sum(r["label"] == "yes" and r["parsed"] == "yes" for r in rows)
-    tn = sum(r["label"] == "no" and r["parsed"] == "no" for r in rows)
-    result = json.loads(out.stdout)["results"]["greedy"]
-    assert result["accuracy"] == pytest.approx((tp + tn) / len(rows))
-    assert result["yes_ratio"] == pytest.approx(sum(r["parsed"] == "yes" for r in rows) / len(rows))
+    assert all(r["parsed"] is None for r in rows), "random weights say neither yes nor no"
+    assert out.returncode == 1, out.stderr
+    assert f"none of the {len(rows)} answers says yes or no" in out.stderr
+    assert out.stdout == ""
     bad = vacap("eval", "pope", folder, "--instances", instances, "--split", "sideways")
     assert bad.returncode == 2 and "sideways" in bad.stderr
+
+
+def test_eval_pope_names_the_three_class_rule(tmp_path):
+    two_classes = {
+        "images": [{"id": 1, "file_name": file_name(1)}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1}, {"id": 2, "image_id": 1, "category_id": 2}],
+        "categories": CATEGORIES,
+    }
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps(two_classes))
+    out = vacap("eval", "pope", tmp_path, "--instances", instances, "--model", "demo")
+    assert out.returncode == 2
+    assert "no image in the instances file has at least 3 annotated classes" in out.stderr
+    assert "readable" not in out.stderr
+
+
+def test_eval_chair_with_no_matching_record_exits_1_saying_why(coco, tmp_path):
+    instances, _ = coco
+    records = [
+        {"path": f"photos/holiday_{i}.jpg", "status": "ok", "caption": "A dog.", "method": "greedy", "params": {}}
+        for i in range(4)
+    ]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = vacap("eval", "chair", captions, "--instances", instances)
+    assert out.returncode == 1
+    assert "none of the 4 ok records matches an image" in out.stderr
+    assert "COCO_val2014_000000123456.jpg" in out.stderr and "holiday_0.jpg" in out.stderr
+    assert out.stdout == ""
+    # Matched ids that are not in the annotations are no better.
+    unknown = [{**records[0], "path": f"x/{file_name(77)}"}]
+    captions.write_text(json.dumps(unknown[0]) + "\n")
+    out = vacap("eval", "chair", captions, "--instances", instances, "--json")
+    assert out.returncode == 1 and "none of the 1 ok records matches" in out.stderr
+    failed = [{**records[0], "status": "error", "caption": None}]
+    captions.write_text(json.dumps(failed[0]) + "\n")
+    out = vacap("eval", "chair", captions, "--instances", instances)
+    assert out.returncode == 1 and "none of the 1 records is ok" in out.stderr

@@ -67,13 +67,18 @@ def by_image(questions):
 
 
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
-@pytest.mark.parametrize("per_image, eligible", [(1, 17), (2, 9), (3, 0)])
+@pytest.mark.parametrize("per_image, eligible", [(1, 17), (2, 9)])
 def test_counts_per_eligible_image(instances, split, per_image, eligible):
     questions = build_questions(instances, split, per_image=per_image)
     grouped = by_image(questions)
     assert len(grouped) == eligible
     for qs in grouped.values():
         assert [q.label for q in qs] == ["yes", "no"] * per_image
+
+
+def test_no_eligible_image_says_why(instances):
+    with pytest.raises(ValueError, match="no image in the instances file has at least 3 annotated classes"):
+        build_questions(instances, "random", per_image=3)
 
 
 @pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
@@ -158,7 +163,7 @@ def test_unknown_split(instances):
         ("YES!", "yes"),
         ("Yes, there is a dog in the image.", "yes"),
         ("Yes, I know.", "yes"),  # "know" is not "no"
-        ("There is a dog sitting on a couch.", "yes"),
+        ("There is a dog sitting on a couch.", None),  # says neither: unanswered
         ("No", "no"),
         ("No.", "no"),
         ("NO!", "no"),
@@ -169,9 +174,11 @@ def test_unknown_split(instances):
         ("There isn't a dog.", "no"),
         ("The image does not contain a dog.", "no"),
         ("Yes. There is no cat, though.", "yes"),  # only the first sentence counts
-        ("I see a dog! No cat.", "yes"),
-        ("Nothing suggests otherwise", "yes"),
-        ("", "yes"),
+        ("I see a dog! No cat.", None),
+        ("Nothing suggests otherwise", None),
+        ("Eyes and yesterday", None),  # words, not letters
+        ("two objects: a red heart at the top and a yellow ring.", None),
+        ("", None),
     ],
 )
 def test_parse_answer(text, expected):
@@ -184,7 +191,7 @@ def test_score_on_a_hand_worked_confusion_matrix():
     questions = [Question(1, "x.jpg", "dog", label, text) for label in labels]
     answers = [
         "Yes", "Yes, there is.", "yes", "No.",  # TP 3, FN 1
-        "Yes", "There is a dog.", "No", "There is no dog.", "no", "Not at all.",  # FP 2, TN 4
+        "Yes", "Yes, a dog.", "No", "There is no dog.", "no", "Not at all.",  # FP 2, TN 4
     ]
     result = score(questions, answers)
     assert (result["tp"], result["fn"], result["fp"], result["tn"]) == (3, 1, 2, 4)
@@ -193,7 +200,24 @@ def test_score_on_a_hand_worked_confusion_matrix():
     assert result["recall"] == 3 / 4
     assert result["f1"] == pytest.approx(2 / 3)  # 2 * 0.6 * 0.75 / 1.35
     assert result["yes_ratio"] == 5 / 10
-    assert result["n"] == 10
+    assert result["n"] == 10 and result["unanswered"] == 0
+
+
+def test_unanswered_questions_are_left_out_of_every_rate():
+    labels = ["yes"] * 4 + ["no"] * 6
+    text = "Is there a dog in the image?"
+    questions = [Question(1, "x.jpg", "dog", label, text) for label in labels]
+    unanswered = "two objects: a red heart and a yellow ring."
+    answers = [
+        "Yes", unanswered, "yes", "No.",  # TP 2, FN 1, one unanswered
+        unanswered, "Yes", "", "No", "no", unanswered,  # FP 1, TN 2, three unanswered
+    ]
+    result = score(questions, answers)
+    assert result["unanswered"] == 4 and result["n"] == 6
+    assert (result["tp"], result["fn"], result["fp"], result["tn"]) == (2, 1, 1, 2)
+    assert result["accuracy"] == 4 / 6
+    assert result["yes_ratio"] == 3 / 6
+    assert result["precision"] == 2 / 3 and result["recall"] == 2 / 3
 
 
 def test_score_needs_one_answer_per_question():

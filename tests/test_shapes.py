@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -236,3 +240,53 @@ def test_format_table():
     lines = table.strip().splitlines()
     assert lines[0].startswith("| setting |") and len(lines) == 3
     assert "| greedy | greedy | 0.0 | 0.0 | 33.3 |" in lines[2] and lines[2].endswith("| 12.5 |")
+
+
+# --- `vacap eval shapes` and the settings grid it shares with `vacap compare` ------------------
+
+
+def _vacap(*args, columns: int = 250):
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run([sys.executable, "-m", "vacap.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+
+
+def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
+    from vacap.compare import MECHANISMS_ALONE, settings_grid
+
+    for kwargs, flags in [
+        (dict(sparsities=[0.3]), "--sparsity"),
+        (dict(alphas=[0.5]), "--alpha"),
+        (dict(ablation=True), "--ablation"),
+        (dict(sparsities=[0.3], alphas=[0.5]), "--sparsity and --alpha"),
+    ]:
+        with pytest.raises(ValueError, match=f"{flags} sets? VASparse runs, but vasparse is not among --methods"):
+            settings_grid(["greedy", "fastv"], **kwargs)
+    assert list(settings_grid(["greedy"])) == ["greedy"]
+    grid = settings_grid(["greedy", "vasparse"], [0.3, 0.7], ablation=True)
+    assert list(grid) == ["greedy", "vasparse sparsity=0.3", "vasparse sparsity=0.7", *MECHANISMS_ALONE]
+
+
+@pytest.mark.parametrize("command", [["eval", "shapes"], ["compare", "sample_images/house.jpg"]])
+@pytest.mark.parametrize("flags", [["--sparsity", "0.3"], ["--alpha", "0.5"], ["--ablation"]])
+def test_vasparse_flags_without_vasparse_are_usage_errors(command, flags):
+    out = _vacap(*command, "--methods", "greedy", *flags)
+    assert out.returncode == 2
+    assert "vasparse is not among --methods" in out.stderr and flags[0] in out.stderr
+
+
+def test_eval_shapes_table_fits_80_columns_and_runs_only_what_was_asked():
+    sweep = _vacap("eval", "shapes", "-n", "1", "--methods", "greedy,vasparse", "--sparsity", "0.35,0.7",
+                   "--alpha", "0.15,1", "--dtype", "fp32", columns=80)  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr
+    lines = sweep.stdout.splitlines()
+    labels = ["greedy", "vasparse sparsity=0.35 alpha=0.15", "vasparse sparsity=0.35 alpha=1",
+              "vasparse sparsity=0.7 alpha=0.15", "vasparse sparsity=0.7 alpha=1",
+              "vasparse selection only", "vasparse sink only", "vasparse contrast only"]  # fmt: skip
+    rows = [line for line in lines if line.startswith(("greedy", "vasparse"))]
+    assert [row.split("  ")[0] for row in rows] == labels  # each label whole, then the numbers
+    assert max(map(len, lines)) <= 80
+    assert "…" not in sweep.stdout
+    greedy = _vacap("eval", "shapes", "-n", "1", "--methods", "greedy", "--dtype", "fp32", "--json")
+    assert greedy.returncode == 0, greedy.stderr
+    assert list(json.loads(greedy.stdout)["results"]) == ["greedy"]

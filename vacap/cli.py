@@ -49,13 +49,33 @@ Diagnostics = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vacap import __version__
+
+        typer.echo(f"vacap {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """vacap: batch image captioning with hallucination-aware decoding."""
 
 
 def _setup(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vacap: %(message)s")
+    """vacap's own log lines on stderr. Only on the `vacap` logger: libraries such as
+    huggingface_hub print through handlers of their own, and a root handler printed each of
+    their lines a second time."""
+    logger = logging.getLogger("vacap")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("vacap: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _usage(exc: Exception) -> typer.BadParameter:
@@ -83,7 +103,7 @@ def _captioner(console, **arguments):
         return Captioner(**arguments)
     except (ModelLoadError, ValueError) as exc:
         # Text, not markup: messages contain brackets such as vacap[quant].
-        console.print(Text.assemble(("error: ", "red"), str(exc)))
+        console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         raise typer.Exit(2) from exc
 
 
@@ -323,7 +343,7 @@ def show(
     except (OSError, ValueError) as exc:
         raise _usage(exc) from exc
     for record in matches:
-        console.print(view.render(record))
+        console.print(view.render(record, console.color_system))
     if heatmap is not None:
         try:
             view.write_heatmap(matches[-1], heatmap, token)
@@ -336,8 +356,10 @@ def show(
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
 
 
-def _print_report(title: str, rows: dict, columns: list[str], as_json: bool, extra: dict | None = None) -> None:
-    """Results are the command's data: stdout, as a table or JSON."""
+def _print_report(
+    title: str, rows: dict, columns: list[str], as_json: bool, extra: dict | None = None, **table
+) -> None:
+    """Results are the command's data: stdout, as a table or JSON (``table``: headers, formats)."""
     import json
 
     from rich.console import Console
@@ -347,7 +369,21 @@ def _print_report(title: str, rows: dict, columns: list[str], as_json: bool, ext
     if as_json:
         typer.echo(json.dumps({**(extra or {}), "results": rows}, indent=2))
     else:
-        Console().print(metrics_table(title, rows, columns))
+        Console().print(metrics_table(title, rows, columns, **table))
+
+
+def _nothing_to_score(records: list[dict], result: dict, instances: Path) -> str:
+    """Why CHAIR scored no record, with what the user can check."""
+    if not records:
+        return "the records file holds no record"
+    if not result["unmatched"]:
+        return f"none of the {len(records)} records is ok (status other than ok), so no caption is scored"
+    names = [Path(str(r.get("path"))).name for r in records if r.get("status") == "ok"]
+    return (
+        f"none of the {result['unmatched']} ok records matches an image of {instances}: CHAIR finds an "
+        "image by its COCO id, from an image_id field or a file name such as COCO_val2014_000000123456.jpg "
+        f"or 000000123456.jpg, and these records' files are named like {', '.join(names[:3])}"
+    )
 
 
 @eval_app.command("chair")
@@ -370,6 +406,9 @@ def eval_chair(
     except (OSError, ValueError, KeyError) as exc:
         raise _usage(exc) from exc
     result = chair.evaluate(records, per_image=per_image is not None)
+    if not result["overall"]["n"]:
+        typer.echo(f"error: {_nothing_to_score(records, result, instances)}", err=True)
+        raise typer.Exit(1)
     if per_image is not None:
         with open(per_image, "w", encoding="utf-8") as f:
             for entry in result["per_image"]:
@@ -399,7 +438,12 @@ def eval_pope(
     quant: Quant = "none",
     as_json: JsonFlag = False,
 ) -> None:
-    """POPE: ask "Is there a {object} in the image?" for present and absent objects; score yes/no."""
+    """POPE: ask "Is there a {object} in the image?" for present and absent objects; score yes/no.
+
+    Each image annotated with at least 3 classes gets 3 questions about objects it holds and 3
+    about objects it lacks; images with fewer classes are left out. An answer whose first
+    sentence says neither yes nor no is counted as unanswered and left out of the scores.
+    """
     import json
 
     from rich.console import Console
@@ -440,14 +484,31 @@ def eval_pope(
                 entry = {**question.__dict__, "answer": answer, "parsed": pope.parse_answer(answer)}
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     if not asked:
-        console.print(f"error: none of the {len(questions)} questions' images were readable under {images}")
+        console.print(
+            f"error: none of the {len(questions)} questions' images were readable under {images}", markup=False
+        )
         raise typer.Exit(1)
     label = method if method != "vasparse" else f"vasparse sparsity={sparsity:g}"
     metrics = pope.score(asked, answers)
-    columns = ["accuracy", "precision", "recall", "f1", "yes_ratio", "n"]
+    if not metrics["n"]:
+        example = next((answer for answer in answers if answer.strip()), "")
+        console.print(
+            f"error: none of the {len(asked)} answers says yes or no, so there is nothing to score "
+            f"(one answer: {example!r}); a model that is not trained to answer questions cannot be "
+            "scored by POPE",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    columns = ["accuracy", "precision", "recall", "f1", "yes_ratio", "n", "unanswered"]
     _print_report(f"POPE ({split})", {label: metrics}, columns, as_json, {"split": split, "missing": missing})
+    if metrics["unanswered"]:
+        console.print(
+            f"{metrics['unanswered']} of {len(asked)} answers say neither yes nor no: counted as unanswered "
+            "and left out of the scores",
+            markup=False,
+        )
     if missing:
-        console.print(f"{missing} questions skipped: their images are missing or unreadable")
+        console.print(f"{missing} questions skipped: their images are missing or unreadable", markup=False)
 
 
 @eval_app.command("shapes")
@@ -456,7 +517,12 @@ def eval_shapes(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
     sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
-    ablation: Annotated[bool, typer.Option("--ablation/--no-ablation", help="Add VASparse with each mechanism alone.")] = True,
+    ablation: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--ablation/--no-ablation", help="Add VASparse with each mechanism alone [default: with vasparse]."
+        ),
+    ] = None,
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the generated test scenes.")] = 1234,
     batch_size: Batch = 8,
@@ -464,24 +530,33 @@ def eval_shapes(
     device: Device = "auto",
     as_json: JsonFlag = False,
 ) -> None:
-    """CHAIR-style hallucination figures on generated shapes scenes with known ground truth."""
+    """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
+
+    --sparsity, --alpha and --ablation add VASparse runs, so they need vasparse in --methods;
+    the ablation rows are on by default when it is there.
+    """
     from vacap.compare import parse_list, settings_grid
     from vacap.evaluate.shapes import run_benchmark
     from vacap.model import ModelLoadError
 
     try:
+        chosen = parse_list(methods, str, "--methods")
         grid = settings_grid(
-            parse_list(methods, str, "--methods"),
+            chosen,
             parse_list(sparsity, float, "--sparsity") if sparsity else None,
             parse_list(alpha, float, "--alpha") if alpha else None,
-            ablation,
+            "vasparse" in chosen if ablation is None else ablation,
         )
         rows = run_benchmark(model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device)
     except (ValueError, ModelLoadError) as exc:
         raise _usage(exc) from exc
     table = {row["setting"]: {k: v for k, v in row.items() if k not in ("setting", "texts")} for row in rows}
     columns = ["CHAIR_s", "CHAIR_i", "recall", "mean_length", "tokens_per_s", "errors"]
-    _print_report(f"shapes benchmark: {scenes} test scenes, seed {seed}", table, columns, as_json, {"model": model})
+    _print_report(
+        f"shapes benchmark: {scenes} test scenes, seed {seed}", table, columns, as_json, {"model": model},
+        headers={"mean_length": "words", "tokens_per_s": "tok/s", "errors": "err"},
+        formats={"CHAIR_s": ".3f", "CHAIR_i": ".3f", "recall": ".3f", "mean_length": ".1f", "tokens_per_s": ".1f"},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 from rich.table import Table
 
 from vacap.config import METHODS
+from vacap.evaluate.report import compact_table
 
 # VASparse with one mechanism at a time (the others off), for ablations.
 MECHANISMS_ALONE = {
@@ -37,10 +38,22 @@ def settings_grid(
     ablation: bool = False,
 ) -> dict[str, dict]:
     """Label -> settings: every method once, VASparse once per (sparsity, alpha) pair given,
-    plus the ablations."""
+    plus the ablations.
+
+    Sweeps and ablations are variants of VASparse, so they need ``vasparse`` among ``methods``:
+    a ValueError naming the flags otherwise, rather than settings silently not run.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if "vasparse" not in methods:
+        flags = (("--sparsity", sparsities), ("--alpha", alphas), ("--ablation", ablation))
+        given = [flag for flag, value in flags if value]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} VASparse runs, but vasparse is not "
+                f"among --methods ({', '.join(methods)}); add it to --methods or leave {' and '.join(given)} out"
+            )
     sweeps = [("sparsity", values) for values in [sparsities] if values] + [("alpha", a) for a in [alphas] if a]
     grid: dict[str, dict] = {}
     for method in methods:
@@ -63,9 +76,9 @@ def summary_table(records: Iterable[dict], labels: Sequence[str]) -> Table:
     for record in records:
         by_label[record["setting"]][record["path"]] = record
     first = by_label.get(labels[0], {})
-    table = Table(title="vacap compare")
-    for column in ("setting", "ok", "mean tokens", "tokens/s", "image attention", f"differs from {labels[0]}"):
-        table.add_column(column, justify="left" if column == "setting" else "right")
+    table = compact_table(f"vacap compare (differs: caption unlike {labels[0]}'s)", labels)
+    for column in ("ok", "tokens", "tok/s", "image attn", "differs"):
+        table.add_column(column, justify="right", no_wrap=True)
     for label in labels:
         ok = [r for r in by_label.get(label, {}).values() if r["status"] == "ok"]
         tokens = sum(r["tokens"] for r in ok)

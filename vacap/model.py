@@ -176,23 +176,97 @@ def _sliding_window(text_config) -> int | None:
 
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
+MODEL_CHOICES = "a Hugging Face id (such as llava-hf/llava-1.5-7b-hf), a local model folder, or demo"
+OFFLINE_ADVICE = (
+    "use --model demo (the small model shipped with vacap) or a local model folder; "
+    "set HF_HUB_OFFLINE=1 to use a model already in the Hugging Face cache without asking the hub"
+)
+OFFLINE_SET = "HF_HUB_OFFLINE is set"
 
 
-def _source(name: str) -> str:
-    """`demo` is the model shipped inside vacap; an existing path is a local folder; else a hub id."""
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be meant as a folder: a hub id is ``name`` or ``owner/name``."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or "\\" in name
+        or ":" in name
+        or name.count("/") > 1
+    )
+
+
+def _source(name: str) -> tuple[str, bool]:
+    """(what transformers loads, whether it comes from the hub) for ``--model``.
+
+    `demo` is the model shipped inside vacap; an existing or path-like name is a local folder,
+    which must hold a checkpoint; anything else is a hub id.
+    """
+    if not name.strip():
+        raise ModelLoadError(f"--model is empty; give {MODEL_CHOICES}")
     if name == "demo":
         if not (DEMO_MODEL / "config.json").exists():
             raise ModelLoadError(f"the demo model is missing from this installation ({DEMO_MODEL})")
-        return str(DEMO_MODEL)
+        return str(DEMO_MODEL), False
     path = Path(name).expanduser()
-    return str(path) if path.exists() else name
+    if not path.exists() and not _looks_like_path(name):
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{name!r} is neither a folder nor a Hugging Face id ({exc}); give {MODEL_CHOICES}"
+            ) from exc
+        return name, True
+    if not path.exists():
+        raise ModelLoadError(f"no such model folder: {name}; give {MODEL_CHOICES}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{name} is a file, not a model folder; give {MODEL_CHOICES}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name} holds no config.json, so it is not a model folder; give {MODEL_CHOICES}")
+    return str(path), False
 
 
-def _load_processor(source: str):
+def _hub_unreachable(repo_id: str) -> str | None:
+    """Why the Hugging Face hub gives no answer about ``repo_id`` now, or None when it answers.
+
+    One HEAD request without retries: transformers retries an unanswered download with backoff
+    for about half a minute before it gives up, which is what a user offline would otherwise wait.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_offline_mode():
+        return OFFLINE_SET
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
+    except HfHubHTTPError:
+        return None  # it answered (a missing or gated repo, say): loading reports that itself
+    except Exception as exc:  # refused, no DNS, a timeout, a proxy error: all mean no answer
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _load_error(name: str, exc: Exception, offline: str | None) -> ModelLoadError:
+    if offline is None:
+        return ModelLoadError(f"cannot load model {name!r}: {exc}")
+    if offline == OFFLINE_SET:
+        return ModelLoadError(
+            f"cannot load model {name!r}: HF_HUB_OFFLINE is set and the model is not in the Hugging Face "
+            "cache; use --model demo (the small model shipped with vacap) or a local model folder, "
+            "or unset HF_HUB_OFFLINE to download it"
+        )
+    return ModelLoadError(
+        f"cannot load model {name!r}: the Hugging Face hub cannot be reached ({offline}) and the model "
+        f"is not in the local cache; {OFFLINE_ADVICE}"
+    )
+
+
+def _load_processor(source: str, **hub):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        return AutoProcessor.from_pretrained(source, trust_remote_code=False, **hub)
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
@@ -203,7 +277,7 @@ def _load_processor(source: str):
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 
-    settings, _ = ProcessorMixin.get_processor_dict(source)
+    settings, _ = ProcessorMixin.get_processor_dict(source, **hub)
     base = getattr(transformers, settings.pop("processor_class"))
 
     class ImageOnlyProcessor(base):
@@ -211,7 +285,9 @@ def _load_processor(source: str):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
     kwargs = {key: value for key, value in settings.items() if not isinstance(value, dict)}
-    return ImageOnlyProcessor(AutoImageProcessor.from_pretrained(source), AutoTokenizer.from_pretrained(source), **kwargs)
+    return ImageOnlyProcessor(
+        AutoImageProcessor.from_pretrained(source, **hub), AutoTokenizer.from_pretrained(source, **hub), **kwargs
+    )
 
 
 def load_model(
@@ -227,22 +303,25 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source = _source(name)
+    source, from_hub = _source(name)
+    offline = _hub_unreachable(source) if from_hub else None
+    # With no hub, read the cache only: a download attempt would be retried for half a minute.
+    hub = {"local_files_only": True} if offline else {}
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **hub)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+        raise _load_error(name, exc, offline) from exc
     _check_supported(config)
     model_class = getattr(transformers, config.architectures[0])
     quantization = _quantization_config(quant, torch_dtype)
-    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
+    kwargs = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=False, **hub)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": torch_device})
     try:
         hf = model_class.from_pretrained(source, **kwargs)
-        processor = _load_processor(source)
+        processor = _load_processor(source, **hub)
     except OSError as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {exc}") from exc
+        raise _load_error(name, exc, offline) from exc
     except (RuntimeError, ValueError) as exc:
         if quantization is None:
             raise

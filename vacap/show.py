@@ -37,24 +37,54 @@ def find(records_path: Path, image: str, setting: str | None = None) -> list[dic
     raise ValueError(f"no record for an image matching {image!r} in {records_path}")
 
 
-def _shade(share: float) -> str:
-    """Background from grey (no image attention) to red (all of it)."""
-    level = max(0.0, min(1.0, share))
+# Backgrounds from least to most image attention for terminals without true colour, where rich
+# would map the whole grey-to-red gradient onto one or two colours.
+_RAMPS = {
+    "256": tuple(f"on color({n})" for n in (236, 238, 240, 52, 88, 124, 160, 196)),
+    "standard": ("on black", "on blue", "on magenta", "on red"),
+    "windows": ("on black", "on blue", "on magenta", "on red"),
+}
+
+
+def _shade(level: float, color_system: str | None) -> str:
+    """Background for ``level`` in [0, 1]: grey (0) to red (1), in steps where colours are few."""
+    level = max(0.0, min(1.0, level))
+    ramp = _RAMPS.get(color_system or "")
+    if ramp is not None:
+        return ramp[round(level * (len(ramp) - 1))]
     red, other = 60 + int(195 * level), 60 - int(40 * level)
     return f"on rgb({red},{other},{other})"
 
 
-def render(record: dict) -> Text:
+def render(record: dict, color_system: str | None = "truecolor") -> Text:
+    """The record's caption, each token on a background for its image attention share.
+
+    The shades span the caption's own range of shares (the legend gives it), so that the
+    tokens that looked at the image most stand out whatever the model's overall level.
+    ``color_system`` is rich's (``Console.color_system``): "truecolor", "256", "standard".
+    """
     label = record.get("setting") or record["method"]
-    text = Text(f"{record['path']}  [{label}]\n", style="bold")
+    text = Text().append(f"{record['path']}  [{label}]\n", style="bold")
     if record["status"] != "ok":
         return text.append(f"{record['status']}: {record.get('error')}\n")
     details = record.get("token_diagnostics")
     if not details:
         text.append(record["caption"] + "\n")
         return text.append("(no per-token attention: caption with --diagnostics tokens)\n", style="dim")
+    shares = [entry["image_attention"] for entry in details]
+    low, high = min(shares), max(shares)
+
+    def level(share: float) -> float:
+        return (share - low) / (high - low) if high > low else 1.0
+
     for entry in details:
-        text.append(entry["token"], style=_shade(entry["image_attention"]))
+        text.append(entry["token"], style=_shade(level(entry["image_attention"]), color_system))
+    text.append("\nimage attention per token: ", style="dim")
+    steps = 5 if high > low else 1
+    for k in range(steps):
+        share = low + (high - low) * k / max(steps - 1, 1)
+        text.append(f" {share:.3f} ", style=_shade(level(share), color_system))
+        text.append(" ")
     summary = record.get("diagnostics") or {}
     text.append(
         f"\nimage attention {summary.get('image_attention')}, sink {summary.get('sink_attention')}, "

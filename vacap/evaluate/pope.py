@@ -9,7 +9,12 @@ does not (answer "no"); the split decides how the absent objects are picked:
 - ``adversarial``: as POPE pairs them, for each present object asked about, the class that most
   often shares an image with it in the dataset.
 
-A class never repeats within an image, and an absent class is never one the image holds.
+A class never repeats within an image, and an absent class is never one the image holds. Only
+images annotated with at least ``per_image`` classes (3, as in POPE) take part.
+
+An answer counts when its first sentence says yes or no (:func:`parse_answer`); one that says
+neither is *unanswered* and left out of every rate. POPE's own script reads any answer without a
+negation as "yes", which scores a model that never answers the question as always saying yes.
 """
 
 from __future__ import annotations
@@ -114,6 +119,12 @@ def build_questions(
         for image_id, present in data.objects.items()
         if len(present) >= per_image and len(data.classes) - len(present) >= per_image
     )
+    if not eligible:
+        raise ValueError(
+            f"no image in the instances file has at least {per_image} annotated classes (and lacks "
+            f"{per_image} of its {len(data.classes)} classes): POPE asks about {per_image} present and "
+            f"{per_image} absent objects per image"
+        )
     random.Random(seed).shuffle(eligible)
     questions = []
     for image_id in eligible[:images]:
@@ -150,30 +161,37 @@ def _question(data: _Dataset, image_id: int, name: str, label: str) -> Question:
     return Question(image_id, data.file_names.get(image_id, ""), name, label, question_text(name))
 
 
-def parse_answer(text: str) -> str:
-    """"yes" or "no" for a free-form answer, by POPE's rule.
+def parse_answer(text: str) -> str | None:
+    """"yes", "no", or None (unanswered) for a free-form answer.
 
-    Only the first sentence counts; it is "no" when it holds the word "no" or "not" (in any
-    case, and "n't" counts as "not": "There isn't a dog."), else "yes". An empty answer is
-    "yes", as POPE has it.
+    Only the first sentence counts, in any case. It is "no" when it holds the word "no" or
+    "not" ("n't" counts as "not": "There isn't a dog."), as in POPE; else "yes" when it holds
+    "yes"; else None: an empty answer or one that says neither, which POPE's
+    script would have read as "yes".
     """
     first_sentence = _SENTENCE_END.split(text.strip(), maxsplit=1)[0].lower()
-    for word in _ANSWER_WORD.findall(first_sentence):
-        if word in ("no", "not") or word.endswith(("n't", "n’t")):
-            return "no"
-    return "yes"
+    words = _ANSWER_WORD.findall(first_sentence)
+    if any(word in ("no", "not") or word.endswith(("n't", "n’t")) for word in words):
+        return "no"
+    if "yes" in words:
+        return "yes"
+    return None
 
 
 def score(questions: Sequence[Question], answers: Sequence[str]) -> dict:
     """Accuracy, precision, recall, F1 and the share of "yes" answers, "yes" being positive.
 
     ``answers`` are the model's raw answers, parsed with :func:`parse_answer`, in the order of
-    ``questions``. A rate with nothing to count is 0.0.
+    ``questions``. Unanswered questions (no yes/no in the answer) are counted in
+    ``unanswered`` and left out of everything else: ``n`` is the number answered. A rate with
+    nothing to count is 0.0.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    predicted = [parse_answer(answer) == "yes" for answer in answers]
-    actual = [question.label == "yes" for question in questions]
+    parsed = [parse_answer(answer) for answer in answers]
+    answered = [(question, reply) for question, reply in zip(questions, parsed) if reply is not None]
+    predicted = [reply == "yes" for _, reply in answered]
+    actual = [question.label == "yes" for question, _ in answered]
     tp = sum(p and a for p, a in zip(predicted, actual))
     fp = sum(p and not a for p, a in zip(predicted, actual))
     fn = sum(a and not p for p, a in zip(predicted, actual))
@@ -187,6 +205,7 @@ def score(questions: Sequence[Question], answers: Sequence[str]) -> dict:
         "f1": _ratio(2 * precision * recall, precision + recall),
         "yes_ratio": _ratio(tp + fp, len(actual)),
         "n": len(actual),
+        "unanswered": len(questions) - len(actual),
         "tp": tp,
         "fp": fp,
         "tn": tn,
