@@ -158,7 +158,7 @@ def test_compare_table_shows_sweep_labels_whole_in_80_columns():
 
     from vacap.compare import settings_grid, summary_table
 
-    grid = settings_grid(["greedy", "vasparse", "vcd"], [0.35, 0.7], [0.15, 1.0], ablation=True)
+    grid = settings_grid(["greedy", "vasparse", "vcd"], {"sparsity": [0.35, 0.7], "alpha": [0.15, 1.0]}, ablation=True)
     records = [
         {"setting": label, "path": "a.png", "status": "ok", "caption": "a red heart.", "tokens": 5, "seconds": 0.5,
          "diagnostics": {"image_attention": 0.4}}

@@ -255,20 +255,26 @@ def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
     from vacap.compare import MECHANISMS_ALONE, settings_grid
 
     for kwargs, flags in [
-        (dict(sparsities=[0.3]), "--sparsity"),
-        (dict(alphas=[0.5]), "--alpha"),
+        (dict(sweeps={"sparsity": [0.3]}), "--sparsity"),
+        (dict(sweeps={"alpha": [0.5]}), "--alpha"),
+        (dict(sweeps={"sink_beta": [0.5]}), "--sink-beta"),
         (dict(ablation=True), "--ablation"),
-        (dict(sparsities=[0.3], alphas=[0.5]), "--sparsity and --alpha"),
+        (dict(sweeps={"sparsity": [0.3], "alpha": [0.5]}), "--sparsity and --alpha"),
     ]:
         with pytest.raises(ValueError, match=f"{flags} sets? VASparse runs, but vasparse is not among --methods"):
             settings_grid(["greedy", "fastv"], **kwargs)
     assert list(settings_grid(["greedy"])) == ["greedy"]
-    grid = settings_grid(["greedy", "vasparse"], [0.3, 0.7], ablation=True)
+    grid = settings_grid(["greedy", "vasparse"], {"sparsity": [0.3, 0.7]}, ablation=True)
     assert list(grid) == ["greedy", "vasparse sparsity=0.3", "vasparse sparsity=0.7", *MECHANISMS_ALONE]
+    grid = settings_grid(["vasparse"], {"lam": [0.0, 2.0], "kv_budget": [0.5]})
+    assert grid == {
+        "vasparse lam=0 kv-budget=0.5": dict(method="vasparse", lam=0.0, kv_budget=0.5),
+        "vasparse lam=2 kv-budget=0.5": dict(method="vasparse", lam=2.0, kv_budget=0.5),
+    }
 
 
 @pytest.mark.parametrize("command", [["eval", "shapes"], ["compare", "sample_images/house.jpg"]])
-@pytest.mark.parametrize("flags", [["--sparsity", "0.3"], ["--alpha", "0.5"], ["--ablation"]])
+@pytest.mark.parametrize("flags", [["--sparsity", "0.3"], ["--lam", "0.5"], ["--ablation"]])
 def test_vasparse_flags_without_vasparse_are_usage_errors(command, flags):
     out = _vacap(*command, "--methods", "greedy", *flags)
     assert out.returncode == 2
@@ -284,9 +290,28 @@ def test_eval_shapes_table_fits_80_columns_and_runs_only_what_was_asked():
               "vasparse sparsity=0.7 alpha=0.15", "vasparse sparsity=0.7 alpha=1",
               "vasparse selection only", "vasparse sink only", "vasparse contrast only"]  # fmt: skip
     rows = [line for line in lines if line.startswith(("greedy", "vasparse"))]
-    assert [row.split("  ")[0] for row in rows] == labels  # each label whole, then the numbers
+    # Each label whole, then the numbers; then the differences from greedy, one row per setting.
+    assert [row.split("  ")[0] for row in rows] == labels + labels[1:]
     assert max(map(len, lines)) <= 80
     assert "…" not in sweep.stdout
     greedy = _vacap("eval", "shapes", "-n", "1", "--methods", "greedy", "--dtype", "fp32", "--json")
     assert greedy.returncode == 0, greedy.stderr
     assert list(json.loads(greedy.stdout)["results"]) == ["greedy"]
+
+
+def test_eval_shapes_sweeps_any_vasparse_setting_with_paired_intervals_against_greedy():
+    out = _vacap("eval", "shapes", "-n", "6", "--methods", "greedy,vasparse", "--lam", "0,2", "--kv-budget", "0.5",
+                 "--no-ablation", "--dtype", "fp32", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    results = report["results"]
+    assert report["baseline"] == "greedy"
+    assert list(results) == ["greedy", "vasparse lam=0 kv-budget=0.5", "vasparse lam=2 kv-budget=0.5"]
+    assert "CHAIR_s_diff" not in results["greedy"]
+    for label in list(results)[1:]:
+        for name in ("CHAIR_s", "CHAIR_i"):
+            difference, low, high = results[label][f"{name}_diff"]
+            assert difference == pytest.approx(results[label][name] - results["greedy"][name])
+            assert low <= difference <= high
+    bad = _vacap("eval", "shapes", "--methods", "vasparse", "--kv-budget", "0,1")
+    assert bad.returncode == 2 and "kv_budget must be in (0, 1]" in bad.stderr

@@ -250,12 +250,23 @@ def _write_records(console, writer, progress, records) -> None:
         raise typer.Exit(1) from None
 
 
+# Comma-separated values of a VASparse setting, one VASparse run per value (compare, eval shapes).
+Sparsities = Annotated[Optional[str], typer.Option("--sparsity", help="Comma-separated sparsities for vasparse.")]
+Alphas = Annotated[Optional[str], typer.Option("--alpha", help="Comma-separated contrast weights for vasparse.")]
+Lams = Annotated[Optional[str], typer.Option("--lam", help="Comma-separated saliency weights for vasparse.")]
+SinkBetas = Annotated[Optional[str], typer.Option("--sink-beta", help="Comma-separated sink penalties for vasparse.")]
+KvBudgets = Annotated[Optional[str], typer.Option("--kv-budget", help="Comma-separated KV budgets for vasparse.")]
+
+
 @app.command()
 def compare(
     paths: Paths,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
-    sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
-    alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
+    sparsity: Sparsities = None,
+    alpha: Alphas = None,
+    lam: Lams = None,
+    sink_beta: SinkBetas = None,
+    kv_budget: KvBudgets = None,
     ablation: Annotated[bool, typer.Option(help="Add VASparse with each mechanism alone.")] = False,
     output: Output = None,
     model: Model = DEFAULT_MODEL,
@@ -273,16 +284,12 @@ def compare(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
 ) -> None:
     """Run several methods and settings on the same images: one JSONL, and a table on stderr."""
-    from vacap.compare import parse_list, settings_grid, summary_table
+    from vacap.compare import parse_list, parse_sweeps, settings_grid, summary_table
 
     _setup(verbose)
     try:
-        grid = settings_grid(
-            parse_list(methods, str, "--methods"),
-            parse_list(sparsity, float, "--sparsity") if sparsity else None,
-            parse_list(alpha, float, "--alpha") if alpha else None,
-            ablation,
-        )
+        sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
+        grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
         for settings in grid.values():
             DecodeConfig(**settings, prompt=prompt, max_new_tokens=max_new_tokens)
     except ValueError as exc:
@@ -370,6 +377,12 @@ def _print_report(
         typer.echo(json.dumps({**(extra or {}), "results": rows}, indent=2))
     else:
         Console().print(metrics_table(title, rows, columns, **table))
+
+
+def _interval(figure: list[float]) -> str:
+    """(difference, low, high) as fractions -> '+1.2 [-0.3, +2.6]' in percentage points."""
+    difference, low, high = (100 * value for value in figure)
+    return f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def _nothing_to_score(records: list[dict], result: dict, instances: Path) -> str:
@@ -515,8 +528,11 @@ def eval_pope(
 def eval_shapes(
     model: Annotated[str, typer.Option(help="Model to evaluate; `demo` is the one trained on the shapes world.")] = "demo",
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "greedy,vasparse,vcd,fastv",
-    sparsity: Annotated[Optional[str], typer.Option(help="Comma-separated sparsities for vasparse.")] = None,
-    alpha: Annotated[Optional[str], typer.Option(help="Comma-separated contrast weights for vasparse.")] = None,
+    sparsity: Sparsities = None,
+    alpha: Alphas = None,
+    lam: Lams = None,
+    sink_beta: SinkBetas = None,
+    kv_budget: KvBudgets = None,
     ablation: Annotated[
         Optional[bool],
         typer.Option(
@@ -535,28 +551,40 @@ def eval_shapes(
     --sparsity, --alpha and --ablation add VASparse runs, so they need vasparse in --methods;
     the ablation rows are on by default when it is there.
     """
-    from vacap.compare import parse_list, settings_grid
-    from vacap.evaluate.shapes import run_benchmark
+    from vacap.compare import parse_list, parse_sweeps, settings_grid
+    from vacap.evaluate.shapes import compare_to_baseline, run_benchmark
     from vacap.model import ModelLoadError
 
     try:
         chosen = parse_list(methods, str, "--methods")
-        grid = settings_grid(
-            chosen,
-            parse_list(sparsity, float, "--sparsity") if sparsity else None,
-            parse_list(alpha, float, "--alpha") if alpha else None,
-            "vasparse" in chosen if ablation is None else ablation,
-        )
+        sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
+        grid = settings_grid(chosen, sweeps, "vasparse" in chosen if ablation is None else ablation)
+        for settings in grid.values():
+            DecodeConfig(**settings)
         rows = run_benchmark(model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device)
     except (ValueError, ModelLoadError) as exc:
         raise _usage(exc) from exc
-    table = {row["setting"]: {k: v for k, v in row.items() if k not in ("setting", "texts")} for row in rows}
+    baseline = "greedy" if "greedy" in grid else rows[0]["setting"]
+    differences = compare_to_baseline(rows, baseline)
+    hidden = ("setting", "texts", "scores")
+    table = {
+        row["setting"]: {**{k: v for k, v in row.items() if k not in hidden}, **differences.get(row["setting"], {})}
+        for row in rows
+    }
     columns = ["CHAIR_s", "CHAIR_i", "recall", "mean_length", "tokens_per_s", "errors"]
+    title = f"shapes benchmark: {scenes} test scenes, seed {seed}"
+    extra = {"model": model, "baseline": baseline}
     _print_report(
-        f"shapes benchmark: {scenes} test scenes, seed {seed}", table, columns, as_json, {"model": model},
+        title, table, columns, as_json, extra,
         headers={"mean_length": "words", "tokens_per_s": "tok/s", "errors": "err"},
         formats={"CHAIR_s": ".3f", "CHAIR_i": ".3f", "recall": ".3f", "mean_length": ".1f", "tokens_per_s": ".1f"},
     )  # fmt: skip
+    if differences and not as_json:
+        _print_report(
+            f"minus {baseline}, in points [95% paired bootstrap]",
+            {label: {key: _interval(value) for key, value in figures.items()} for label, figures in differences.items()},
+            ["CHAIR_s_diff", "CHAIR_i_diff"], False, headers={"CHAIR_s_diff": "CHAIR_s", "CHAIR_i_diff": "CHAIR_i"},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

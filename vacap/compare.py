@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import statistics
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from rich.table import Table
 
@@ -31,14 +31,29 @@ def parse_list(text: str, kind: type, name: str) -> list:
         raise ValueError(f"{name}: {exc}") from exc
 
 
+# Settings a sweep may vary, with the flag that sets each (sweep labels use the flag's name).
+SWEEP_FLAGS = {
+    "sparsity": "--sparsity",
+    "alpha": "--alpha",
+    "lam": "--lam",
+    "sink_beta": "--sink-beta",
+    "kv_budget": "--kv-budget",
+}
+
+
+def parse_sweeps(**texts: str | None) -> dict[str, list[float]]:
+    """Comma-separated flag values -> {setting: values}, for the settings given (SWEEP_FLAGS)."""
+    return {name: parse_list(text, float, SWEEP_FLAGS[name]) for name, text in texts.items() if text}
+
+
 def settings_grid(
     methods: Sequence[str],
-    sparsities: Sequence[float] | None = None,
-    alphas: Sequence[float] | None = None,
+    sweeps: Mapping[str, Sequence[float]] | None = None,
     ablation: bool = False,
 ) -> dict[str, dict]:
-    """Label -> settings: every method once, VASparse once per (sparsity, alpha) pair given,
-    plus the ablations.
+    """Label -> settings: every method once, VASparse once per combination of the swept values
+    (``sweeps``: setting -> values, e.g. {"sparsity": [0.3, 0.7], "lam": [0, 1]}), plus the
+    ablations.
 
     Sweeps and ablations are variants of VASparse, so they need ``vasparse`` among ``methods``:
     a ValueError naming the flags otherwise, rather than settings silently not run.
@@ -46,23 +61,22 @@ def settings_grid(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    sweeps = {name: values for name, values in (sweeps or {}).items() if values}
     if "vasparse" not in methods:
-        flags = (("--sparsity", sparsities), ("--alpha", alphas), ("--ablation", ablation))
-        given = [flag for flag, value in flags if value]
+        given = [SWEEP_FLAGS[name] for name in sweeps] + (["--ablation"] if ablation else [])
         if given:
             raise ValueError(
                 f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} VASparse runs, but vasparse is not "
                 f"among --methods ({', '.join(methods)}); add it to --methods or leave {' and '.join(given)} out"
             )
-    sweeps = [("sparsity", values) for values in [sparsities] if values] + [("alpha", a) for a in [alphas] if a]
     grid: dict[str, dict] = {}
     for method in methods:
         if method != "vasparse" or not sweeps:
             grid[method] = dict(method=method)
             continue
-        for combination in itertools.product(*(values for _, values in sweeps)):
-            settings = dict(zip((name for name, _ in sweeps), combination))
-            label = " ".join(f"{name}={value:g}" for name, value in settings.items())
+        for combination in itertools.product(*sweeps.values()):
+            settings = dict(zip(sweeps, combination))
+            label = " ".join(f"{SWEEP_FLAGS[name][2:]}={value:g}" for name, value in settings.items())
             grid[f"vasparse {label}"] = dict(method="vasparse", **settings)
     if ablation:
         grid.update(MECHANISMS_ALONE)

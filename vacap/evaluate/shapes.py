@@ -150,8 +150,9 @@ def run_benchmark(
 
     Each row: ``setting``, ``method``, the :func:`summarize` figures, ``errors`` (records not
     ``ok``), ``tokens`` (generated, stop tokens excluded) and ``tokens_per_s`` (generated tokens
-    / the records' decode seconds) and ``texts`` (the captions of the ``ok`` records, in scene
-    order, for inspection).
+    / the records' decode seconds), ``texts`` (the captions of the ``ok`` records, in scene
+    order, for inspection) and ``scores`` (the :func:`score_caption` of every scene, None where
+    its record is not ``ok``), which :func:`compare_to_baseline` pairs between settings.
     """
     from vacap.captioner import Captioner
 
@@ -168,7 +169,8 @@ def run_benchmark(
             captioner = base.with_settings(**setting)
             records = captioner.caption(paths)
             ok = [(r, scene) for r, scene in zip(records, shown) if r["status"] == "ok"]
-            figures = summarize(score_caption(r["caption"], scene.objects) for r, scene in ok)
+            scores = [score_caption(r["caption"], s.objects) if r["status"] == "ok" else None for r, s in zip(records, shown)]
+            figures = summarize(score for score in scores if score is not None)
             tokens = sum(r["tokens"] for r, _ in ok)
             seconds = sum(r["seconds"] for r, _ in ok)
             rows.append(
@@ -180,9 +182,31 @@ def run_benchmark(
                     "tokens": tokens,
                     "tokens_per_s": _ratio(tokens, seconds),
                     "texts": [r["caption"] for r, _ in ok],
+                    "scores": scores,
                 }
             )
     return rows
+
+
+def compare_to_baseline(rows: Sequence[dict], baseline: str, **bootstrap) -> dict[str, dict]:
+    """Every other setting's CHAIR_s and CHAIR_i minus the baseline's, on the scenes both
+    captioned, with paired bootstrap intervals (:func:`vacap.evaluate.bootstrap.paired_difference`).
+
+    Returns {setting: {"CHAIR_s_diff": [difference, low, high], "CHAIR_i_diff": [...]}}.
+    """
+    from vacap.evaluate.bootstrap import paired_difference
+
+    base = next(row for row in rows if row["setting"] == baseline)["scores"]
+    out = {}
+    for row in rows:
+        if row["setting"] == baseline:
+            continue
+        pairs = [(a, b) for a, b in zip(row["scores"], base) if a is not None and b is not None]
+        if not pairs:
+            continue
+        result = paired_difference(*zip(*pairs), **bootstrap)
+        out[row["setting"]] = {f"{name}_diff": list(figure) for name, figure in result.items()}
+    return out
 
 
 def format_table(rows: Sequence[dict]) -> str:
