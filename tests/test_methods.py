@@ -40,6 +40,7 @@ def loaded(request, tiny_model):
     return path, load_model(str(path), dtype="fp32", device="cpu")
 
 
+@pytest.mark.dtype
 def test_identity_1_mechanisms_off_is_hf_greedy(loaded):
     path, model = loaded
     tokens, _ = run(model, IMAGES, method="vasparse", **OFF)
@@ -47,6 +48,7 @@ def test_identity_1_mechanisms_off_is_hf_greedy(loaded):
     assert run(model, IMAGES, method="greedy")[0] == tokens
 
 
+@pytest.mark.dtype
 def test_defaults_act_are_deterministic_and_batch_independent(loaded):
     _, model = loaded
     greedy, _ = run(model, IMAGES, method="greedy")
@@ -193,6 +195,7 @@ def test_identity_6_kv_budget(loaded):
     assert run(model, IMAGES, **{**OFF, "kv_budget": 0.3, "cluster_ratio": 0.1})[0] != plain
 
 
+@pytest.mark.dtype
 def test_vcd_first_token_matches_recomputation(tiny_model):
     path = tiny_model("llava-llama")
     model = load_model(str(path), dtype="fp32", device="cpu")
@@ -215,6 +218,7 @@ def test_vcd_first_token_matches_recomputation(tiny_model):
     assert [t[0] for t in tokens] == expected.tolist()
 
 
+@pytest.mark.dtype
 def test_fastv_first_token_matches_layerwise_recomputation(tiny_model):
     path = tiny_model("llava-llama")
     model = load_model(str(path), dtype="fp32", device="cpu")
