@@ -56,7 +56,7 @@ _ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
 def cpu_has_native_bf16() -> bool:
     """Whether bf16 matmuls run on bf16 hardware here (x86 AVX512-BF16 or AMX), not emulated.
 
-    Emulated bf16 matmuls are about 4x slower than fp32 ones (benchmarks/RESULTS.md). torch runs
+    Emulated bf16 matmuls are slower than fp32 ones (up to 4x, benchmarks/RESULTS.md). torch runs
     its CPU bf16 matmuls through oneDNN, so a cap on oneDNN's instruction set
     (``ONEDNN_MAX_CPU_ISA``, or its older name ``DNNL_MAX_CPU_ISA``, read as oneDNN reads them)
     is honoured as if the CPU lacked the instructions. Other architectures report neither flag:
