@@ -17,6 +17,7 @@ def ours(model, images) -> list[list[int]]:
     return [g.tokens for g in generate(model, inputs, Steering(), MAX_NEW)]
 
 
+@pytest.mark.dtype
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_matches_hf_generate_single_and_batched(tiny_model, arch, dtype):
@@ -30,8 +31,10 @@ def test_greedy_matches_hf_generate_single_and_batched(tiny_model, arch, dtype):
     batched = [g.tokens for g in generate(model, batched_inputs, Steering(), MAX_NEW)]
     assert batched == hf_greedy(path, batched_inputs, dtype=model.dtype)
     assert len({t for row in batched for t in row}) > 5, "parity on varied tokens, not on an instant EOS"
-    # Each image decoded alone gives what it got in the mixed batch.
-    assert batched == [ours(model, [image])[0] for image in IMAGES]
+    if dtype == "fp32":
+        # Each image decoded alone gives what it got in the mixed batch. Only fp32 promises this:
+        # bf16 kernels round differently for different batch shapes on CPUs without native bf16.
+        assert batched == [ours(model, [image])[0] for image in IMAGES]
 
 
 def test_anyres_batch_is_really_padded(tiny_model):

@@ -53,7 +53,12 @@ def test_loads_through_load_model():
         assert model.decode(ids) == scene.caption
 
 
-@pytest.mark.parametrize("settings", [{"method": "greedy", "dtype": "fp32"}, {"dtype": "auto"}], ids=["greedy-fp32", "default"])
+@pytest.mark.dtype
+@pytest.mark.parametrize(
+    "settings",
+    [{"method": "greedy", "dtype": "fp32"}, {"dtype": "auto"}, {"dtype": "bf16"}],
+    ids=["greedy-fp32", "default", "vasparse-bf16"],
+)
 def test_captions_a_single_object_scene(sample_image, settings):
     from vacap import Captioner
 

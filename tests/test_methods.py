@@ -96,6 +96,7 @@ def loaded(request, tiny_model):
     return path, load_model(str(path), dtype="fp32", device="cpu")
 
 
+@pytest.mark.dtype
 def test_identity_1_mechanisms_off_is_hf_greedy(loaded):
     path, model = loaded
     tokens, _ = run(model, IMAGES, method="vasparse", **OFF)
@@ -103,6 +104,7 @@ def test_identity_1_mechanisms_off_is_hf_greedy(loaded):
     assert run(model, IMAGES, method="greedy")[0] == tokens
 
 
+@pytest.mark.dtype
 def test_defaults_act_are_deterministic_and_batch_independent(loaded):
     _, model = loaded
     greedy, _ = run(model, IMAGES, method="greedy")
@@ -189,6 +191,7 @@ def test_identity_4_contrast_token_is_argmax_over_plausible_set(loaded):
     assert expected != z_theta.argmax(-1).tolist(), "pick a case where contrast changes a token"
 
 
+@pytest.mark.dtype
 def test_identity_5_saliency_matches_hf_eager_attentions(loaded):
     path, model = loaded
     hf = hf_model(path)
@@ -226,6 +229,7 @@ def test_identity_6_kv_budget_off_and_single_member_clusters(loaded):
     assert run(model, IMAGES, **{**OFF, "kv_budget": 0.3, "cluster_ratio": 0.1})[0] != plain
 
 
+@pytest.mark.dtype
 def test_identity_6_kv_budget_clusters_recomputed_from_hf(loaded):
     """Kept slots, DPC-KNN clusters, their keys, values, bias and statistics, all recomputed from
     HF's own modules and the contract's formulas; free slots hold nothing."""
@@ -322,6 +326,7 @@ def test_kv_budget_keeps_no_view_of_the_prefill_logits(loaded):
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in kept)
 
 
+@pytest.mark.dtype
 def test_identity_7_sink_column_sums_match_hf_and_grow_by_one_row(loaded):
     path, model = loaded
     hf = hf_model(path)
@@ -358,6 +363,7 @@ def test_identity_7_sink_column_sums_match_hf_and_grow_by_one_row(loaded):
     torch.testing.assert_close(grown, row, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.dtype
 def test_identity_8_selection_in_a_real_step_matches_top_k_from_hf(loaded):
     """The slots each head attends to at the first decode step in layer start_layer, against the
     top-k of delta recomputed from HF's modules: raw logits (not the penalised ones), and P from
@@ -383,6 +389,7 @@ def test_identity_8_selection_in_a_real_step_matches_top_k_from_hf(loaded):
     assert not torch.equal(expected, expected_keep(s, v, full["attention_mask"].bool(), sparsity, 0.0))
 
 
+@pytest.mark.dtype
 def test_identity_9_contrast_branch_runs_m_layers_with_image_slots_hidden(loaded):
     path, model = loaded
     hf = hf_model(path)
@@ -441,6 +448,7 @@ def test_identity_9_contrast_branch_runs_m_layers_with_image_slots_hidden(loaded
     assert three.cache.length == [T + 2] * len(model.layers)
 
 
+@pytest.mark.dtype
 @pytest.mark.parametrize("alpha, weight", [(None, 1.0), (0.4, 0.4)])  # VCD's own alpha, or the user's
 def test_vcd_first_token_matches_recomputation(tiny_model, alpha, weight):
     path = tiny_model("llava-llama")
@@ -467,6 +475,7 @@ def test_vcd_first_token_matches_recomputation(tiny_model, alpha, weight):
     assert [t[0] for t in tokens] == expected.tolist()
 
 
+@pytest.mark.dtype
 def test_fastv_first_token_matches_layerwise_recomputation(tiny_model):
     path = tiny_model("llava-llama")
     model = load_model(str(path), dtype="fp32", device="cpu")

@@ -21,6 +21,7 @@ def quantizable(tiny_model) -> Path:
     return tiny_model("llava-llama", quantizable=True)
 
 
+@pytest.mark.dtype
 @pytest.mark.parametrize("quant, layer_class", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_language_model_is_quantized_and_the_rest_is_not(quantizable, quant, layer_class):
     from vacap.config import DecodeConfig
@@ -43,6 +44,7 @@ def test_language_model_is_quantized_and_the_rest_is_not(quantizable, quant, lay
     assert 1 <= len(out[0].tokens) <= 6
 
 
+@pytest.mark.dtype
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
 def test_4bit_computes_in_the_runs_dtype(quantizable, dtype, torch_dtype):
     import torch
@@ -58,6 +60,7 @@ def test_4bit_computes_in_the_runs_dtype(quantizable, dtype, torch_dtype):
     assert proj(torch.ones(1, proj.in_features, dtype=expected)).dtype == expected
 
 
+@pytest.mark.dtype
 def test_cli_quant_4bit_writes_ok_records(quantizable):
     out = subprocess.run(
         [sys.executable, "-m", "vacap.cli", "caption", str(SAMPLES), "--model", str(quantizable), "--quant", "4bit",

@@ -15,7 +15,7 @@ from helpers import numpy_dpc_knn
 
 from vacap import vasparse as vs
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.dtype)]
 
 
 def gen(seed: int) -> torch.Generator:
@@ -387,6 +387,7 @@ def test_dpc_knn_few_points():
     assert vs.dpc_knn(x, 1, 5).tolist() == [[0, 0, 0], [0, 0, 0]]
 
 
+@pytest.mark.dtype
 def test_dpc_knn_bf16_clusters_the_rounded_points():
     x = torch.randn(2, 15, 6, generator=gen(26)).to(torch.bfloat16)
     assign = vs.dpc_knn(x, 4, 3)

@@ -39,8 +39,18 @@ Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL fi
 Model = Annotated[str, typer.Option(help="Hugging Face id or local folder.")]
 Prompt = Annotated[str, typer.Option(help="Instruction given with each image.")]
 MaxNew = Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")]
-Batch = Annotated[int, typer.Option(min=1, help="Images decoded together.")]
-Dtype = Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="auto: bf16 on CPU, bf16/fp16 on GPU.")]
+Batch = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Images decoded together. On CPU in fp32 each caption is bit for bit what batch size 1 gives; "
+        "in bf16/fp16, or on a GPU, rounding depends on the batch shape, so a near-tied token can differ.",
+    ),
+]
+Dtype = Annotated[
+    Literal["auto", "bf16", "fp16", "fp32"],
+    typer.Option(help="auto: on CPU bf16 where it is native (AVX512-BF16 or AMX), else fp32; on GPU bf16, else fp16."),
+]
 Device = Annotated[str, typer.Option(callback=_check_device, help="auto, cpu, cuda or cuda:N.")]
 Quant = Annotated[Literal["none", "8bit", "4bit"], typer.Option(help="bitsandbytes quantization of the LLM.")]
 Recursive = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")]
@@ -542,7 +552,10 @@ def eval_shapes(
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the generated test scenes.")] = 1234,
     batch_size: Batch = 8,
-    dtype: Dtype = "fp32",
+    dtype: Annotated[
+        Literal["auto", "bf16", "fp16", "fp32"],
+        typer.Option(help="fp32, not auto (which depends on the CPU), so figures compare across machines."),
+    ] = "fp32",
     device: Device = "auto",
     as_json: JsonFlag = False,
 ) -> None:

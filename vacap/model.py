@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,13 +47,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# oneDNN instruction-set caps below AVX512_CORE_BF16: under them oneDNN emulates bf16 arithmetic.
+_ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether bf16 matmuls run on bf16 hardware here (x86 AVX512-BF16 or AMX), not emulated.
+
+    Emulated bf16 matmuls are slower than fp32 ones (up to 4x, benchmarks/RESULTS.md). torch runs
+    its CPU bf16 matmuls through oneDNN, so a cap on oneDNN's instruction set
+    (``ONEDNN_MAX_CPU_ISA``, or its older name ``DNNL_MAX_CPU_ISA``, read as oneDNN reads them)
+    is honoured as if the CPU lacked the instructions. Other architectures report neither flag:
+    their bf16 speed on CPU varies too much with the chip and build to choose it blindly.
+    """
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_ISAS_WITHOUT_BF16 or not torch.backends.mkldnn.is_available():
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that has it (else fp16); on CPU bf16 only where it is native, else fp32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On the CPUs we run on, bf16 matmuls are several times faster than fp32.
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def _quantization_config(quant: str, dtype: torch.dtype):
