@@ -509,3 +509,23 @@ def test_fastv_first_token_matches_layerwise_recomputation(tiny_model):
     tokens, _ = run(model, [image], max_new=1, method="fastv")
     assert tokens[0][0] == expected
     assert len(dropped) > 0
+
+
+def test_fastv_compaction_leaves_no_stale_image_flag_for_diagnostics(tiny_model):
+    from vacap.diagnostics import Diagnostics
+
+    # Anyres: many image tokens, so FastV drops more of them than the prompt has tokens after
+    # the image, and the slots that compaction frees held image tokens.
+    model = load_model(str(tiny_model("llava-next")), dtype="fp32", device="cpu")
+    config = DecodeConfig(method="fastv", max_new_tokens=3, diagnostics="summary")
+    steering = Diagnostics(steering_for(model, config), model, config.start_layer)
+    inputs = model.prepare(IMAGES[:1], PROMPT)
+    image_slots = (inputs["input_ids"][0] == model.image_token_id).nonzero()
+    assert len(inputs["input_ids"][0]) - 1 - int(image_slots.max()) < len(image_slots) * config.fastv_ratio
+    generate(model, inputs, steering, 3)
+    cache, image = steering.cache, steering.cache.fields["image"]
+    for layer in range(config.fastv_layer, len(model.layers)):
+        length = cache.length[layer]
+        # Generated tokens sit in the slots the dropped image tokens left; they are not image slots.
+        assert not image[layer, :, :, length - 2 : length].any()
+        assert not image[layer, :, :, length:].any()
