@@ -101,9 +101,12 @@ def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Te
     big = torch.finfo(torch.float32).max
     key = delta.float().nan_to_num(nan=-big, posinf=big, neginf=-big)
     key = torch.where(valid, key, -math.inf).masked_fill(forced & valid, math.inf)
-    # One top-k of the largest k, not a full sort: this runs per layer and step. Row b keeps the
-    # first k_b of its sorted picks; k can exceed n only when n == 0 (k >= 1), hence the & valid.
-    k_max = min(int(k.max()), key.shape[-1])
+    # One top-k, not a full sort: this runs per layer and step. Its size is the bound every row's
+    # k stays under (n <= T), known from the shape alone, so no value has to come back from the
+    # device. Row b keeps the first k_b of its sorted picks; k can exceed n only when n == 0
+    # (k >= 1), hence the & valid.
+    T = key.shape[-1]
+    k_max = min(T, max(1, math.ceil((1 - sparsity) * T - _COUNT_TOL)))
     top = key.topk(k_max, dim=-1).indices  # (B, H, k_max), largest first
     picked = (torch.arange(k_max, device=key.device) < k[:, None, None]).expand_as(top)
     return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, top, picked) & valid
