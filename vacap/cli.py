@@ -134,7 +134,7 @@ def caption(
     sparsity: Annotated[float, typer.Option(help="Fraction of cached tokens dropped per step, [0, 1).")] = _D.sparsity,
     lam: Annotated[float, typer.Option(help="Weight of visual saliency in token selection, >= 0.")] = _D.lam,
     alpha: Annotated[
-        Optional[float], typer.Option(help="Contrastive decoding weight, >= 0 [default: 0.1 for vasparse, 1 for vcd].")
+        Optional[float], typer.Option(help="Contrastive decoding weight, >= 0; by default 0.1 for vasparse, 1 for vcd.")
     ] = None,
     apc_beta: Annotated[float, typer.Option(help="Adaptive plausibility cut-off, [0, 1].")] = _D.apc_beta,
     sink_beta: Annotated[float, typer.Option(help="Sink attention penalty strength, >= 0.")] = _D.sink_beta,
@@ -546,7 +546,7 @@ def eval_shapes(
     ablation: Annotated[
         Optional[bool],
         typer.Option(
-            "--ablation/--no-ablation", help="Add VASparse with each mechanism alone [default: with vasparse]."
+            "--ablation/--no-ablation", help="Add VASparse with each mechanism alone; by default when vasparse is among --methods."
         ),
     ] = None,
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
@@ -561,8 +561,9 @@ def eval_shapes(
 ) -> None:
     """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
 
-    --sparsity, --alpha and --ablation add VASparse runs, so they need vasparse in --methods;
-    the ablation rows are on by default when it is there.
+    --sparsity, --alpha, --lam, --sink-beta, --kv-budget and --ablation add VASparse runs, so
+    they need vasparse in --methods; the ablation rows are on by default when it is there. The
+    second table gives each setting's CHAIR minus greedy's with a paired bootstrap interval.
     """
     from vacap.compare import parse_list, parse_sweeps, settings_grid
     from vacap.evaluate.shapes import compare_to_baseline, run_benchmark
