@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,10 @@ def test_cli_records_the_alpha_vcd_used(tiny_model):
         assert out.returncode == 0, out.stderr
         params.append(json.loads(out.stdout)["params"])
     assert [p["alpha"] for p in params] == [1.0, 0.5]
+
+
+def test_help_states_each_methods_alpha():
+    # Typer renders help with rich markup, which would swallow a "[default: ...]" written by hand.
+    out = subprocess.run([sys.executable, "-m", "vacap.cli", "caption", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "250"}, timeout=60)  # fmt: skip
+    assert "by default 0.1 for vasparse, 1 for vcd" in out.stdout
