@@ -58,7 +58,7 @@ class VASparse(Steering):
         self.budget = config.kv_budget < 1
         self.phi_layers = config.contrast_layers if self.contrast else 0
         self.saliency = (self.select or self.budget) and config.lam > 0
-        self._step_saliency: torch.Tensor | None = None
+        self._step_phat: torch.Tensor | None = None
         self._prompt_logits: dict[int, torch.Tensor] = {}
 
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
@@ -96,20 +96,24 @@ class VASparse(Steering):
             weights = vs.sink_weights(self._field("colsum", layer), valid)
             out = vs.sink_penalty(s, weights, c.sink_beta)
         if self.select:
-            delta = vs.selection_scores(s, self._saliency(layer, valid), c.lam, valid)
+            delta = vs.scores_with_scaled_saliency(s, self._phat(layer, valid), c.lam, valid)
             keep = vs.keep_mask(delta, c.sparsity, valid, current=s.shape[-1] - 1)
             out = out.masked_fill(~keep, -math.inf)
         return out.unsqueeze(2)
 
-    def _saliency(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
-        """P # (B, 1 or H, T); zeros when lam is 0 (the term then vanishes)."""
+    def _phat(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
+        """The scaled saliency Phat # (B, 1 or H, T); zeros when lam is 0 (the term then vanishes).
+
+        Without a KV budget every layer holds the same slots, so it is computed once per step.
+        """
         if not self.saliency:
-            return torch.zeros_like(valid, dtype=torch.float32)
+            return torch.zeros_like(valid, dtype=torch.float32)[:, None]
         if self.budget:
-            return _per_query_head(vs.saliency(self._field("v", layer), valid), self.n_heads)
+            P = _per_query_head(vs.saliency(self._field("v", layer), valid), self.n_heads)
+            return vs.scaled_saliency(P, valid)
         if layer == self.config.start_layer:
-            self._step_saliency = vs.saliency(self._field("v", layer), valid)
-        return self._step_saliency
+            self._step_phat = vs.scaled_saliency(vs.saliency(self._field("v", layer), valid), valid)
+        return self._step_phat
 
     def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
         if self.sink and layer >= self.config.start_layer:
@@ -140,8 +144,7 @@ class VASparse(Steering):
         k, v, valid = cache.view(layer)
         B, Hkv, T, D = k.shape
         group = self.n_heads // Hkv
-        saliency = self._saliency(layer, valid)
-        delta = vs.selection_scores(self._prompt_logits[layer], saliency, c.lam, valid)
+        delta = vs.scores_with_scaled_saliency(self._prompt_logits[layer], self._phat(layer, valid), c.lam, valid)
         delta = delta.view(B, Hkv, group, T).amax(2)  # a slot stays if any query head of its group wants it
         # The last prompt token is the query of the first step; like the current token under
         # selection, it is always kept (VASPARSE.md leaves this open).

@@ -59,6 +59,18 @@ def _min_max(x: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid & (span > 0), (x - low) / span, 0.0)
 
 
+def scaled_saliency(saliency: Tensor, valid: Tensor) -> Tensor:
+    """Phat, the saliency term of delta: P min-max scaled over the valid slots of its row (and head).
+
+        saliency  # (B, T), (B, 1, T) or (B, H, T) visual saliency P
+        valid     # (B, T) bool
+        returns   # (B, 1 or H, T) fp32 in [0, 1]; 0 on invalid slots and where P is constant
+    """
+    if saliency.dim() == 2:
+        saliency = saliency[:, None]
+    return _min_max(saliency.float(), valid[:, None])
+
+
 def selection_scores(logits: Tensor, saliency: Tensor, lam: float, valid: Tensor) -> Tensor:
     """Selection score delta of every cached slot (Eq. 2 with vacap's per-head scaling).
 
@@ -71,10 +83,14 @@ def selection_scores(logits: Tensor, saliency: Tensor, lam: float, valid: Tensor
 
     A term that cannot be scaled (all s zero, or P constant) contributes 0 rather than 0 / 0.
     """
-    if saliency.dim() == 2:
-        saliency = saliency[:, None]
+    return scores_with_scaled_saliency(logits, scaled_saliency(saliency, valid), lam, valid)
+
+
+def scores_with_scaled_saliency(logits: Tensor, phat: Tensor, lam: float, valid: Tensor) -> Tensor:
+    """``selection_scores`` from an already scaled saliency # (B, 1 or H, T) (``scaled_saliency``):
+    the decode loop scales P once per step and reuses it in every layer."""
     valid = valid[:, None]  # (B, 1, T)
-    delta = _unit_peak(logits.float().square(), valid) + lam * _min_max(saliency.float(), valid)
+    delta = _unit_peak(logits.float().square(), valid) + lam * phat
     return delta.masked_fill(~valid, -math.inf)
 
 
