@@ -1,21 +1,42 @@
-"""Decode speed of every method against greedy, measured side by side in one run.
+"""Speed and peak memory of every vacap setting beside Hugging Face ``generate``, in one run.
 
-    python benchmarks/speed.py                      # tiny and mid-size random LLaVA, bf16
-    python benchmarks/speed.py --sizes mid --rounds 5 --max-new-tokens 64
+    python benchmarks/speed.py                                  # tiny and mid-size random LLaVA, fp32, batch 1
+    python benchmarks/speed.py --sizes mid --batch 1,8 --rounds 5
+    python benchmarks/speed.py --settings greedy,vasparse --dtype bf16 --max-new-tokens 32
 
 Builds random llava-llama checkpoints offline (``vacap.tiny_models``; the mid-size one has
-~310M parameters and 576 image tokens per image, like LLaVA-1.5's cache), then times each
-setting on the same images, the settings interleaved round by round so that machine load hits
-them alike. EOS is switched off for timing, so every setting decodes the same number of steps
-(otherwise a method that ends its captions sooner would look slower per token, its prefill
-spread over fewer tokens). Prints a Markdown table: prefill seconds, milliseconds per decode
-step, tokens/s over the whole call, and the ratios to greedy.
+~310M parameters and 576 image tokens per image, like LLaVA-1.5's cache). The reference row is
+what a user would run instead of vacap: the same loaded checkpoint's own
+``generate(do_sample=False, num_beams=1)`` with transformers' default attention (SDPA), on the
+same prepared inputs (``model.prepare``), in the same dtype. Every ratio in the tables is to it.
+
+EOS never ends a call early, so every row of every setting makes the same N new tokens
+(otherwise a setting that ends its captions sooner would look slower per token, its prefill
+spread over fewer tokens): vacap's stop set is emptied and ``generate`` gets
+``min_new_tokens=N``; each call is checked to have made N tokens per row.
+
+Time: the settings take turns round by round in one process, so that machine load hits them
+alike. Prefill seconds is the median time of a call that makes one token; ms per decode step is
+(median N-token call - median one-token call) / (N - 1); tokens/s is batch x N over the median
+N-token call.
+
+Memory: each (setting, batch) also runs once in a fresh child process, which loads the
+checkpoint, reads every weight (safetensors files are memory-mapped, so the weights must be
+resident before the starting point), notes its resident memory, makes the N tokens and reports
+how far its peak resident memory (``ru_maxrss``) rose above that point: the call's own working
+memory, prefill included.
+
+Prints one Markdown table per (size, batch), ready for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,84 +48,184 @@ from vacap.config import DecodeConfig
 from vacap.decode import generate
 from vacap.diagnostics import Diagnostics
 from vacap.methods import steering_for
-from vacap.model import load_model
-from vacap.tiny_models import build_tiny_model
+from vacap.model import DTYPES, VisionLanguageModel, load_model
+from vacap.tiny_models import SIZES, build_tiny_model
 
+HF = "hf"  # Hugging Face generate; always measured, as every ratio is to it
 SETTINGS = {
     "greedy": dict(method="greedy"),
-    "vasparse (defaults)": dict(method="vasparse"),
-    "vasparse selection only": dict(method="vasparse", alpha=0.0, sink_beta=0.0),
-    "vasparse sink only": dict(method="vasparse", sparsity=0.0, alpha=0.0),
-    "vasparse contrast only": dict(method="vasparse", sparsity=0.0, sink_beta=0.0),
-    "vasparse + kv-budget 0.5": dict(method="vasparse", kv_budget=0.5),
+    "vasparse": dict(method="vasparse"),
+    "selection-only": dict(method="vasparse", alpha=0.0, sink_beta=0.0),
+    "sink-only": dict(method="vasparse", sparsity=0.0, alpha=0.0),
+    "contrast-only": dict(method="vasparse", sparsity=0.0, sink_beta=0.0),
+    "kv-budget-0.5": dict(method="vasparse", kv_budget=0.5),
     "vcd": dict(method="vcd"),
     "fastv": dict(method="fastv"),
-    "vasparse + diagnostics tokens": dict(method="vasparse", diagnostics="tokens"),
+    "diagnostics-tokens": dict(method="vasparse", diagnostics="tokens"),
 }
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+PROMPT = "Please describe this image in detail."
 
 
-def timed(model, inputs, settings: dict, max_new: int) -> float:
-    config = DecodeConfig(max_new_tokens=max_new, **settings)
+def load(model_dir: Path, dtype: str) -> VisionLanguageModel:
+    model = load_model(str(model_dir), dtype=dtype, device="cpu")
+    model.eos_ids = ()
+    return model
+
+
+def prepare(model: VisionLanguageModel, batch: int) -> dict[str, torch.Tensor]:
+    """The first ``batch`` sample images (repeated when there are fewer), one prompt for all."""
+    paths = sorted(SAMPLES.iterdir())
+    images = [Image.open(paths[i % len(paths)]).convert("RGB") for i in range(batch)]
+    return model.prepare(images, PROMPT)
+
+
+def run(model: VisionLanguageModel, inputs: dict[str, torch.Tensor], name: str, max_new: int) -> None:
+    """One call of one setting on a prepared batch; fails unless every row made ``max_new`` tokens."""
+    if name == HF:
+        out = model.hf.generate(
+            **inputs, do_sample=False, num_beams=1, max_new_tokens=max_new, min_new_tokens=max_new,
+            pad_token_id=model.pad_id,
+        )  # fmt: skip
+        # Rows are padded only after they stop, and min_new_tokens forbids stopping before max_new.
+        made = [out.shape[1] - inputs["input_ids"].shape[1]] * out.shape[0]
+    else:
+        config = DecodeConfig(max_new_tokens=max_new, **SETTINGS[name])
+        steering = steering_for(model, config)
+        if config.diagnostics != "none":
+            steering = Diagnostics(steering, model, config.start_layer)
+        outputs = generate(model, inputs, steering, max_new)
+        if config.diagnostics != "none":  # turning the statistics into record fields is part of the cost
+            for b, out in enumerate(outputs):
+                steering.row(b, out.tokens, config.diagnostics)
+        made = [len(out.tokens) for out in outputs]
+    if made != [max_new] * len(made):
+        raise RuntimeError(f"{name} made {made} new tokens per row, not {max_new}")
+
+
+def timed(model, inputs, name: str, max_new: int) -> float:
     start = time.perf_counter()
-    steering = steering_for(model, config)
-    if config.diagnostics != "none":
-        steering = Diagnostics(steering, model, config.start_layer)
-    outputs = generate(model, inputs, steering, max_new)
-    if config.diagnostics != "none":  # turning the statistics into record fields is part of the cost
-        [steering.row(b, out.tokens, config.diagnostics) for b, out in enumerate(outputs)]
+    run(model, inputs, name, max_new)
     return time.perf_counter() - start
 
 
-def measure(size: str, rounds: int, max_new: int, batch: int) -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
-        model = load_model(str(path), dtype="bf16", device="cpu")
-    model.eos_ids = ()
-    images = [Image.open(p).convert("RGB") for p in sorted(SAMPLES.iterdir())[:batch]]
-    inputs = model.prepare(images, "Please describe this image in detail.")
-    params = sum(p.numel() for p in model.hf.parameters()) / 1e6
-    prompt_len = inputs["input_ids"].shape[1]
-
-    for settings in SETTINGS.values():  # warm-up: allocator, kernels, lazy imports
-        timed(model, inputs, settings, 2)
-    prefills = {name: [] for name in SETTINGS}
-    totals = {name: [] for name in SETTINGS}
+def time_settings(model, inputs, names: list[str], rounds: int, max_new: int) -> dict[str, tuple[float, float]]:
+    """-> {setting: (median one-token call s, median max_new-token call s)}, settings interleaved."""
+    for name in names:  # warm-up: allocator, kernels, lazy imports
+        run(model, inputs, name, 2)
+    prefills = {name: [] for name in names}
+    totals = {name: [] for name in names}
     for _ in range(rounds):
-        for name, settings in SETTINGS.items():
-            prefills[name].append(timed(model, inputs, settings, 1))
-            totals[name].append(timed(model, inputs, settings, max_new))
+        for name in names:
+            prefills[name].append(timed(model, inputs, name, 1))
+            totals[name].append(timed(model, inputs, name, max_new))
+    return {name: (statistics.median(prefills[name]), statistics.median(totals[name])) for name in names}
 
-    def row(name):
-        prefill, total = statistics.median(prefills[name]), statistics.median(totals[name])
-        return prefill, (total - prefill) / (max_new - 1) * 1000, batch * max_new / total
 
-    base = row("greedy")
+def resident_kb() -> int:
+    status = Path("/proc/self/status").read_text(encoding="ascii")
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+def peak_rise_mb(model_dir: Path, name: str, batch: int, dtype: str, max_new: int) -> float:
+    """Runs in a fresh child process: how far one call raises the peak resident memory, in MB."""
+    model = load(model_dir, dtype)
+    inputs = prepare(model, batch)
+    for parameter in model.hf.parameters():
+        parameter.sum()
+    start = resident_kb()
+    run(model, inputs, name, max_new)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
+
+
+def measure_memory(model_dir: Path, name: str, batch: int, dtype: str, max_new: int) -> float:
+    command = [sys.executable, __file__, "--child", str(model_dir), "--settings", name, "--batch", str(batch),
+               "--dtype", dtype, "--max-new-tokens", str(max_new)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"the memory run of {name} at batch {batch} failed:\n{result.stderr}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def measure(model, model_dir: Path, inputs, names: list[str], args) -> dict[str, tuple[float, ...]]:
+    """-> {setting: (prefill s, ms per decode step, tokens/s, peak MB)} for one prepared batch."""
+    batch, n = inputs["input_ids"].shape[0], args.max_new_tokens
+    peaks = {name: measure_memory(model_dir, name, batch, args.dtype, n) for name in names}
+    times = time_settings(model, inputs, names, args.rounds, n)
+    figures = {}
+    for name in names:
+        prefill, total = times[name]
+        figures[name] = (prefill, (total - prefill) / (n - 1) * 1000, batch * n / total, peaks[name])
+    return figures
+
+
+def table(title: str, figures: dict[str, tuple[float, ...]], hf_label: str) -> list[str]:
+    def ratio(value: float, base: float) -> str:
+        return f"{value / base:.2f}" if base > 0 else "n/a"
+
+    base = figures[HF]
     lines = [
-        f"\n### {size}: {params:.1f}M parameters, bf16, batch {batch}, prompt {prompt_len} tokens, "
-        f"{max_new} new tokens, median of {rounds} rounds, {torch.get_num_threads()} threads\n",
-        "| setting | prefill s | vs greedy | ms/step | vs greedy | tokens/s | vs greedy |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"\n### {title}\n",
+        "| setting | prefill s | vs HF | ms/step | vs HF | tokens/s | vs HF | peak MB | vs HF |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in SETTINGS:
-        prefill, step, rate = row(name)
+    for name, (prefill, step, rate, peak) in figures.items():
+        label = hf_label if name == HF else f"vacap {name}"
         lines.append(
-            f"| {name} | {prefill:.3f} | {prefill / base[0]:.2f} | {step:.1f} | {step / base[1]:.2f} "
-            f"| {rate:.1f} | {rate / base[2]:.2f} |"
+            f"| {label} | {prefill:.3f} | {ratio(prefill, base[0])} | {step:.1f} | {ratio(step, base[1])} "
+            f"| {rate:.1f} | {ratio(rate, base[2])} | {peak:.0f} | {ratio(peak, base[3])} |"
         )
     return lines
 
 
+def choices(text: str, allowed, what: str, parser) -> list[str]:
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown or not chosen:
+        parser.error(f"{what} {','.join(unknown) or '(empty)'}: choose from {','.join(allowed)}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="tiny,mid")
+    parser.add_argument("--sizes", default="tiny,mid", help=f"comma-separated, from {','.join(SIZES)}")
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated vacap settings (HF generate is always measured): "
+                             f"{','.join(SETTINGS)}")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for size in args.sizes.split(","):
-        print("\n".join(measure(size, args.rounds, args.max_new_tokens, args.batch)), flush=True)
+    if args.child:
+        rise = peak_rise_mb(Path(args.child), args.settings, int(args.batch), args.dtype, args.max_new_tokens)
+        print(json.dumps(rise))
+        return
 
+    sizes = choices(args.sizes, SIZES, "--sizes", parser)
+    names = [HF] + [name for name in choices(args.settings, [HF, *SETTINGS], "--settings", parser) if name != HF]
+    if not all(b.strip().isdigit() and int(b) > 0 for b in args.batch.split(",")):
+        parser.error(f"--batch {args.batch}: give positive whole numbers separated by commas, e.g. 1,8")
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.rounds < 1 or args.max_new_tokens < 2:
+        parser.error("--rounds must be at least 1 and --max-new-tokens at least 2 (a decode step after the prefill)")
+
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
+            model = load(model_dir, args.dtype)
+            params = sum(p.numel() for p in model.hf.parameters()) / 1e6
+            hf_label = f"HF generate ({model.hf.config._attn_implementation})"
+            for batch in batches:
+                inputs = prepare(model, batch)
+                title = (
+                    f"{size}: {params:.1f}M parameters, {args.dtype}, batch {batch}, prompt "
+                    f"{inputs['input_ids'].shape[1]} tokens, {args.max_new_tokens} new tokens, "
+                    f"median of {args.rounds} rounds, {torch.get_num_threads()} threads"
+                )
+                figures = measure(model, model_dir, inputs, names, args)
+                print("\n".join(table(title, figures, hf_label)), flush=True)
 
 if __name__ == "__main__":
     main()
