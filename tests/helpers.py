@@ -99,8 +99,9 @@ def hf_layer_qkv(hf, hidden: torch.Tensor, pos: torch.Tensor, layer: int):
     block = lm.layers[layer]
     h = block.input_layernorm(hidden)
     B, T, _ = h.shape
-    D = block.self_attn.head_dim
-    q, k, v = (proj(h).view(B, T, -1, D).transpose(1, 2) for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj))
+    attn = block.self_attn
+    D = attn.head_dim
+    q, k, v = (proj(h).view(B, T, -1, D).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     cos, sin = lm.rotary_emb(h, pos)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v

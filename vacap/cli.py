@@ -546,7 +546,8 @@ def eval_shapes(
     ablation: Annotated[
         Optional[bool],
         typer.Option(
-            "--ablation/--no-ablation", help="Add VASparse with each mechanism alone; by default when vasparse is among --methods."
+            "--ablation/--no-ablation",
+            help="Add VASparse with each mechanism alone; by default when vasparse is among --methods.",
         ),
     ] = None,
     scenes: Annotated[int, typer.Option("-n", "--scenes", min=1, help="Test scenes to caption.")] = 300,
@@ -596,7 +597,7 @@ def eval_shapes(
     if differences and not as_json:
         _print_report(
             f"minus {baseline}, in points [95% paired bootstrap]",
-            {label: {key: _interval(value) for key, value in figures.items()} for label, figures in differences.items()},
+            {label: {k: _interval(v) for k, v in figures.items()} for label, figures in differences.items()},
             ["CHAIR_s_diff", "CHAIR_i_diff"], False, headers={"CHAIR_s_diff": "CHAIR_s", "CHAIR_i_diff": "CHAIR_i"},
         )  # fmt: skip
 

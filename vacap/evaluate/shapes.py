@@ -169,7 +169,10 @@ def run_benchmark(
             captioner = base.with_settings(**setting)
             records = captioner.caption(paths)
             ok = [(r, scene) for r, scene in zip(records, shown) if r["status"] == "ok"]
-            scores = [score_caption(r["caption"], s.objects) if r["status"] == "ok" else None for r, s in zip(records, shown)]
+            scores = [
+                score_caption(r["caption"], scene.objects) if r["status"] == "ok" else None
+                for r, scene in zip(records, shown)
+            ]
             figures = summarize(score for score in scores if score is not None)
             tokens = sum(r["tokens"] for r, _ in ok)
             seconds = sum(r["seconds"] for r, _ in ok)
