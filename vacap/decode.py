@@ -63,7 +63,8 @@ class Steering:
 
     The loop calls, in order: ``embed`` (the batch it decodes, which may be larger than the
     caller's: VCD adds noised copies), ``begin`` once the cache exists, ``layer_logits`` and
-    ``observe`` around every layer's softmax, ``after_prefill`` once, and ``next_token`` per step.
+    ``observe`` around every layer's softmax, ``after_prefill`` once, then ``head`` and
+    ``next_token`` per step.
     """
 
     def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
@@ -83,6 +84,13 @@ class Steering:
 
     def after_prefill(self, cache: KVCache) -> None:
         pass
+
+    def head(
+        self, model: VisionLanguageModel, hidden: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden # (B, hidden) last layer's output for the step's token, before the final norm
+        -> next-token logits # (B, V); token_input and position as in ``next_token``."""
+        return model.lm_head(model.norm(hidden))
 
     def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """logits # (B, V); token_input # (B, hidden) embedding of the token that produced them;
@@ -171,7 +179,7 @@ def generate(
     lengths = torch.full((B,), max_new, dtype=torch.long, device=embeds.device)
     finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
     for step in range(max_new):
-        logits = model.lm_head(model.norm(hidden[:, -1]))
+        logits = steering.head(model, hidden[:, -1], last_input, next_position - 1)
         token = steering.next_token(logits, last_input, next_position - 1)
         token = torch.where(finished, model.pad_id, token)
         tokens[:, step] = token

@@ -144,6 +144,9 @@ class Diagnostics(Steering):
         if cache.bias is not None or len(set(cache.length)) > 1:
             self._patch_slots = None  # compacted: slots no longer map to patches
 
+    def head(self, model, hidden: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return self.inner.head(model, hidden, token_input, position)
+
     def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         token = self.inner.next_token(logits, token_input, position)
         z = logits[: self.rows].float()

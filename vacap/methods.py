@@ -195,18 +195,24 @@ class VASparse(Steering):
             {name: torch.cat([kept_fields[name], merged[name]], 1) for name in fields},
         )
 
+    def head(
+        self, model: VisionLanguageModel, hidden: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.contrast:
+            return super().head(model, hidden, token_input, position)
+        phi = token_input if not self.phi_layers else self._phi_hidden(token_input, position)
+        # z_phi is only read on the plausible set, but gathering those LM-head rows needs the
+        # set's size on the host: a sync every step. At decode batch sizes the head's cost is
+        # reading its weights, so z_phi's rows ride along in the same product almost for free.
+        both = model.lm_head(model.norm(torch.cat([hidden, phi])))
+        self._z_phi = both[hidden.shape[0] :]
+        return both[: hidden.shape[0]]
+
     def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         if not self.contrast:
             return logits.argmax(-1)
-        z_theta = logits.float()
-        plausible = vs.plausible_mask(z_theta, self.config.apc_beta)
-        hidden = token_input if not self.phi_layers else self._phi_hidden(token_input, position)
-        # z_phi only matters on the plausible set: gather those LM-head rows, not the whole vocabulary.
-        ids = plausible.any(0).nonzero().squeeze(1)
-        weight = self.model.lm_head.weight[ids]
-        z_phi = torch.full_like(z_theta, math.nan)
-        z_phi[:, ids] = (self.model.norm(hidden) @ weight.T).float()
-        return vs.contrast(z_theta, z_phi, self.config.alpha, plausible).argmax(-1)
+        plausible = vs.plausible_mask(logits, self.config.apc_beta)
+        return vs.contrast(logits, self._z_phi, self.config.alpha, plausible).argmax(-1)
 
     def _phi_hidden(self, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The current token through the first contrast_layers layers with image slots hidden."""
