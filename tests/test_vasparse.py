@@ -550,3 +550,30 @@ def test_mask_image_slots_is_uniform_over_image_slots():
     # every image slot is hidden a quarter of the time (std 0.007 over 4000 rows)
     assert torch.allclose(freq[2:10], torch.full((8,), 0.25), atol=0.04)
     assert (freq[:2] == 0).all() and (freq[10:] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_selection_bias_keeps_what_keep_mask_keeps(seed, sparsity):
+    """The loop's fused form equals the reference composition, padding and per-head saliency included."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, T = 3, 4, 23
+    logits = torch.randn(B, H, T, generator=g) * 3
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :5] = False  # left padding
+    valid[2, :19] = False  # a row with only four slots
+    lam = [0.0, 1.0, 2.5][seed % 3]
+    saliency = torch.rand(B, H if seed % 2 else 1, T, generator=g)
+    if seed == 5:
+        logits[0] = 0.0  # every s zero: the logit term must vanish, not divide by zero
+    phat = vs.scaled_saliency(saliency, valid)
+    want = vs.keep_mask(vs.scores_with_scaled_saliency(logits, phat, lam, valid), sparsity, valid, current=T - 1)
+    bias = vs.selection_bias(logits, *vs.selection_parts(phat, lam, valid, sparsity, current=T - 1))
+    assert torch.equal(bias == 0, want)
+    assert torch.equal(bias != 0, bias == -math.inf)
+    # Without padding every row keeps the same k, and the unsorted top-k keeps the same slots.
+    full = torch.ones(B, T, dtype=torch.bool)
+    phat = vs.scaled_saliency(saliency, full)
+    want = vs.keep_mask(vs.scores_with_scaled_saliency(logits, phat, lam, full), sparsity, full, current=T - 1)
+    bias = vs.selection_bias(logits, *vs.selection_parts(phat, lam, full, sparsity, current=T - 1, full=True))
+    assert torch.equal(bias == 0, want)

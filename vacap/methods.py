@@ -96,10 +96,20 @@ class VASparse(Steering):
             weights = vs.sink_weights(self._field("colsum", layer), valid)
             out = vs.sink_penalty(s, weights, c.sink_beta)
         if self.select:
-            delta = vs.scores_with_scaled_saliency(s, self._phat(layer, valid), c.lam, valid)
-            keep = vs.keep_mask(delta, c.sparsity, valid, current=s.shape[-1] - 1)
-            out = out.masked_fill(~keep, -math.inf)
+            out = out + vs.selection_bias(s, *self._selection_parts(layer, valid))
         return out.unsqueeze(2)
+
+    def _selection_parts(self, layer: int, valid: torch.Tensor):
+        """``vs.selection_parts`` for this layer; without a KV budget every layer of a step
+        holds the same slots, so they are made once per step."""
+        if self.budget or layer == self.config.start_layer:
+            c = self.config
+            phat = self._phat(layer, valid)
+            parts = vs.selection_parts(phat, c.lam, valid, c.sparsity, valid.shape[-1] - 1, full=self._full[layer])
+            if self.budget:
+                return parts
+            self._step_parts = parts
+        return self._step_parts
 
     def _phat(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
         """The scaled saliency Phat # (B, 1 or H, T); zeros when lam is 0 (the term then vanishes).
@@ -133,10 +143,16 @@ class VASparse(Steering):
             field[layer, :, :, end - t : end] = value[:, None]
 
     def after_prefill(self, cache: KVCache) -> None:
+        layers = range(self.config.start_layer, self.n_layers)
         if self.budget:
-            for layer in range(self.config.start_layer, self.n_layers):
+            for layer in layers:
                 self._compact(layer)
             self._prompt_logits.clear()
+        if self.select:
+            # Read once here, not per step: every token the steps add is valid in every row, so a
+            # layer without padding now has none later, and its top-k needs no sorting.
+            full = torch.stack([cache.valid[layer, :, : cache.length[layer]].all() for layer in layers]).tolist()
+            self._full = dict(zip(layers, full))
 
     def _compact(self, layer: int) -> None:
         """Keep the top kv_budget of each KV head's slots; merge the rest into DPC-KNN clusters."""

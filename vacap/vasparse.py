@@ -128,6 +128,54 @@ def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Te
     return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, top, picked) & valid
 
 
+def selection_parts(phat: Tensor, lam: float, valid: Tensor, sparsity: float, current: int, *, full: bool = False):
+    """What ``selection_bias`` needs that does not change between the layers of one step.
+
+        phat      # (B, 1 or H, T) scaled saliency (``scaled_saliency``)
+        valid     # (B, T) bool; current: the slot that is always kept
+        full      # the caller knows every slot is valid (no padding): then every row keeps the
+                  #   same k and the top-k need not be sorted, several times cheaper on a CPU
+        returns   invalid # (B, 1, T) fp32: 0 on valid slots, -inf elsewhere
+                  prior   # (B, 1 or H, T) fp32: lam * Phat + invalid, +inf on the current slot
+                  picks   # (B, 1, k_max) fp32: 0 for the first k_b of the top-k_max picks of row
+                          #   b (k_b = max(1, ceil((1 - sparsity) * n_b))), -inf for the rest;
+                          #   with ``full``, the int k_max instead (every pick is kept)
+    """
+    invalid = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, -math.inf)[:, None]
+    prior = (lam * phat + invalid).index_fill(-1, torch.tensor([current], device=valid.device), math.inf)
+    T = valid.shape[-1]
+    k_max = min(T, max(1, math.ceil((1 - sparsity) * T - _COUNT_TOL)))
+    if full:
+        return invalid, prior, k_max
+    k = torch.ceil((1 - sparsity) * valid.sum(-1).double() - _COUNT_TOL).long().clamp_min(1)  # (B,)
+    picks = torch.zeros(valid.shape[0], 1, k_max, device=valid.device)
+    picks = picks.masked_fill(torch.arange(k_max, device=valid.device) >= k[:, None, None], -math.inf)
+    return invalid, prior, picks
+
+
+def selection_bias(logits: Tensor, invalid: Tensor, prior: Tensor, picks: Tensor | int) -> Tensor:
+    """``keep_mask(selection_scores(...))`` as an additive mask, in a third of the operations.
+
+    The decode loop runs this in every selection layer of every step, so the parts that stay
+    the same across a step's layers come ready from ``selection_parts``. The sort key equals
+    keep_mask's on every slot (delta on valid slots, bit for bit; -inf on invalid ones; +inf on
+    the current one), so the same top-k picks the same slots.
+
+        logits    # (B, H, T) raw attention logits s
+        invalid, prior, picks  from ``selection_parts``
+        returns   # (B, H, T) fp32: 0 on the kept slots, -inf on the dropped ones
+    """
+    s2 = logits.float().square() + invalid
+    # Clamped, not tested: when every valid s is 0, 0 / tiny is the 0 that _unit_peak gives.
+    peak = s2.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    key = s2 / peak + prior
+    if isinstance(picks, int):
+        top = key.topk(picks, dim=-1, sorted=False).indices  # (B, H, k)
+        return torch.full_like(key, -math.inf).scatter_(-1, top, 0.0)
+    top = key.topk(picks.shape[-1], dim=-1).indices  # (B, H, k_max), largest first
+    return torch.full_like(key, -math.inf).scatter_(-1, top, picks.expand_as(top))
+
+
 def sink_weights(colsum: Tensor, valid: Tensor) -> Tensor:
     """Sink weights w = softmax(c) of the running attention column sums (Eq. 5).
 
