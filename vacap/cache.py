@@ -141,6 +141,17 @@ class KVCache:
             fields=fields,
         )
 
+    def write_at(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token per row at a slot held on the device, in place (``index_copy_``).
+
+        slot: # (1,) long; k, v: # (B, Hkv, 1, D). The host's ``length`` is the caller's to
+        advance: the slot never has to be read back, so a compiled step keeps one shape and
+        no host-device synchronisation.
+        """
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        self.valid[layer].index_fill_(1, slot, True)
+
 
 def _gather_slots(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """value # (B, heads, T); index # (B, Hkv, T') -> # (B, heads, T')."""
