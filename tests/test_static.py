@@ -1,4 +1,4 @@
-"""The static-shape decode step (``vacap.decode.static_step``), eager and compiled.
+"""The static-shape decode step (``vacap.decode.static_step``) and ``--compile``.
 
 The static step must give the dynamic loop's tokens, and so Hugging Face's, with positions and
 slots held on the device; compiled, it must never recompile while a caption grows.
@@ -6,7 +6,12 @@ slots held on the device; compiled, it must never recompile while a caption grow
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from vacap.diagnostics import Diagnostics
 from vacap.methods import steering_for
 from vacap.model import load_model
 
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 MAX_NEW = 32
 # Sizes chosen so that, on the anyres tiny models, the batch is left padded and its captions
 # end at different steps, some by EOS and some by length.
@@ -104,3 +110,56 @@ def test_compiled_step_gives_hf_tokens_and_never_recompiles_as_captions_grow(tin
     assert compiled == hf_greedy(path, inputs, MAX_NEW)
     assert again == tokens(model, shorter, Steering(), "dynamic")
     assert list(model.compiled) == ["static"], "one compiled step per loaded model"
+
+
+def test_compile_stays_out_of_the_records_params():
+    config = DecodeConfig(method="greedy", compile=True)
+    assert "compile" not in config.as_params()
+    assert config.as_params() == DecodeConfig(method="greedy").as_params()
+    with pytest.raises(ValueError, match="compile needs diagnostics none"):
+        DecodeConfig(compile=True, diagnostics="summary")
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def vacap(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    command = [sys.executable, "-m", "vacap.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quant", "8bit"], "--compile cannot be used with --quant 8bit"),
+        (["--diagnostics", "summary"], "compile needs diagnostics none"),
+    ],
+)
+def test_compile_with_what_it_cannot_serve_exits_2(args, message):
+    out = vacap("caption", SAMPLES, "--compile", *args)
+    assert out.returncode == 2
+    assert message in " ".join(out.stderr.split()), out.stderr
+
+
+@pytest.mark.dtype
+@pytest.mark.compile  # runs torch.compile in a fresh process
+def test_caption_with_compile_end_to_end(tiny_model, tmp_path):
+    model_dir = tiny_model("llava-llama")
+    images = [SAMPLES / "house.jpg", SAMPLES / "shapes_square.png"]
+    common = ["--model", model_dir, "--dtype", "fp32", "--max-new-tokens", "10"]
+    plain = vacap("caption", *images, *common, "--method", "greedy")
+    output = tmp_path / "compiled.jsonl"
+    compiled = vacap("caption", *images, *common, "--method", "greedy", "--compile", "-o", output)
+    assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = [json.loads(line) for line in plain.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert [r["caption"] for r in records] == [r["caption"] for r in expected]
+    assert [r["params"] for r in records] == [r["params"] for r in expected]
+    assert "dynamic step" not in compiled.stderr
+
+    fallback = vacap("caption", *images, *common, "--method", "vasparse", "--compile")
+    assert fallback.returncode == 0
+    assert fallback.stderr.count("VASparse decoding needs attention inside every step") == 1, fallback.stderr
+    assert len(fallback.stdout.splitlines()) == 2
