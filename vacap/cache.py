@@ -141,6 +141,20 @@ class KVCache:
             fields=fields,
         )
 
+    def write_at(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token per row at a slot held on the device, in place.
+
+        slot: # (1,) long; k, v: # (B, Hkv, 1, D). The host's ``length`` is the caller's to
+        advance: the slot never has to be read back, so a compiled step keeps one shape and
+        no host-device synchronisation. The write indexes the whole buffer (layer included)
+        rather than a layer's view: torch.compile turns a write into a view of its input into
+        a copy of the whole buffer, at every layer of every step.
+        """
+        at = (torch.full_like(slot, layer), slice(None), slice(None), slot)
+        self.k[at] = k.permute(2, 0, 1, 3)  # indexed as (1, B, Hkv, D)
+        self.v[at] = v.permute(2, 0, 1, 3)
+        self.valid[at[0], :, slot] = True
+
 
 def _gather_slots(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """value # (B, heads, T); index # (B, Hkv, T') -> # (B, heads, T')."""

@@ -137,7 +137,8 @@ class Captioner:
         steering = steering_for(self.model, c)
         if c.diagnostics != "none":
             steering = Diagnostics(steering, self.model, c.start_layer)
-        outputs = generate(self.model, self.model.prepare(images, prompts), steering, c.max_new_tokens)
+        steps = "compiled" if c.compile else "dynamic"
+        outputs = generate(self.model, self.model.prepare(images, prompts), steering, c.max_new_tokens, steps=steps)
         eos = set(self.model.eos_ids)
         results = []
         for b, out in enumerate(outputs):

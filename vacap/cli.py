@@ -144,6 +144,14 @@ def caption(
     kv_budget: Annotated[float, typer.Option(help="Fraction of the prompt cache kept, (0, 1]; 1 = off.")] = _D.kv_budget,
     seed: Annotated[int, typer.Option(help="Seed for the random parts (masks, VCD noise).")] = _D.seed,
     diagnostics: Diagnostics = "none",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Decode steps as one torch.compile'd static-shape step (greedy, vcd, fastv; other methods "
+            "fall back and say so). The first batch pays the compilation.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
 ) -> None:
     """Caption every image under PATHS, one JSONL record per image."""
@@ -151,12 +159,15 @@ def caption(
     settings = dict(
         method=method, prompt=prompt, max_new_tokens=max_new_tokens, sparsity=sparsity, lam=lam, alpha=alpha,
         apc_beta=apc_beta, sink_beta=sink_beta, start_layer=start_layer, contrast_layers=contrast_layers,
-        mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics,
+        mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics, compile=compile,
     )  # fmt: skip
     try:
         config = DecodeConfig(**settings)
     except ValueError as exc:
         raise _usage(exc) from exc
+    if compile and quant != "none":
+        # bitsandbytes layers break the compiled graph into pieces that recompile at every new shape.
+        raise _usage(ValueError(f"--compile cannot be used with --quant {quant}; use one or the other"))
     listing = _discover(paths, recursive)
     images = listing.files
 

@@ -47,6 +47,10 @@ class DecodeConfig:
     seed: int = 0
     # What the records say about attention: none, summary, or tokens (per token).
     diagnostics: str = "none"
+    # Decode steps as one torch.compile'd static-shape step (vacap.decode.static_step). How the
+    # tokens are computed, not which: the same arithmetic in another kernel order, so like the
+    # batch size it can move a near-tied token only by rounding, and records leave it out.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -85,7 +89,10 @@ class DecodeConfig:
             raise ValueError("; ".join(problems))
 
     def as_params(self) -> dict:
-        return dataclasses.asdict(self.resolved())
+        """The settings a record states (its ``params``): every field but ``compile``."""
+        params = dataclasses.asdict(self.resolved())
+        del params["compile"]
+        return params
 
 
 def _in_unit(name: str, value: float, *, closed_high: bool = False, open_low: bool = False) -> str | None:
@@ -105,6 +112,8 @@ def _problems(c: DecodeConfig):
         yield f"method must be one of {', '.join(METHODS)}, got {c.method!r}"
     if c.diagnostics not in DIAGNOSTICS:
         yield f"diagnostics must be one of {', '.join(DIAGNOSTICS)}, got {c.diagnostics!r}"
+    if c.compile and c.diagnostics != "none":
+        yield "compile needs diagnostics none: the static step computes no attention probabilities to report"
     if not c.prompt.strip():
         yield "prompt must not be empty"
     if c.max_new_tokens < 1:

@@ -11,12 +11,23 @@ so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from vacap.cache import KVCache
 from vacap.model import VisionLanguageModel
+
+log = logging.getLogger("vacap")
+# How generate() runs the decode steps: ``forward`` over the live slots ("dynamic", the
+# reference), or ``static_step`` over the whole capacity, eager ("static") or torch.compile'd.
+STEPS = ("dynamic", "static", "compiled")
+# Static steps attend over the capacity rounded up to this many slots, so that prompts of
+# different lengths share one compiled graph instead of each costing a compilation.
+CAPACITY_QUANTUM = 256
 
 
 @dataclass
@@ -66,6 +77,10 @@ class Steering:
     ``observe`` around every layer's softmax, ``after_prefill`` once, then ``head`` and
     ``next_token`` per step.
     """
+
+    # True for a subclass whose ``layer_logits`` and ``observe`` act in the prefill only: its
+    # decode steps may then run as ``static_step``, which calls no per-layer hook.
+    prefill_only_hooks = False
 
     def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
         """-> embeds # (B', T, hidden), image_mask # (B', T), valid # (B', T)."""
@@ -144,15 +159,98 @@ def forward(
     return x
 
 
+def static_step(
+    model: VisionLanguageModel,
+    cache: KVCache,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """One new token per row through every layer, with the same shapes at every step.
+
+    x # (B, 1, hidden); positions # (B, 1) absolute positions; slots # (L,) long, the cache
+    slot each layer writes. Positions and slots live on the device and attention runs over the
+    cache's whole capacity, its empty slots masked out, so no number the host counts enters
+    the computation: compiled once, the step never recompiles (and on a GPU it can be captured
+    as a graph). The caller advances ``slots`` and the host's ``cache.length``. Calls no
+    steering hook: only for steps that are plain attention (``Steering.prefill_only_hooks``).
+    Equals ``forward`` on one token up to the rounding of the attention kernel.
+    Returns the hidden states before the final norm # (B, 1, hidden).
+    """
+    B = x.shape[0]
+    Hkv, group, D = model.n_kv_heads, model.n_heads // model.n_kv_heads, model.head_dim
+    cos, sin = model.rotary_emb(x, positions)
+    for index, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        # One token: its query heads, grouped under their KV head, act as that head's queries,
+        # so SDPA shares each key among its group without repeating the keys in memory.
+        q = attn.q_proj(h).view(B, Hkv, group, D)
+        k = attn.k_proj(h).view(B, Hkv, 1, D)
+        v = attn.v_proj(h).view(B, Hkv, 1, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache.write_at(index, slots[index : index + 1], k, v)
+        out = F.scaled_dot_product_attention(
+            q, cache.k[index], cache.v[index], attn_mask=cache.valid[index][:, None, None], scale=model.scaling
+        )  # (B, Hkv, group, D)
+        x = x + attn.o_proj(out.reshape(B, 1, Hkv * group * D))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x
+
+
+def _steps_kind(model: VisionLanguageModel, steering: Steering, steps: str) -> str:
+    """The steps generate() runs: ``steps``, or "dynamic" when the steering needs per-layer hooks
+    in its steps (said once per loaded model and kind of steering)."""
+    if steps not in STEPS:
+        raise ValueError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
+    base = type(steering).layer_logits is Steering.layer_logits and type(steering).observe is Steering.observe
+    if steps == "dynamic" or base or steering.prefill_only_hooks:
+        return steps
+    note = f"dynamic steps for {type(steering).__name__}"
+    if note not in model.notes_given:
+        model.notes_given.add(note)
+        log.warning(
+            "%s decoding needs attention inside every step, so it runs the dynamic step; the static "
+            "step (--compile) covers greedy, vcd and fastv without --diagnostics",
+            type(steering).__name__,
+        )
+    return "dynamic"
+
+
+def _static_decoder(model: VisionLanguageModel, cache: KVCache, compiled: bool) -> Callable:
+    """``decode(x, positions) -> hidden`` running ``static_step``, torch.compile'd once per model."""
+    step = static_step
+    if compiled:
+        if "static" not in model.compiled:
+            model.compiled["static"] = torch.compile(static_step, dynamic=False)
+        step = model.compiled["static"]
+    slots = torch.tensor(cache.length, device=cache.k.device)
+
+    def decode(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = step(model, cache, x, positions, slots)
+        slots.add_(1)
+        cache.length = [n + 1 for n in cache.length]
+        return hidden
+
+    return decode
+
+
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
     inputs: dict[str, torch.Tensor],
     steering: Steering,
     max_new_tokens: int,
+    *,
+    steps: str = "dynamic",
 ) -> list[Generated]:
     """Caption a prepared batch (``model.prepare``) under a method's ``steering``
-    (``vacap.methods.steering_for``; a plain ``Steering()`` is greedy decoding)."""
+    (``vacap.methods.steering_for``; a plain ``Steering()`` is greedy decoding).
+
+    ``steps`` (one of ``STEPS``) picks how decode steps run; "static" and "compiled" apply only
+    where the steering allows it (see ``static_step``) and fall back to "dynamic" elsewhere.
+    """
+    steps = _steps_kind(model, steering, steps)
     rows = inputs["input_ids"].shape[0]
     embeds, image_mask, valid = steering.embed(model, inputs)
     B, T, _ = embeds.shape
@@ -163,8 +261,11 @@ def generate(
             f"window ({model.sliding_window}); vacap does not implement sliding-window attention"
         )
     # One spare slot: the contrast branch writes its token there and rolls back.
+    capacity = T + max_new + 1
+    if steps != "dynamic":
+        capacity = -(-capacity // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
     cache = KVCache(
-        len(model.layers), B, model.n_kv_heads, model.head_dim, T + max_new + 1, dtype=embeds.dtype, device=embeds.device
+        len(model.layers), B, model.n_kv_heads, model.head_dim, capacity, dtype=embeds.dtype, device=embeds.device
     )
     steering.begin(cache, image_mask)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
@@ -174,6 +275,11 @@ def generate(
     eos = torch.tensor(model.eos_ids, device=embeds.device)
     next_position = valid.sum(-1, keepdim=True)
     step_valid = torch.ones(B, 1, dtype=torch.bool, device=embeds.device)
+    if steps == "dynamic":
+        def decode(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return forward(model, cache, x, positions, step_valid, steering)
+    else:
+        decode = _static_decoder(model, cache, compiled=steps == "compiled")
     last_input = embeds[:, -1]
     tokens = torch.full((B, max_new), model.pad_id, dtype=torch.long, device=embeds.device)
     lengths = torch.full((B,), max_new, dtype=torch.long, device=embeds.device)
@@ -189,7 +295,7 @@ def generate(
         if finished.all() or step == max_new - 1:
             break
         last_input = model.embed_tokens(token)
-        hidden = forward(model, cache, last_input[:, None], next_position, step_valid, steering)
+        hidden = decode(last_input[:, None], next_position)
         next_position = next_position + 1
 
     return [

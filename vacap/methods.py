@@ -305,6 +305,9 @@ class FastV(Steering):
     prefill still computes the dropped tokens' own rows, which nobody reads.
     """
 
+    # Ranking and masking happen in the prefill; the steps see a compacted cache and plain attention.
+    prefill_only_hooks = True
+
     def __init__(self, config: DecodeConfig) -> None:
         self.config = config
         self.dropped: torch.Tensor | None = None

@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +142,10 @@ class VisionLanguageModel:
         self.pad_id: int = pad if pad is not None else self.eos_ids[0]
         accepted = inspect.signature(self.hf.model.get_image_features).parameters
         self._image_kwargs = {name for name in accepted if name not in ("self", "kwargs", "pixel_values")}
+        # Kept by vacap.decode for the model's later batches: its torch.compile'd steps (a model
+        # compiles once), and the notes already given about them (each is said once).
+        self.compiled: dict[str, Callable] = {}
+        self.notes_given: set[str] = set()
 
     @property
     def tokenizer(self):
