@@ -9,9 +9,9 @@ projection, MLP. Attention takes one of two paths per layer, chosen by the decod
 - where a method needs the logits before the softmax or the probabilities after it, the attention
   written out (scores, softmax, weighted sum) with the method's hooks around the softmax.
 
-Both run over chunks of queries (one chunk in a decode step), each against the cache slots its
-last query may see, so the prefill never holds a (B, H, T, T) tensor: a chunk's fp32 logits stay
-under ``CHUNK_BYTES``, and the hooks accumulate their statistics chunk by chunk.
+The written-out path runs over chunks of queries (one chunk in a decode step), each against the
+cache slots its last query may see, so the prefill never holds a (B, H, T, T) tensor: a chunk's
+fp32 logits stay under ``CHUNK_BYTES``, and the hooks accumulate their statistics chunk by chunk.
 
 With every mechanism off this is Hugging Face's Llama/Mistral/Qwen2 computation with its default
 SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
@@ -27,10 +27,10 @@ from vacap.cache import KVCache
 from vacap.model import VisionLanguageModel
 
 
-# Eager attention keeps about five tensors of one chunk's (B, H, chunk, T) size alive (logits in
-# the model's dtype and in fp32, the masked logits, the probabilities and their cast); bounding
-# the fp32 logits to 32 MiB keeps the prefill's attention temporaries near 160 MiB at any length.
-CHUNK_BYTES = 32 * 2**20
+# Written-out attention holds two or three tensors of one chunk's (B, H, chunk, T) size at once
+# (the logits, their masked copy, the probabilities; in bf16 also a cast); bounding the fp32
+# logits to 16 MiB keeps the prefill's attention temporaries near 50 MiB at any length.
+CHUNK_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -193,50 +193,70 @@ def forward(
     """Run new tokens through the decoder layers, writing their keys and values to the cache.
 
     x # (B, t, hidden); positions # (B, t) absolute positions; valid # (B, t) real tokens.
-    ``chunk_size`` caps the queries per attention chunk (default: ``CHUNK_BYTES``).
+    ``chunk_size`` caps the queries per chunk of written-out attention (default: ``CHUNK_BYTES``).
     Returns the hidden states after the first ``n_layers`` layers (all by default), before the
     final norm # (B, t, hidden).
     """
-    B, t, _ = x.shape
-    H, D = model.n_heads, model.head_dim
-    prefill = t > 1
     cos, sin = model.rotary_emb(x, positions)
     for index, layer in enumerate(model.layers[:n_layers]):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, t, -1, D).transpose(1, 2)
-        k = attn.k_proj(h).view(B, t, -1, D).transpose(1, 2)
-        v = attn.v_proj(h).view(B, t, -1, D).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values, visible = cache.append(index, k, v, valid)
-        hidden = steering.hidden_slots(index, cache, prefill)
-        if hidden is not None:
-            visible = visible & ~hidden
-        bias = cache.layer_bias(index)
-        if bias is not None:
-            bias = bias.repeat_interleave(H // model.n_kv_heads, dim=1).unsqueeze(2)  # (B, H, 1, T)
-        eager = steering.needs_attention(index, prefill)
-
-        out = x.new_empty(B, t, H * D)
-        for chunk in query_chunks(t, keys.shape[2], B, H, chunk_size):
-            qc, kc, vc = q[:, :, chunk.rows], keys[:, :, : chunk.slots], values[:, :, : chunk.slots]
-            allowed = chunk_mask(visible, chunk)
-            chunk_bias = None if bias is None else bias[..., : chunk.slots]
-            if not eager:
-                out[:, chunk.rows] = fused_attention(qc, kc, vc, allowed, chunk_bias, model.scaling)
-                continue
-            logits = steering.layer_logits(index, attention_logits(qc, kc, model.scaling), cache, chunk)
-            if chunk_bias is not None:
-                logits = logits + chunk_bias
-            # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
-            # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
-            probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min), dim=-1)
-            steering.observe(index, probs, cache, valid[:, chunk.rows], chunk)
-            out[:, chunk.rows] = attention_output(probs, vc)
-
-        x = x + attn.o_proj(out)
+        # A function of its own, so that q, k, v and the attention output are freed before the
+        # MLP's large intermediate tensors are made.
+        x = x + self_attention(model, index, layer.input_layernorm(x), cos, sin, cache, valid, steering, chunk_size)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x
+
+
+def self_attention(
+    model: VisionLanguageModel,
+    index: int,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache,
+    valid: torch.Tensor,
+    steering: Steering,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Layer ``index``'s attention on its normed input h # (B, t, hidden) -> # (B, t, hidden);
+    the new tokens' keys and values go to the cache first."""
+    B, t, _ = h.shape
+    H, D = model.n_heads, model.head_dim
+    prefill = t > 1
+    attn = model.layers[index].self_attn
+    q = attn.q_proj(h).view(B, t, -1, D).transpose(1, 2)
+    k = attn.k_proj(h).view(B, t, -1, D).transpose(1, 2)
+    v = attn.v_proj(h).view(B, t, -1, D).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    keys, values, visible = cache.append(index, k, v, valid)
+    del k, v  # the cache holds copies
+    hidden = steering.hidden_slots(index, cache, prefill)
+    if hidden is not None:
+        visible = visible & ~hidden
+    bias = cache.layer_bias(index)
+    if bias is not None:
+        bias = bias.repeat_interleave(H // model.n_kv_heads, dim=1).unsqueeze(2)  # (B, H, 1, T)
+    T = keys.shape[2]
+
+    if not steering.needs_attention(index, prefill):
+        # One call: the fused kernel never materialises the logits, and its bool mask
+        # # (B, 1, t, T) is a quarter of one head's fp32 logits.
+        allowed = chunk_mask(visible, Chunk(0, t, t, T))
+        return attn.o_proj(fused_attention(q, keys, values, allowed, bias, model.scaling))
+
+    out = h.new_empty(B, t, H * D)
+    for chunk in query_chunks(t, T, B, H, chunk_size):
+        kc, vc = keys[:, :, : chunk.slots], values[:, :, : chunk.slots]
+        logits = steering.layer_logits(index, attention_logits(q[:, :, chunk.rows], kc, model.scaling), cache, chunk)
+        if bias is not None:
+            logits = logits + bias[..., : chunk.slots]
+        # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
+        # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
+        logits = logits.masked_fill(~chunk_mask(visible, chunk), torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1)
+        del logits  # one chunk-sized tensor fewer while the hooks and the product run
+        steering.observe(index, probs, cache, valid[:, chunk.rows], chunk)
+        out[:, chunk.rows] = attention_output(probs, vc)
+    return attn.o_proj(out)
 
 
 @torch.no_grad()
