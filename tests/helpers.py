@@ -29,19 +29,21 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 IMAGES = [noise_image(40, 30, 1), noise_image(30, 44, 2), noise_image(32, 32, 3), noise_image(64, 60, 4)]
 
 
-def hf_model(path, dtype: torch.dtype = torch.float32):
-    """The checkpoint loaded by transformers alone: eager attention in the language model (what
-    vacap's loop computes; it also gives output_attentions), and the vision tower's default
-    attention, as vacap loads it (vacap runs the tower through transformers)."""
+def hf_model(path, dtype: torch.dtype = torch.float32, attention: str = "eager"):
+    """The checkpoint loaded by transformers alone. The language model's attention is eager by
+    default (it gives output_attentions), or "sdpa", what transformers picks by default and a
+    user runs; the vision tower keeps its default attention, as vacap loads it (vacap runs the
+    tower through transformers)."""
     config = transformers.AutoConfig.from_pretrained(path)
-    attention = {"": "eager", "text_config": "eager", "vision_config": "sdpa"}
+    implementation = {"": attention, "text_config": attention, "vision_config": "sdpa"}
     model_class = getattr(transformers, config.architectures[0])
-    return model_class.from_pretrained(path, attn_implementation=attention, dtype=dtype).eval()
+    return model_class.from_pretrained(path, attn_implementation=implementation, dtype=dtype).eval()
 
 
 def hf_greedy(path, inputs, max_new: int = MAX_NEW, dtype: torch.dtype = torch.float32) -> list[list[int]]:
-    """Tokens of HF generate(do_sample=False, num_beams=1), cut after each row's EOS."""
-    hf = hf_model(path, dtype)
+    """Tokens of HF generate(do_sample=False, num_beams=1) with its default (SDPA) attention,
+    cut after each row's EOS."""
+    hf = hf_model(path, dtype, attention="sdpa")
     eos = hf.generation_config.eos_token_id
     out = hf.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new)
     rows = []

@@ -37,6 +37,18 @@ def test_greedy_matches_hf_generate_single_and_batched(tiny_model, arch, dtype):
         assert batched == [ours(model, [image])[0] for image in IMAGES]
 
 
+@pytest.mark.dtype
+def test_greedy_matches_hf_generate_on_a_llava_next_length_prompt(tiny_model):
+    path = tiny_model("llava-next", size="long")
+    model = load_model(str(path), dtype="fp32", device="cpu")
+    inputs = model.prepare([noise_image(384, 384, 5)], PROMPT)
+    # The 2 x 2 anyres grid of 192-px tiles: LLaVA-NeXT's cache length.
+    assert int((inputs["input_ids"] == model.image_token_id).sum()) == 2928
+    tokens = [g.tokens for g in generate(model, inputs, Steering(), 8)]
+    assert tokens == hf_greedy(path, inputs, 8)
+    assert len(set(tokens[0])) > 3
+
+
 def test_anyres_batch_is_really_padded(tiny_model):
     model = load_model(str(tiny_model("llava-next")), dtype="fp32", device="cpu")
     inputs = model.prepare(IMAGES, PROMPT)

@@ -54,16 +54,16 @@ class Spy:
         self.logits, self.probs = {}, {}
         layer_logits, observe = steering.layer_logits, steering.observe
 
-        def spy_logits(layer, logits, cache, prefill):
-            out = layer_logits(layer, logits, cache, prefill)
-            if not prefill:
+        def spy_logits(layer, logits, cache, chunk):
+            out = layer_logits(layer, logits, cache, chunk)
+            if not chunk.prefill:
                 self.logits.setdefault(layer, []).append(out[:, :, 0].clone())
             return out
 
-        def spy_observe(layer, probs, cache, query_valid):
-            if probs.shape[2] == 1:
+        def spy_observe(layer, probs, cache, query_valid, chunk):
+            if not chunk.prefill:
                 self.probs.setdefault(layer, []).append(probs[:, :, 0].clone())
-            observe(layer, probs, cache, query_valid)
+            observe(layer, probs, cache, query_valid, chunk)
 
         steering.layer_logits, steering.observe = spy_logits, spy_observe
 
@@ -122,9 +122,9 @@ def test_identity_2_selection_keeps_k_slots_per_head_in_the_loop(loaded):
     seen = []
     original = steering.layer_logits
 
-    def spy(layer, logits, cache, prefill):
-        out = original(layer, logits, cache, prefill)
-        if not prefill:
+    def spy(layer, logits, cache, chunk):
+        out = original(layer, logits, cache, chunk)
+        if not chunk.prefill:
             seen.append((layer, torch.isfinite(out[:, :, 0]), cache.valid[layer, :, : logits.shape[-1]]))
         return out
 
@@ -147,15 +147,12 @@ def test_identity_3_sink_beta_zero_is_bitwise_off(loaded):
     inputs = model.prepare(IMAGES[:2], PROMPT)
     captured = {}
 
-    class Capture(Steering):
+    class Capture:  # every hook the inner method's own, only next_token recorded
         def __init__(self, inner, name):
             self.inner, self.name = inner, name
 
         def __getattr__(self, attr):
             return getattr(self.inner, attr)
-
-        def layer_logits(self, layer, logits, cache, prefill):
-            return self.inner.layer_logits(layer, logits, cache, prefill)
 
         def next_token(self, logits, token_input, position):
             captured.setdefault(self.name, []).append(logits.clone())
@@ -273,10 +270,12 @@ def test_identity_6_kv_budget_clusters_recomputed_from_hf(loaded):
                 def expect(x, reduce):  # kept slots as they were, then one reduced slot per cluster
                     return torch.stack([*x[..., kept].unbind(-1), *(reduce(x[..., m]) for m in members)], -1)
 
+                # vacap's layers below start_layer run SDPA, HF's reference eager attention: the keys
+                # and values they feed differ by fp32 rounding, a few 1e-6 here and there.
                 torch.testing.assert_close(cache.k[layer, b, g, :width].T, expect(keys[b, g].T, lambda x: x.mean(-1)),
-                                           rtol=1e-4, atol=1e-5)  # fmt: skip
+                                           rtol=1e-4, atol=5e-5)  # fmt: skip
                 torch.testing.assert_close(cache.v[layer, b, g, :width].T,
-                                           expect(values[b, g].T, lambda x: x.mean(-1)), rtol=1e-4, atol=1e-5)  # fmt: skip
+                                           expect(values[b, g].T, lambda x: x.mean(-1)), rtol=1e-4, atol=5e-5)  # fmt: skip
                 sizes = torch.tensor([len(m) for m in members], dtype=torch.float32)
                 torch.testing.assert_close(cache.bias[layer, b, g, :width], torch.cat([torch.zeros(n_keep), sizes.log()]))
                 flags = expect(image[b].float(), lambda x: (x.mean(-1) > 0.5).float())
@@ -359,7 +358,9 @@ def test_identity_7_sink_column_sums_match_hf_and_grow_by_one_row(loaded):
     penalised = (1 + beta) * s - beta * w * s
     keep = expected_keep(s, v, full_valid, sparsity, lam)
     row = torch.softmax(penalised.masked_fill(~keep, -math.inf), -1)
-    grown = steering.cache.fields["colsum"][start, :, :, : T + 1] - before
+    # Growth from vacap's own prefill sums (the run above), not HF's: those match HF only to
+    # rounding, and a slot the step drops must grow by exactly 0.
+    grown = steering.cache.fields["colsum"][start, :, :, : T + 1] - torch.nn.functional.pad(c[start], (0, 1))
     torch.testing.assert_close(grown, row, rtol=1e-4, atol=1e-5)
 
 

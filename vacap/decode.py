@@ -1,12 +1,20 @@
 """Prefill and step loop: vacap's own pure-PyTorch pass over the language model's layers.
 
 One forward reads top to bottom: norm, project, view, rotary, cache write, attention, output
-projection, MLP. The attention is written out (scores, softmax, weighted sum) rather than
-delegated to SDPA because the decoding methods need the logits before the softmax and the
-probabilities after it.
+projection, MLP. Attention takes one of two paths per layer, chosen by the decoding method
+(``Steering.needs_attention``):
 
-With every mechanism off this is exactly Hugging Face's eager Llama/Mistral/Qwen2 computation,
-so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
+- where nobody reads the probabilities, PyTorch's fused ``scaled_dot_product_attention``
+  (greedy everywhere, and most layers of the other methods);
+- where a method needs the logits before the softmax or the probabilities after it, the attention
+  written out (scores, softmax, weighted sum) with the method's hooks around the softmax.
+
+The written-out path runs over chunks of queries (one chunk in a decode step), each against the
+cache slots its last query may see, so the prefill never holds a (B, H, T, T) tensor: a chunk's
+fp32 logits stay under ``CHUNK_BYTES``, and the hooks accumulate their statistics chunk by chunk.
+
+With every mechanism off this is Hugging Face's Llama/Mistral/Qwen2 computation with its default
+SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
 """
 
 from __future__ import annotations
@@ -30,12 +38,62 @@ STEPS = ("dynamic", "static", "compiled")
 CAPACITY_QUANTUM = 256
 
 
+# Written-out attention holds two or three tensors of one chunk's (B, H, chunk, T) size at once
+# (the logits, their masked copy, the probabilities; in bf16 also a cast); bounding the fp32
+# logits to 16 MiB keeps the prefill's attention temporaries near 50 MiB at any length.
+CHUNK_BYTES = 16 * 2**20
+
+
 @dataclass
 class Generated:
     """One row's output: token ids (the stop token included when one was produced)."""
 
     tokens: list[int]
     stopped_by: str  # "eos" or "length"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The queries a block of attention rows belongs to: new tokens ``start:stop`` of the
+    ``total`` a forward processes (``total`` is 1 in a decode step). Their rows cover the first
+    ``slots`` cache slots of the layer; the slots after those hold these queries' future."""
+
+    start: int
+    stop: int
+    total: int
+    slots: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+    @property
+    def prefill(self) -> bool:
+        return self.total > 1
+
+    @property
+    def last(self) -> bool:
+        """Whether the chunk holds the forward's last query (the one that predicts a token)."""
+        return self.stop == self.total
+
+
+def query_chunks(t: int, T: int, batch: int, heads: int, size: int | None = None) -> list[Chunk]:
+    """Split t new tokens, the last t of a T-slot cache, into chunks of at most ``size`` queries
+    (by default as many as keep one chunk's fp32 logits under ``CHUNK_BYTES``), of even sizes:
+    a one-query chunk in a prefill would take SDPA's decode kernel, which rounds differently."""
+    if size is None:
+        size = max(1, CHUNK_BYTES // (4 * batch * heads * T))
+    n = -(-t // size)
+    bounds = [t * i // n for i in range(n + 1)]
+    return [Chunk(a, b, t, T - t + b) for a, b in zip(bounds, bounds[1:])]
+
+
+def chunk_mask(visible: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """visible # (B, T) slots any query may see -> # (B, 1, c, slots) bool: what each of the
+    chunk's queries may see (a visible slot not after its own)."""
+    own = torch.arange(chunk.slots - (chunk.stop - chunk.start), chunk.slots, device=visible.device)  # (c,)
+    causal = torch.arange(chunk.slots, device=visible.device) <= own[:, None]  # (c, slots)
+    return visible[:, None, None, : chunk.slots] & causal
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -69,13 +127,38 @@ def attention_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(B, H, t, D).transpose(1, 2).reshape(B, t, H * D)
 
 
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """SDPA: q # (B, H, t, D), k, v # (B, Hkv, T, D), allowed # (B, 1, t, T) bool, or None for plain
+    causal attention over t == T slots; bias # (B, H, 1, T) fp32 or None -> # (B, t, H * D).
+    Grouped query heads share their KV head inside the kernel."""
+    B, H, t, D = q.shape
+    mask = allowed
+    if bias is not None:
+        # The dtype's minimum, as in the eager path: a query with no visible slot stays finite.
+        mask = torch.where(allowed, bias, torch.finfo(torch.float32).min).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=H != k.shape[1]
+    )
+    return out.transpose(1, 2).reshape(B, t, H * D)
+
+
 class Steering:
     """What a decoding method may change in the loop; this base class changes nothing (greedy).
 
     The loop calls, in order: ``embed`` (the batch it decodes, which may be larger than the
-    caller's: VCD adds noised copies), ``begin`` once the cache exists, ``layer_logits`` and
-    ``observe`` around every layer's softmax, ``after_prefill`` once, then ``head`` and
-    ``next_token`` per step.
+    caller's: VCD adds noised copies), ``begin`` once the cache exists, then per layer
+    ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits`` and
+    ``observe`` around the softmax of every chunk of queries (in order; see ``Chunk``);
+    ``after_prefill`` once, then ``head`` and ``next_token`` per step. Hooks must also be right where they
+    were not asked for: a wrapper (``Diagnostics``) may need the eager path where its inner
+    method does not.
     """
 
     # True for a subclass whose ``layer_logits`` and ``observe`` act in the prefill only: its
@@ -90,12 +173,24 @@ class Steering:
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
         pass
 
-    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
-        """logits # (B, H, t, T) fp32, before any mask; returns the logits the softmax should use."""
+    def needs_attention(self, layer: int, prefill: bool) -> bool:
+        """Whether ``layer_logits`` and ``observe`` must run in this layer of the prefill or of a
+        step; where no hook needs them the loop takes the fused path and calls neither."""
+        return False
+
+    def hidden_slots(self, layer: int, cache: KVCache, prefill: bool) -> torch.Tensor | None:
+        """# (B, T) bool: the layer's cache slots that no query may see, besides padding; or None."""
+        return None
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, chunk: Chunk) -> torch.Tensor:
+        """logits # (B, H, c, chunk.slots) fp32, before any mask; returns the logits the softmax should use."""
         return logits
 
-    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
-        """probs # (B, H, t, T) as used; query_valid # (B, t) marks real (non-padding) queries."""
+    def observe(
+        self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
+    ) -> None:
+        """probs # (B, H, c, chunk.slots) as used; query_valid # (B, c) marks the chunk's real
+        (non-padding) queries."""
 
     def after_prefill(self, cache: KVCache) -> None:
         pass
@@ -121,42 +216,84 @@ def forward(
     valid: torch.Tensor,
     steering: Steering,
     n_layers: int | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Run new tokens through the decoder layers, writing their keys and values to the cache.
 
     x # (B, t, hidden); positions # (B, t) absolute positions; valid # (B, t) real tokens.
+    ``chunk_size`` caps the queries per chunk of written-out attention (default: ``CHUNK_BYTES``).
     Returns the hidden states after the first ``n_layers`` layers (all by default), before the
     final norm # (B, t, hidden).
     """
-    B, t, _ = x.shape
-    prefill = t > 1
     cos, sin = model.rotary_emb(x, positions)
+    # A prefill without padding into an empty cache needs no mask: SDPA's causal kernel then skips
+    # the blocks above the diagonal (a third of its time at 600 tokens). One host sync per
+    # prefill; a decode step never asks.
+    causal = x.shape[1] > 1 and cache.length[0] == 0 and bool(valid.all())
     for index, layer in enumerate(model.layers[:n_layers]):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, t, -1, model.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values, slot_valid = cache.append(index, k, v, valid)
-
-        logits = steering.layer_logits(index, attention_logits(q, keys, model.scaling), cache, prefill)
-        bias = cache.layer_bias(index)
-        if bias is not None:
-            logits = logits + bias.repeat_interleave(model.n_heads // model.n_kv_heads, dim=1).unsqueeze(2)
-        allowed = slot_valid[:, None, None, :]
-        if prefill:
-            T = keys.shape[2]
-            allowed = allowed & torch.ones(t, T, dtype=torch.bool, device=x.device).tril(T - t)
-        # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
-        # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
-        logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits, dim=-1)
-        steering.observe(index, probs, cache, valid)
-
-        x = x + attn.o_proj(attention_output(probs, values))
+        # A function of its own, so that q, k, v and the attention output are freed before the
+        # MLP's large intermediate tensors are made.
+        x = x + self_attention(
+            model, index, layer.input_layernorm(x), cos, sin, cache, valid, causal, steering, chunk_size
+        )
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x
+
+
+def self_attention(
+    model: VisionLanguageModel,
+    index: int,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache,
+    valid: torch.Tensor,
+    causal: bool,
+    steering: Steering,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Layer ``index``'s attention on its normed input h # (B, t, hidden) -> # (B, t, hidden);
+    the new tokens' keys and values go to the cache first. ``causal``: every query may see
+    every slot up to its own (no padding, no earlier slots)."""
+    B, t, _ = h.shape
+    H, D = model.n_heads, model.head_dim
+    prefill = t > 1
+    attn = model.layers[index].self_attn
+    q = attn.q_proj(h).view(B, t, -1, D).transpose(1, 2)
+    k = attn.k_proj(h).view(B, t, -1, D).transpose(1, 2)
+    v = attn.v_proj(h).view(B, t, -1, D).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    keys, values, visible = cache.append(index, k, v, valid)
+    del k, v  # the cache holds copies
+    hidden = steering.hidden_slots(index, cache, prefill)
+    if hidden is not None:
+        visible = visible & ~hidden
+    bias = cache.layer_bias(index)
+    if bias is not None:
+        bias = bias.repeat_interleave(H // model.n_kv_heads, dim=1).unsqueeze(2)  # (B, H, 1, T)
+    T = keys.shape[2]
+
+    if not steering.needs_attention(index, prefill):
+        # One call: the fused kernel never materialises the logits, and its bool mask
+        # # (B, 1, t, T) is a quarter of one head's fp32 logits.
+        plain = causal and hidden is None and bias is None
+        allowed = None if plain else chunk_mask(visible, Chunk(0, t, t, T))
+        return attn.o_proj(fused_attention(q, keys, values, allowed, bias, model.scaling))
+
+    out = h.new_empty(B, t, H * D)
+    for chunk in query_chunks(t, T, B, H, chunk_size):
+        kc, vc = keys[:, :, : chunk.slots], values[:, :, : chunk.slots]
+        logits = steering.layer_logits(index, attention_logits(q[:, :, chunk.rows], kc, model.scaling), cache, chunk)
+        if bias is not None:
+            logits = logits + bias[..., : chunk.slots]
+        # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
+        # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
+        logits = logits.masked_fill(~chunk_mask(visible, chunk), torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1)
+        del logits  # one chunk-sized tensor fewer while the hooks and the product run
+        steering.observe(index, probs, cache, valid[:, chunk.rows], chunk)
+        out[:, chunk.rows] = attention_output(probs, vc)
+    return attn.o_proj(out)
 
 
 def static_step(

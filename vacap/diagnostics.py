@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from vacap.cache import KVCache
-from vacap.decode import Steering
+from vacap.decode import Chunk, Steering
 from vacap.model import VisionLanguageModel
 
 SINK_EPSILON = 0.3
@@ -113,17 +113,26 @@ class Diagnostics(Steering):
             cache.add_field("image", 1)[..., : image_mask.shape[1]] = image_mask[None, :, None].float()
         self._patch_slots = self._base_image_slots(image_mask[: self.rows])
 
-    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
-        out = self.inner.layer_logits(layer, logits, cache, prefill)
-        if layer >= self.start_layer and not prefill:
+    def needs_attention(self, layer: int, prefill: bool) -> bool:
+        return layer >= self.start_layer or self.inner.needs_attention(layer, prefill)
+
+    def hidden_slots(self, layer: int, cache: KVCache, prefill: bool) -> torch.Tensor | None:
+        return self.inner.hidden_slots(layer, cache, prefill)
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, chunk: Chunk) -> torch.Tensor:
+        out = self.inner.layer_logits(layer, logits, cache, chunk)
+        if layer >= self.start_layer and not chunk.prefill:
             valid = cache.valid[layer, : self.rows, : out.shape[-1]]
             seen = (torch.isfinite(out[: self.rows, :, -1]) & valid[:, None]).sum(-1).float()  # (B, H)
             self._add("kept", (seen / valid.sum(-1, keepdim=True)).mean(1))
         return out
 
-    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
-        self.inner.observe(layer, probs, cache, query_valid)
-        if layer < self.start_layer:
+    def observe(
+        self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
+    ) -> None:
+        self.inner.observe(layer, probs, cache, query_valid, chunk)
+        # Only the query that produces the next token: the prefill's last one, each step's one.
+        if layer < self.start_layer or not chunk.last:
             return
         p = probs[: self.rows, :, -1].float()  # (B, H, T): the query that produces the next token
         T = p.shape[-1]

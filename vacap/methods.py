@@ -14,7 +14,7 @@ import torch
 from vacap import vasparse as vs
 from vacap.cache import KVCache
 from vacap.config import DecodeConfig
-from vacap.decode import Steering, forward
+from vacap.decode import Chunk, Steering, forward
 from vacap.model import VisionLanguageModel
 
 
@@ -80,13 +80,20 @@ class VASparse(Steering):
         value = self.cache.fields[name]
         return value[0 if value.shape[0] == 1 else layer, :, :, : self.cache.length[layer]]
 
-    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+    def needs_attention(self, layer: int, prefill: bool) -> bool:
+        # P needs the image mass each token paid in the last layer; from start_layer on, the sink
+        # needs every row, the budget the prompt's last logits, selection each step's logits.
+        if self.saliency and layer == self.n_layers - 1:
+            return True
+        return layer >= self.config.start_layer and (self.sink or (self.budget if prefill else self.select))
+
+    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, chunk: Chunk) -> torch.Tensor:
         c = self.config
         if layer < c.start_layer:
             return logits
-        if prefill:
-            if self.budget:
-                # A copy: a view would keep the whole (B, H, T, T) logits of every layer alive.
+        if chunk.prefill:
+            if self.budget and chunk.last:
+                # A copy: a view would keep the chunk's whole logits alive until compaction.
                 self._prompt_logits[layer] = logits[:, :, -1].clone()
             return logits
         s = logits[:, :, 0]  # (B, H, T): one query per decode step
@@ -125,22 +132,22 @@ class VASparse(Steering):
             self._step_phat = vs.scaled_saliency(vs.saliency(self._field("v", layer), valid), valid)
         return self._step_phat
 
-    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
+    def observe(
+        self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
+    ) -> None:
         if self.sink and layer >= self.config.start_layer:
-            if probs.shape[2] > 1:  # only the prefill has padding queries to leave out
-                probs = probs * query_valid[:, None, :, None]
-            self._field("colsum", layer).add_(probs.sum(2))
+            self._field("colsum", layer)[..., : chunk.slots].add_(_received(probs, query_valid))
         if self.saliency and layer == self.n_layers - 1:
-            image = _per_query_head(self._field("image", layer), self.n_heads) > 0.5
-            mass = vs.image_attention_mass(probs, image)  # (B, t)
-            self._record_new(self.cache.fields["v"], mass)
+            image = _per_query_head(self._field("image", layer)[..., : chunk.slots], self.n_heads) > 0.5
+            # A padding query's row is filler (which chunk holds it changes it): its v stays 0.
+            mass = vs.image_attention_mass(probs, image) * query_valid
+            self._record_new(self.cache.fields["v"], mass, chunk)
 
-    def _record_new(self, field: torch.Tensor, value: torch.Tensor) -> None:
-        """Write a statistic of the t newest tokens # (B, t) into their slots in every layer."""
-        t = value.shape[1]
+    def _record_new(self, field: torch.Tensor, value: torch.Tensor, chunk: Chunk) -> None:
+        """Write a statistic of the chunk's tokens # (B, c) into their slots in every layer."""
         for layer in range(field.shape[0]):
-            end = self.cache.length[layer]
-            field[layer, :, :, end - t : end] = value[:, None]
+            end = self.cache.length[layer] - chunk.total + chunk.stop
+            field[layer, :, :, end - value.shape[1] : end] = value[:, None]
 
     def after_prefill(self, cache: KVCache) -> None:
         layers = range(self.config.start_layer, self.n_layers)
@@ -245,13 +252,19 @@ class _Hide(Steering):
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden  # (B, T_prompt)
 
-    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
-        T = logits.shape[-1]
-        mask = torch.zeros(logits.shape[0], T, dtype=torch.bool, device=logits.device)
+    def hidden_slots(self, layer: int, cache: KVCache, prefill: bool) -> torch.Tensor:
+        T = cache.length[layer]
+        mask = torch.zeros(self.hidden.shape[0], T, dtype=torch.bool, device=self.hidden.device)
         mask[:, : self.hidden.shape[1]] = self.hidden
         # Slot T-2 holds the main pass's copy of this very token; the branch has its own at T-1.
         mask[:, T - 2] = True
-        return logits.masked_fill(mask[:, None, None], -math.inf)
+        return mask
+
+
+def _received(probs: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """Attention each slot received from the real queries # (B, H, S), summed over them, as one
+    product: probs # (B, H, c, S), query_valid # (B, c). Padding rows are not attention anyone paid."""
+    return torch.matmul(query_valid.to(probs.dtype)[:, None, None], probs).squeeze(2)
 
 
 def _take_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -315,18 +328,27 @@ class FastV(Steering):
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
         self.image_mask = image_mask
 
-    def observe(self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor) -> None:
-        if probs.shape[2] > 1 and layer == self.config.fastv_layer - 1:
-            used = probs * query_valid[:, None, :, None]
-            received = used.sum(2).mean(1) / query_valid.sum(-1, keepdim=True)  # (B, T)
-            valid = cache.valid[layer, :, : probs.shape[-1]]
-            keep = vs.fastv_keep(received, self.image_mask, valid, self.config.fastv_ratio)
-            self.dropped = valid & ~keep
+    def needs_attention(self, layer: int, prefill: bool) -> bool:
+        return prefill and layer == self.config.fastv_layer - 1
 
-    def layer_logits(self, layer: int, logits: torch.Tensor, cache: KVCache, prefill: bool) -> torch.Tensor:
+    def observe(
+        self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
+    ) -> None:
+        if not (chunk.prefill and layer == self.config.fastv_layer - 1):
+            return
+        if chunk.start == 0:
+            self._received = torch.zeros_like(self.image_mask, dtype=torch.float32)  # (B, T)
+        self._received[:, : chunk.slots] += _received(probs, query_valid).mean(1)
+        if chunk.last:
+            valid = cache.valid[layer, :, : chunk.slots]
+            # The prefill's real queries are its valid slots: this is the mean over them.
+            mean = self._received / valid.sum(-1, keepdim=True)
+            self.dropped = valid & ~vs.fastv_keep(mean, self.image_mask, valid, self.config.fastv_ratio)
+
+    def hidden_slots(self, layer: int, cache: KVCache, prefill: bool) -> torch.Tensor | None:
         if prefill and self.dropped is not None and layer >= self.config.fastv_layer:
-            return logits.masked_fill(self.dropped[:, None, None], -math.inf)
-        return logits
+            return self.dropped
+        return None
 
     def after_prefill(self, cache: KVCache) -> None:
         if self.dropped is None:

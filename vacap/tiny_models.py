@@ -58,7 +58,7 @@ from transformers import (
 )
 
 ARCHITECTURES = ("llava-llama", "llava-mistral", "llava-qwen2", "llava-next", "llava-onevision")
-SIZES = ("tiny", "mid")
+SIZES = ("tiny", "mid", "long")
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -166,6 +166,10 @@ _QUANT_TEXT = Dims(hidden=128, layers=4, heads=4, intermediate=256)
 # For speed benchmarks: ~310M parameters with multi-head attention (llava-llama, llava-next),
 # ~285M with the grouped-query attention of the others. The vision tower stays tiny.
 _MID_TEXT = Dims(hidden=1024, layers=24, heads=16, intermediate=2816)
+# For long prompts (LLaVA-NeXT's ~2.9k tokens per image with llava-next): the mid model's 192-px
+# tiles and sequence length, half its width and a third of its depth (~27M text parameters),
+# so that 2 CPU cores prefill a batch of 4 such prompts in seconds.
+_LONG_TEXT = Dims(hidden=512, layers=8, heads=8, intermediate=1408)
 
 # Two layers so that vision_feature_layer=-2 selects a real hidden state.
 _TINY_VISION = Dims(hidden=32, layers=2, heads=2, intermediate=64)
@@ -186,7 +190,10 @@ def build_tiny_model(
     ``init_std`` is the text model's (and projector's) ``initializer_range``; ``seed`` makes the
     weights reproducible. ``quantizable`` picks dimensions that bitsandbytes can quantize on CPU
     (``size="mid"`` dimensions already qualify; its images give 576 tokens, as LLaVA-1.5's
-    do). Returns ``out_dir`` as a ``Path``.
+    do). ``size="long"`` is a narrower text model on the same 192-px tiles: with ``llava-next``
+    a square image of at least 384 px fills the 2 x 2 anyres grid and gives 2928 image tokens
+    (576 base + 2304 tile + 48 row-newline tokens), as LLaVA-NeXT's up to 2880 do.
+    Returns ``out_dir`` as a ``Path``.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
@@ -196,15 +203,17 @@ def build_tiny_model(
 
     if size == "mid":
         text_dims = _MID_TEXT
+    elif size == "long":
+        text_dims = _LONG_TEXT
     else:
         text_dims = _QUANT_TEXT if quantizable else _TINY_TEXT
     vision_dims = _QUANT_VISION if quantizable else _TINY_VISION
 
     tokenizer = _build_tokenizer()
     text_config = _text_config(arch, text_dims, init_std, tokenizer)
-    # A mid-size model sees 192 px: 24 x 24 patches, the 576 image tokens of LLaVA-1.5, so that
-    # benchmarks attend over a cache of realistic length.
-    side = MID_IMAGE_SIZE if size == "mid" else IMAGE_SIZE
+    # Mid and long models see 192 px: 24 x 24 patches, the 576 image tokens of LLaVA-1.5 per
+    # tile, so that benchmarks attend over a cache of realistic length.
+    side = IMAGE_SIZE if size == "tiny" else MID_IMAGE_SIZE
     config, model_class, save_processor = _multimodal_parts(arch, text_config, vision_dims, tokenizer, side)
     config.dtype = torch.float32
 

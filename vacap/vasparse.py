@@ -220,7 +220,8 @@ def image_attention_mass(probs: Tensor, image_slots: Tensor) -> Tensor:
         returns      # (B, Tq) fp32: v_t = mean_h sum_{k image} probs[b, h, t, k]
     """
     image = image_slots if image_slots.dim() == 3 else image_slots[:, None]  # (B, H or 1, T)
-    return (probs.float() * image[:, :, None]).sum(-1).mean(1)
+    # A product, not a masked copy of probs: this runs on chunks of prefill attention.
+    return torch.matmul(probs.float(), image[..., None].float()).squeeze(-1).mean(1)
 
 
 def plausible_mask(logits: Tensor, apc_beta: float) -> Tensor:
