@@ -80,7 +80,10 @@ def main() -> None:
         base = Captioner("demo", dtype=args.dtype, device="cpu", batch_size=args.batch)
         print(f"{args.images} shapes scenes, batch {args.batch}, {args.dtype}, median of {args.rounds} rounds, "
               f"{torch.get_num_threads()} threads\n")  # fmt: skip
-        print("| method | static img/s | continuous img/s | ratio | waiting for images | tokens per caption | steps static / continuous |")
+        print(
+            "| method | static img/s | continuous img/s | ratio | waiting for images | tokens per caption "
+            "| steps static / continuous |"
+        )
         print("|---|---:|---:|---:|---:|---|---|")
         for method in args.methods.split(","):
             captioner = base.with_settings(method=method)

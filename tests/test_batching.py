@@ -37,7 +37,10 @@ METHODS = {
 
 
 def alone(model, config: DecodeConfig, images) -> list[list[int]]:
-    return [generate(model, model.prepare([image], PROMPT), steering_for(model, config), MAX_NEW)[0].tokens for image in images]
+    return [
+        generate(model, model.prepare([image], PROMPT), steering_for(model, config), MAX_NEW)[0].tokens
+        for image in images
+    ]
 
 
 def streamed(model, config: DecodeConfig, images, rows: int) -> dict[int, Generated]:

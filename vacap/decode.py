@@ -7,6 +7,9 @@ probabilities after it.
 
 With every mechanism off this is exactly Hugging Face's eager Llama/Mistral/Qwen2 computation,
 so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
+
+``generate`` decodes one static batch; ``generate_stream`` runs the same prefill and step over
+a stream of images, a finished row taking the next image (continuous batching).
 """
 
 from __future__ import annotations
@@ -263,7 +266,8 @@ def generate_stream(
             small, h, x, p = _prefill(model, inputs, new_steering(), 0)
             copies = small.batch // len(group)
             if cache is None:
-                # Slack for rows admitted at different times: trims stay rare (see KVCache.splice).
+                # Room for rows admitted at different times, each right-aligned to the running
+                # length: with twice the prompt as slack, trims (KVCache.trim) stay rare.
                 cache = KVCache.like(small, copies * rows, 2 * inputs["input_ids"].shape[1] + max_new + 2)
                 running.attach(cache)
                 device = h.device
