@@ -218,6 +218,8 @@ def generate(
 def batch_inputs(model: VisionLanguageModel, prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One batch from single prepared images, as ``model.prepare`` would have made it: token
     rows left padded, anyres tile stacks (pixel_values # (1, tiles, 3, h, w)) padded with zeros."""
+    if len(prepared) == 1:  # the usual admission once rows free one at a time: nothing to pad
+        return prepared[0]
     out = {}
     for name in prepared[0]:
         parts = [p[name] for p in prepared]
