@@ -6,9 +6,16 @@ with different numbers of slots. Slot order is causal order, so a new token alwa
 
 Per-slot statistics that must follow their slot through compaction (image flags, saliency,
 sink column sums) are registered as named fields and gathered together with keys and values.
+
+Continuous batching splices freshly prefilled rows into a running cache (``splice``): a row's
+slots are right-aligned to the layer's length, so every row's newest slot is the same slot and
+one write per step serves all rows; the slots before a row's first token are invalid. ``trim``
+gives back leading slots that no row uses any more.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -35,9 +42,115 @@ class KVCache:
         self.capacity = capacity
         self.fields: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def like(cls, other: KVCache, batch: int, capacity: int) -> KVCache:
+        """An empty cache shaped like ``other`` (layers, heads, dtype, fields, bias) with its own
+        number of rows and capacity."""
+        L, _, Hkv, _, D = other.k.shape
+        cache = cls(L, batch, Hkv, D, capacity, dtype=other.k.dtype, device=other.k.device)
+        for name, field in other.fields.items():
+            cache.add_field(name, field.shape[2], shared=field.shape[0] < L)
+        if other.bias is not None:
+            cache._add_bias()
+        return cache
+
     @property
     def n_kv_heads(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def _add_bias(self) -> None:
+        L, B, H, T, _ = self.k.shape
+        self.bias = torch.zeros(L, B, H, T, dtype=torch.float32, device=self.k.device)
+
+    def _per_slot(self, layer: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """Every per-slot tensor of a layer by name: (tensor # (B, ...), its slot axis).
+
+        Fields are named ``field:NAME`` (a field may be called ``v``). A field shared by all
+        layers comes with layer 0 only: sharing requires that every layer holds the same slots,
+        so moving it once moves it for all.
+        """
+        out = {"k": (self.k[layer], 2), "v": (self.v[layer], 2), "valid": (self.valid[layer], 1)}
+        if self.bias is not None:
+            out["bias"] = (self.bias[layer], 2)
+        for name, field in self.fields.items():
+            if field.shape[0] > 1 or layer == 0:
+                out[f"field:{name}"] = (field[0 if field.shape[0] == 1 else layer], 2)
+        return out
+
+    def _move(self, layer: int, source: int, target: int, n: int) -> None:
+        """Move the layer's slots [source, source + n) of every row to [target, target + n) and
+        clear the slots they leave (zero, invalid)."""
+        for tensor, axis in self._per_slot(layer).values():
+            moved = tensor.narrow(axis, source, n).clone()
+            tensor.narrow(axis, source, n).zero_()
+            tensor.narrow(axis, target, n).copy_(moved)
+
+    def trim(self, layer: int) -> int:
+        """Drop the layer's leading slots that are invalid in every row; returns how many.
+
+        Reads validity back from the device: call it when a layer nears its capacity, between
+        steps, not in every step.
+        """
+        end = self.length[layer]
+        used = self.valid[layer, :, :end].any(0)  # (T,)
+        first = int(used.int().argmax()) if bool(used.any()) else end
+        if first:
+            self._move(layer, first, 0, end - first)
+            self.length[layer] = end - first
+        return first
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate every per-slot buffer with a larger capacity, content kept."""
+
+        def grown(x: torch.Tensor) -> torch.Tensor:
+            shape = list(x.shape)
+            axis = 3 if x.dim() > 3 else 2  # (L, B, heads, T[, D]) or valid's (L, B, T)
+            shape[axis] = capacity - self.capacity
+            return torch.cat([x, x.new_zeros(shape)], axis)
+
+        self.k, self.v, self.valid = grown(self.k), grown(self.v), grown(self.valid)
+        if self.bias is not None:
+            self.bias = grown(self.bias)
+        self.fields = {name: grown(field) for name, field in self.fields.items()}
+        self.capacity = capacity
+
+    def make_room(self, layer: int, length: int) -> None:
+        """Let the layer hold ``length`` slots: trim when it would not fit, grow when trimming
+        is not enough (rare: the scheduler gives the cache slack)."""
+        if length > self.capacity:
+            length -= self.trim(layer)
+        if length > self.capacity:
+            self.grow(max(length, 2 * self.capacity))
+
+    def splice(self, source: KVCache, rows: Sequence[int], into: Sequence[int]) -> None:
+        """Copy ``source``'s rows ``rows`` into this cache's rows ``into``, clearing what those
+        rows held before.
+
+        Per layer the copied slots end at this layer's length (right-aligned), their earlier
+        slots invalid; a longer source layer first shifts this layer's slots right. Keys,
+        values, validity, bias and fields move together; ``source`` has this cache's fields
+        (``KVCache.like``). Make room first: a layer needs max(its length, the source's) slots.
+        """
+        src = torch.tensor(list(rows), device=self.k.device)
+        dst = torch.tensor(list(into), device=self.k.device)
+        if source.bias is not None and self.bias is None:
+            self._add_bias()
+        for layer in range(len(self.length)):
+            n = source.length[layer]
+            if n > self.length[layer]:
+                self._move(layer, 0, n - self.length[layer], self.length[layer])
+                self.length[layer] = n
+            start = self.length[layer] - n
+            theirs = source._per_slot(layer)
+            for name, (tensor, axis) in self._per_slot(layer).items():
+                tensor[dst] = 0
+                if name in theirs:
+                    slots = (dst,) + (slice(None),) * (axis - 1) + (slice(start, start + n),)
+                    tensor[slots] = theirs[name][0][src].narrow(axis, 0, n)
 
     def add_field(self, name: str, heads: int, *, shared: bool = False) -> torch.Tensor:
         """Register a per-slot fp32 statistic # (L, B, heads, capacity), heads in {1, Hkv, H}.
@@ -105,8 +218,7 @@ class KVCache:
         self.valid[layer, :, :end] = valid
         self.valid[layer, :, end:] = False
         if bias is not None and self.bias is None:
-            L, B, H, T, _ = self.k.shape
-            self.bias = torch.zeros(L, B, H, T, dtype=torch.float32, device=self.k.device)
+            self._add_bias()
         if self.bias is not None:
             self.bias[layer, :, :, :end] = 0 if bias is None else bias
             self.bias[layer, :, :, end:] = 0

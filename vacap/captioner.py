@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +36,64 @@ def record_params(config: DecodeConfig, *, dtype: str, device: str, quant: str) 
 
 @dataclass
 class _Job:
+    index: int  # place in the input order
     path: str
-    image: LoadedImage
+    image: LoadedImage | None = None
+    inputs: dict | None = None  # the processor's output for this image alone
+    error: str | None = None
+
+
+class _Prefetch:
+    """Runs an iterator on a background thread, at most ``ahead`` items in front of its reader.
+
+    ``waited`` adds up the seconds the reader spent waiting for an item. An exception in the
+    thread reaches the reader at the point where it happened, with ``failed`` set.
+    """
+
+    def __init__(self, source: Iterator, ahead: int) -> None:
+        self.waited = 0.0
+        self.failed = False
+        self._queue: queue.Queue = queue.Queue(ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="vacap-images")
+        self._thread.start()
+
+    def _run(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                if not self._put((True, item)):
+                    return
+        except BaseException as exc:  # handed to the reader, who raises it
+            self._put((False, exc))
+            return
+        self._put((False, None))
+
+    def _put(self, item) -> bool:
+        # A bounded put that gives up once the reader has gone (close), so the thread ends.
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self) -> Iterator:
+        while True:
+            started = time.perf_counter()
+            ok, item = self._queue.get()
+            self.waited += time.perf_counter() - started
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                self.failed = True
+                raise item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Captioner:
@@ -57,6 +116,8 @@ class Captioner:
         self.model = load_model(model, dtype=dtype, device=device, quant=quant)
         self.model_name = model
         self._precision = dict(dtype=dtype, device=device, quant=quant)
+        # (seconds the decoding waited for images, wall seconds) of the last run of records()
+        self.image_wait = (0.0, 0.0)
         self._settle()
 
     def _settle(self) -> None:
@@ -72,8 +133,9 @@ class Captioner:
         return other
 
     def caption(self, images: Iterable[str | Path]) -> list[dict]:
-        """Caption image files; one record per image, in order, errors included."""
-        return list(self.records(str(p) for p in images))
+        """Caption image files; one record per image, in input order, errors included."""
+        done = sorted(self._records((str(p) for p in images), None, True), key=lambda pair: pair[0])
+        return [record for _, record in done]
 
     def records(
         self,
@@ -82,32 +144,117 @@ class Captioner:
         skip: Callable[[str, str, str], bool] | None = None,
         recursive: bool = True,
     ) -> Iterator[dict]:
-        """Yield a record per image as soon as its batch is done.
+        """Yield a record per image as soon as its caption is done, so in completion order.
 
         A folder stands for the images in it, found as ``vacap caption`` finds them (a folder
         that cannot be searched yields an ``error`` record). ``skip(path, sha256, settings)``
-        returning True drops an image (resume); it yields nothing for it. Unreadable images yield
-        an ``error`` record without stopping the run.
+        returning True drops an image (resume); it yields nothing for it, and is called from the
+        background thread that reads the images. Unreadable images yield an ``error`` record
+        without stopping the run.
+
+        With ``batch_size`` > 1 a row that finishes takes the next image (continuous batching),
+        so a short caption may overtake a long one started before it. With diagnostics or
+        ``compile``, batches are static (each batch's records together, in input order).
         """
-        batch: list[_Job] = []
+        for _, record in self._records(paths, skip, recursive):
+            yield record
+
+    def _records(self, paths, skip, recursive) -> Iterator[tuple[int, dict]]:
+        """(place in the input order, record), in completion order."""
+        prefetch = _Prefetch(self._jobs(paths, skip, recursive), ahead=2 * self.batch_size + 1)
+        started = time.perf_counter()
+        try:
+            # Diagnostics keeps per-row lists by batch row and step, and the compiled step runs in
+            # generate(): both decode static batches.
+            if self.config.diagnostics != "none" or self.config.compile:
+                yield from self._static(prefetch)
+            else:
+                yield from self._continuous(prefetch)
+        finally:
+            prefetch.close()
+            self.image_wait = (prefetch.waited, time.perf_counter() - started)
+
+    def _jobs(self, paths, skip, recursive) -> Iterator[_Job]:
+        """Every image read, hashed, decoded and prepared for the model (or its error), in order.
+
+        Runs on the background thread, ahead of the model.
+        """
+        index = itertools.count()
         for given in paths:
             files: Iterable = [given]
             if os.path.isdir(given):
                 listing = discover([given], recursive=recursive)
-                yield from (self.error_record(str(folder), reason) for folder, reason in listing.problems)
+                for folder, reason in listing.problems:
+                    yield _Job(next(index), str(folder), error=reason)
                 files = listing.files
             for path in map(str, files):
                 try:
                     loaded = load_image(Path(path))
                 except ImageError as exc:
-                    yield self.error_record(path, str(exc))
+                    yield _Job(next(index), path, error=str(exc))
                     continue
                 if skip is not None and skip(path, loaded.sha256, self.settings):
                     continue
-                batch.append(_Job(path, loaded))
-                if len(batch) == self.batch_size:
-                    yield from self._caption_batch(batch)
-                    batch = []
+                try:
+                    inputs = self.model.prepare([loaded.image], self.config.prompt)
+                except (RuntimeError, ValueError) as exc:
+                    yield _Job(next(index), path, loaded, error=f"captioning failed: {exc}")
+                    continue
+                yield _Job(next(index), path, loaded, inputs)
+
+    def _failed(self, job: _Job, error: str) -> tuple[int, dict]:
+        return job.index, self._record(job.path, "error", error=error, image=job.image)
+
+    def _continuous(self, prefetch: _Prefetch) -> Iterator[tuple[int, dict]]:
+        from vacap.decode import generate_stream
+        from vacap.methods import steering_for
+
+        c = self.config
+        eos = set(self.model.eos_ids)
+        errors: list[_Job] = []
+        while True:
+            in_flight: dict[int, _Job] = {}
+
+            def images():
+                for job in prefetch:
+                    if job.error is not None:
+                        errors.append(job)
+                        continue
+                    in_flight[job.index] = job
+                    yield job.index, job.inputs
+
+            stream = generate_stream(
+                self.model, images(), lambda: steering_for(self.model, c), self.batch_size, c.max_new_tokens
+            )
+            try:
+                for index, out in stream:
+                    yield from (self._failed(job, job.error) for job in errors)
+                    errors.clear()
+                    job = in_flight.pop(index)
+                    tokens = [t for t in out.tokens if t not in eos]
+                    yield job.index, self._record(
+                        job.path, "ok", image=job.image, caption=self.model.decode(tokens), tokens=len(tokens),
+                        seconds=out.seconds,
+                    )  # fmt: skip
+                break
+            except (RuntimeError, ValueError) as exc:
+                if prefetch.failed:
+                    raise
+                # The rows decoding together share the failure; the run goes on with the rest.
+                yield from (self._failed(job, f"captioning failed: {exc}") for job in in_flight.values())
+        yield from (self._failed(job, job.error) for job in errors)
+
+    def _static(self, prefetch: _Prefetch) -> Iterator[tuple[int, dict]]:
+        """Batches that end together (diagnostics, compiled steps)."""
+        batch: list[_Job] = []
+        for job in prefetch:
+            if job.error is not None:
+                yield self._failed(job, job.error)
+                continue
+            batch.append(job)
+            if len(batch) == self.batch_size:
+                yield from self._caption_batch(batch)
+                batch = []
         if batch:
             yield from self._caption_batch(batch)
 
@@ -124,11 +271,11 @@ class Captioner:
         answers: list[str] = []
         for start in range(0, len(questions), self.batch_size):
             chunk = list(questions[start : start + self.batch_size])
-            answers += [text for text, _, _ in self._generate([loaded] * len(chunk), chunk)]
+            answers += [text for text, _, _ in self._generate(self.model.prepare([loaded] * len(chunk), chunk))]
         return answers
 
-    def _generate(self, images: Sequence, prompts: str | Sequence[str]) -> list[tuple[str, int, dict]]:
-        """-> (text, token count, diagnostics fields) per image, stop tokens left out."""
+    def _generate(self, inputs: dict) -> list[tuple[str, int, dict]]:
+        """A prepared batch -> (text, token count, diagnostics fields) per image, stop tokens left out."""
         from vacap.decode import generate
         from vacap.diagnostics import Diagnostics
         from vacap.methods import steering_for
@@ -138,7 +285,7 @@ class Captioner:
         if c.diagnostics != "none":
             steering = Diagnostics(steering, self.model, c.start_layer)
         steps = "compiled" if c.compile else "dynamic"
-        outputs = generate(self.model, self.model.prepare(images, prompts), steering, c.max_new_tokens, steps=steps)
+        outputs = generate(self.model, inputs, steering, c.max_new_tokens, steps=steps)
         eos = set(self.model.eos_ids)
         results = []
         for b, out in enumerate(outputs):
@@ -147,17 +294,18 @@ class Captioner:
             results.append((self.model.decode(tokens), len(tokens), extra))
         return results
 
-    def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[dict]:
+    def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[tuple[int, dict]]:
+        from vacap.decode import batch_inputs
+
         start = time.perf_counter()
         try:
-            texts = self._generate([job.image.image for job in batch], self.config.prompt)
+            texts = self._generate(batch_inputs(self.model, [job.inputs for job in batch]))
         except (RuntimeError, ValueError) as exc:
-            for job in batch:
-                yield self._record(job.path, "error", error=f"captioning failed: {exc}", image=job.image)
+            yield from (self._failed(job, f"captioning failed: {exc}") for job in batch)
             return
         seconds = (time.perf_counter() - start) / len(batch)
         for job, (caption, tokens, extra) in zip(batch, texts):
-            yield self._record(
+            yield job.index, self._record(
                 job.path, "ok", image=job.image, caption=caption, tokens=tokens, seconds=round(seconds, 4), **extra
             )
 

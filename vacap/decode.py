@@ -15,13 +15,18 @@ fp32 logits stay under ``CHUNK_BYTES``, and the hooks accumulate their statistic
 
 With every mechanism off this is Hugging Face's Llama/Mistral/Qwen2 computation with its default
 SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
+
+``generate`` decodes one static batch; ``generate_stream`` runs the same prefill and step over
+a stream of images, a finished row taking the next image (continuous batching).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,7 @@ class Generated:
 
     tokens: list[int]
     stopped_by: str  # "eos" or "length"
+    seconds: float = 0.0  # its share of the decode's wall time (``generate_stream`` only)
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,9 @@ class Steering:
     ``after_prefill`` once, then ``head`` and ``next_token`` per step. Hooks must also be right where they
     were not asked for: a wrapper (``Diagnostics``) may need the eager path where its inner
     method does not.
+    Under continuous batching one instance does the prefill of each admitted group, and another,
+    given the running cache by ``attach`` instead of ``begin``, does every step; so all per-row
+    state lives in the cache (fields), where splicing carries it.
     """
 
     # True for a subclass whose ``layer_logits`` and ``observe`` act in the prefill only: its
@@ -172,6 +181,9 @@ class Steering:
 
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
         pass
+
+    def attach(self, cache: KVCache) -> None:
+        """Decode steps on a cache whose rows other instances prefilled (``generate_stream``)."""
 
     def needs_attention(self, layer: int, prefill: bool) -> bool:
         """Whether ``layer_logits`` and ``observe`` must run in this layer of the prefill or of a
@@ -340,8 +352,10 @@ def _steps_kind(model: VisionLanguageModel, steering: Steering, steps: str) -> s
     in its steps (said once per loaded model and kind of steering)."""
     if steps not in STEPS:
         raise ValueError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
+    if steps == "dynamic":
+        return steps
     base = type(steering).layer_logits is Steering.layer_logits and type(steering).observe is Steering.observe
-    if steps == "dynamic" or base or steering.prefill_only_hooks:
+    if base or steering.prefill_only_hooks:
         return steps
     note = f"dynamic steps for {type(steering).__name__}"
     if note not in model.notes_given:
@@ -372,6 +386,36 @@ def _static_decoder(model: VisionLanguageModel, cache: KVCache, compiled: bool) 
     return decode
 
 
+def _prefill(
+    model: VisionLanguageModel, inputs: dict[str, torch.Tensor], steering: Steering, spare: int, quantum: int = 1
+):
+    """Embed and run a prepared batch through every layer into a new cache with ``spare`` free slots
+    (its capacity rounded up to a multiple of ``quantum``).
+
+    -> cache, the last position's hidden state # (B', hidden), its input embedding # (B', hidden),
+    the position of each row's next token # (B', 1); B' may exceed the batch (VCD's copies).
+    """
+    embeds, image_mask, valid = steering.embed(model, inputs)
+    B, T, _ = embeds.shape
+    capacity = -(-(T + spare) // quantum) * quantum
+    cache = KVCache(
+        len(model.layers), B, model.n_kv_heads, model.head_dim, capacity, dtype=embeds.dtype, device=embeds.device
+    )
+    steering.begin(cache, image_mask)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = forward(model, cache, embeds, positions, valid, steering)
+    steering.after_prefill(cache)
+    return cache, hidden[:, -1], embeds[:, -1], valid.sum(-1, keepdim=True)
+
+
+def _check_window(model: VisionLanguageModel, prompt: int, max_new: int) -> None:
+    if model.sliding_window is not None and prompt + max_new > model.sliding_window:
+        raise ValueError(
+            f"prompt ({prompt} tokens) plus --max-new-tokens ({max_new}) exceeds the model's sliding "
+            f"window ({model.sliding_window}); vacap does not implement sliding-window attention"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
@@ -389,40 +433,25 @@ def generate(
     """
     steps = _steps_kind(model, steering, steps)
     rows = inputs["input_ids"].shape[0]
-    embeds, image_mask, valid = steering.embed(model, inputs)
-    B, T, _ = embeds.shape
     max_new = max_new_tokens
-    if model.sliding_window is not None and T + max_new > model.sliding_window:
-        raise ValueError(
-            f"prompt ({T} tokens) plus --max-new-tokens ({max_new}) exceeds the model's sliding "
-            f"window ({model.sliding_window}); vacap does not implement sliding-window attention"
-        )
+    _check_window(model, inputs["input_ids"].shape[1], max_new)
     # One spare slot: the contrast branch writes its token there and rolls back.
-    capacity = T + max_new + 1
-    if steps != "dynamic":
-        capacity = -(-capacity // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
-    cache = KVCache(
-        len(model.layers), B, model.n_kv_heads, model.head_dim, capacity, dtype=embeds.dtype, device=embeds.device
-    )
-    steering.begin(cache, image_mask)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = forward(model, cache, embeds, positions, valid, steering)
-    steering.after_prefill(cache)
+    quantum = 1 if steps == "dynamic" else CAPACITY_QUANTUM
+    cache, hidden, last_input, next_position = _prefill(model, inputs, steering, max_new + 1, quantum)
+    B, device = hidden.shape[0], hidden.device
 
-    eos = torch.tensor(model.eos_ids, device=embeds.device)
-    next_position = valid.sum(-1, keepdim=True)
-    step_valid = torch.ones(B, 1, dtype=torch.bool, device=embeds.device)
+    eos = torch.tensor(model.eos_ids, device=device)
+    step_valid = torch.ones(B, 1, dtype=torch.bool, device=device)
     if steps == "dynamic":
         def decode(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return forward(model, cache, x, positions, step_valid, steering)
     else:
         decode = _static_decoder(model, cache, compiled=steps == "compiled")
-    last_input = embeds[:, -1]
-    tokens = torch.full((B, max_new), model.pad_id, dtype=torch.long, device=embeds.device)
-    lengths = torch.full((B,), max_new, dtype=torch.long, device=embeds.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+    tokens = torch.full((B, max_new), model.pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((B,), max_new, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new):
-        logits = steering.head(model, hidden[:, -1], last_input, next_position - 1)
+        logits = steering.head(model, hidden, last_input, next_position - 1)
         token = steering.next_token(logits, last_input, next_position - 1)
         token = torch.where(finished, model.pad_id, token)
         tokens[:, step] = token
@@ -432,9 +461,116 @@ def generate(
         if finished.all() or step == max_new - 1:
             break
         last_input = model.embed_tokens(token)
-        hidden = decode(last_input[:, None], next_position)
+        hidden = decode(last_input[:, None], next_position)[:, -1]
         next_position = next_position + 1
 
     return [
         Generated(tokens[b, : lengths[b]].tolist(), "eos" if finished[b] else "length") for b in range(rows)
     ]
+
+
+def batch_inputs(model: VisionLanguageModel, prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch from single prepared images, as ``model.prepare`` would have made it: token
+    rows left padded, anyres tile stacks (pixel_values # (1, tiles, 3, h, w)) padded with zeros."""
+    if len(prepared) == 1:  # the usual admission once rows free one at a time: nothing to pad
+        return prepared[0]
+    out = {}
+    for name in prepared[0]:
+        parts = [p[name] for p in prepared]
+        width = max(x.shape[1] if x.dim() > 1 else 0 for x in parts)
+        if name in ("input_ids", "attention_mask"):
+            fill = model.pad_id if name == "input_ids" else 0
+            parts = [torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill) for x in parts]
+        elif parts[0].dim() > 2:
+            parts = [torch.cat([x, x.new_zeros(1, width - x.shape[1], *x.shape[2:])], 1) for x in parts]
+        out[name] = torch.cat(parts)
+    return out
+
+
+@torch.no_grad()
+def generate_stream(
+    model: VisionLanguageModel,
+    images: Iterable[tuple[Hashable, dict[str, torch.Tensor]]],
+    new_steering: Callable[[], Steering],
+    rows: int,
+    max_new_tokens: int,
+) -> Iterator[tuple[Hashable, Generated]]:
+    """Continuous batching: caption a stream of ``(key, model.prepare([image], prompt))`` on
+    ``rows`` batch rows, yielding ``(key, Generated)`` as each caption ends (completion order).
+
+    A row that finishes takes the next image at once. The images admitted at one moment are
+    prefilled together in a small batch of their own, under a fresh ``new_steering()`` (so the
+    method's prefill work, such as KV-budget or FastV compaction, happens there), and spliced
+    into the running cache (``KVCache.splice``); the steps run under one more steering attached
+    to the running cache. A method's extra rows (VCD's noised copies) keep their pairing: copy c
+    of row r is row c * rows + r. ``Generated.seconds`` is the row's share of the wall time: its
+    group's prefill divided among the group, each step divided among the rows it ran.
+    """
+    max_new = max_new_tokens
+    pending = iter(images)
+    keys: list[Hashable | None] = [None] * rows
+    seconds = [0.0] * rows
+    running = new_steering()
+    cache: KVCache | None = None
+    while True:
+        free = [r for r in range(rows) if keys[r] is None]
+        group = list(itertools.islice(pending, len(free)))
+        if group:
+            started = time.perf_counter()
+            inputs = batch_inputs(model, [prepared for _, prepared in group])
+            _check_window(model, inputs["input_ids"].shape[1], max_new)
+            small, h, x, p = _prefill(model, inputs, new_steering(), 0)
+            copies = small.batch // len(group)
+            if cache is None:
+                # Room for rows admitted at different times, each right-aligned to the running
+                # length: with twice the prompt as slack, trims (KVCache.trim) stay rare.
+                cache = KVCache.like(small, copies * rows, 2 * inputs["input_ids"].shape[1] + max_new + 2)
+                running.attach(cache)
+                device = h.device
+                hidden = h.new_zeros(copies * rows, h.shape[1])
+                last_input = hidden.clone()
+                position = torch.zeros(copies * rows, 1, dtype=torch.long, device=device)
+                tokens = torch.full((rows, max_new), model.pad_id, dtype=torch.long, device=device)
+                count = torch.zeros(rows, dtype=torch.long, device=device)
+                active = torch.zeros(copies * rows, dtype=torch.bool, device=device)
+                eos = torch.tensor(model.eos_ids, device=device)
+            targets = free[: len(group)]
+            into = [c * rows + r for c in range(copies) for r in targets]
+            for layer in range(len(cache.length)):
+                cache.make_room(layer, max(cache.length[layer], small.length[layer]) + 2)
+            cache.splice(small, range(small.batch), into)
+            into_t = torch.tensor(into, device=device)
+            hidden[into_t], last_input[into_t], position[into_t] = h, x, p
+            count[into_t[: len(group)]] = 0
+            active[into_t] = True
+            share = (time.perf_counter() - started) / len(group)
+            for r, (key, _) in zip(targets, group):
+                keys[r], seconds[r] = key, share
+        busy = [r for r in range(rows) if keys[r] is not None]
+        if not busy:
+            return
+        started = time.perf_counter()
+        logits = running.head(model, hidden, last_input, position - 1)
+        token = running.next_token(logits, last_input, position - 1)
+        tokens.scatter_(1, count.clamp(max=max_new - 1)[:, None], token[:rows, None])
+        count = count + 1
+        stop = active[:rows] & (torch.isin(token[:rows], eos) | (count == max_new))
+        done = stop.nonzero().flatten().tolist()  # the step's one read-back from the device
+        finished = []
+        if done:
+            finished = list(zip(done, token[done].tolist(), count[done].tolist(), tokens[done].tolist()))
+            freed = [c * rows + r for c in range(active.shape[0] // rows) for r in done]
+            active[freed] = False
+            cache.valid[:, freed] = False
+        if len(done) < len(busy):
+            for layer in range(len(cache.length)):
+                cache.make_room(layer, cache.length[layer] + 2)
+            last_input = model.embed_tokens(token)
+            hidden = forward(model, cache, last_input[:, None], position, active[:, None], running)[:, -1]
+            position = position + 1
+        share = (time.perf_counter() - started) / len(busy)
+        for r in busy:
+            seconds[r] += share
+        for r, end, n, row in finished:
+            yield keys[r], Generated(row[:n], "eos" if end in model.eos_ids else "length", round(seconds[r], 4))
+            keys[r] = None

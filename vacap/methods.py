@@ -72,8 +72,27 @@ class VASparse(Steering):
         if self.sink:
             cache.add_field("colsum", self.n_heads)
         if self.phi_layers:
-            # One hidden set per caption, drawn over the prompt's image slots.
-            self.phi_hidden = vs.mask_image_slots(image_mask, self.config.mask_rate, _generator(self.config, image_mask.device))
+            # A field, not a mask of prompt positions, so that it follows its slots wherever the
+            # cache moves them (splicing into a running batch, compaction).
+            hidden = cache.add_field("hidden", cache.n_kv_heads if self.budget else 1, shared=not self.budget)
+            hidden[..., :T] = self._draw_hidden(image_mask)[None, :, None].float()
+
+    def attach(self, cache: KVCache) -> None:
+        self.cache = cache
+        # Rows spliced in at different times leave gaps: every layer's top-k must be sorted.
+        self._full = dict.fromkeys(range(self.n_layers), False)
+
+    def _draw_hidden(self, image_mask: torch.Tensor) -> torch.Tensor:
+        """The contrast branch's hidden image slots # (B, T): one set per caption, drawn over the
+        row's own image slots from a generator seeded for it alone, so that a caption does not
+        depend on the batch it is decoded in (nor on its padding)."""
+        hidden = torch.zeros_like(image_mask)
+        for b in range(image_mask.shape[0]):
+            slots = image_mask[b].nonzero().squeeze(1)
+            every = torch.ones(1, slots.shape[0], dtype=torch.bool, device=image_mask.device)
+            pick = vs.mask_image_slots(every, self.config.mask_rate, _generator(self.config, image_mask.device))
+            hidden[b, slots[pick[0]]] = True
+        return hidden
 
     def _field(self, name: str, layer: int) -> torch.Tensor:
         """A field's live slots for a layer # (B, heads, T)."""
@@ -210,7 +229,7 @@ class VASparse(Steering):
             members = f.gather(1, _index_for(drop, f.shape[0]))
             member_assign = _index_for(assign, f.shape[0])
             reduced = vs.cluster_reduce(members, member_assign, n_clusters, "sum" if name == "colsum" else "mean")
-            merged[name] = (reduced > 0.5).float() if name == "image" else reduced
+            merged[name] = (reduced > 0.5).float() if name in ("image", "hidden") else reduced
         return (
             torch.cat([_take_slots(k, keep), keys], 1),
             torch.cat([_take_slots(v, keep), values], 1),
@@ -241,7 +260,7 @@ class VASparse(Steering):
         """The current token through the first contrast_layers layers with image slots hidden."""
         B = token_input.shape[0]
         ones = torch.ones(B, 1, dtype=torch.bool, device=token_input.device)
-        out = forward(self.model, self.cache, token_input[:, None], position, ones, _Hide(self.phi_hidden), self.phi_layers)
+        out = forward(self.model, self.cache, token_input[:, None], position, ones, _Hide(), self.phi_layers)
         self.cache.drop_last(self.phi_layers)
         return out[:, 0]
 
@@ -249,13 +268,12 @@ class VASparse(Steering):
 class _Hide(Steering):
     """The contrast branch's view of the cache: hidden image slots and the step's own main slot."""
 
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.hidden = hidden  # (B, T_prompt)
-
     def hidden_slots(self, layer: int, cache: KVCache, prefill: bool) -> torch.Tensor:
+        field = cache.fields["hidden"]
         T = cache.length[layer]
-        mask = torch.zeros(self.hidden.shape[0], T, dtype=torch.bool, device=self.hidden.device)
-        mask[:, : self.hidden.shape[1]] = self.hidden
+        # The branch runs only below start_layer (config), where no compaction reorders slots,
+        # so every KV head of a per-head field hides the same slots.
+        mask = field[0 if field.shape[0] == 1 else layer, :, 0, :T] > 0.5  # (B, T)
         # Slot T-2 holds the main pass's copy of this very token; the branch has its own at T-1.
         mask[:, T - 2] = True
         return mask
@@ -298,10 +316,19 @@ class NoisedImageContrast(Steering):
     def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
         embeds, image_mask, valid = super().embed(model, inputs)
         pixels = inputs["pixel_values"]
-        noised = vs.diffusion_noise(pixels.float(), self.config.vcd_noise_step, _generator(self.config, pixels.device))
+        # Each image its own seeded noise, so that a caption does not depend on its batch.
+        noised = torch.cat(
+            [
+                vs.diffusion_noise(x[None].float(), self.config.vcd_noise_step, _generator(self.config, pixels.device))
+                for x in pixels
+            ]
+        )
         noised_embeds, _ = model.embed({**inputs, "pixel_values": noised.to(pixels.dtype)})
         self.rows = embeds.shape[0]
         return torch.cat([embeds, noised_embeds]), image_mask.repeat(2, 1), valid.repeat(2, 1)
+
+    def attach(self, cache: KVCache) -> None:
+        self.rows = cache.batch // 2
 
     def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         z, z_noised = logits[: self.rows].float(), logits[self.rows :].float()
