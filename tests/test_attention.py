@@ -82,9 +82,9 @@ def test_default_chunks_bound_the_logits_and_cover_every_query():
     for t, T, batch, heads in [(2928, 2928, 4, 32), (607, 607, 1, 16), (1, 3000, 8, 32), (9, 9, 1, 1)]:
         chunks = query_chunks(t, T, batch, heads)
         assert [c.start for c in chunks] == [0] + [c.stop for c in chunks[:-1]] and chunks[-1].stop == t
-        assert all(batch * heads * (c.stop - c.start) * T * 4 <= CHUNK_BYTES for c in chunks) or t == 1
+        assert all(batch * heads * (c.stop - c.start) * T * 4 <= CHUNK_BYTES for c in chunks)
         assert all(c.slots == T - t + c.stop for c in chunks)
-    # Even sizes: no lone query at the end of a prefill.
+    # Nearly equal sizes: no short last chunk.
     assert [c.stop - c.start for c in query_chunks(10, 10, 1, 1, size=3)] == [2, 3, 2, 3]
 
 

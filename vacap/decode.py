@@ -85,8 +85,8 @@ class Chunk:
 
 def query_chunks(t: int, T: int, batch: int, heads: int, size: int | None = None) -> list[Chunk]:
     """Split t new tokens, the last t of a T-slot cache, into chunks of at most ``size`` queries
-    (by default as many as keep one chunk's fp32 logits under ``CHUNK_BYTES``), of even sizes:
-    a one-query chunk in a prefill would take SDPA's decode kernel, which rounds differently."""
+    (by default as many as keep one chunk's fp32 logits under ``CHUNK_BYTES``) and of nearly equal
+    sizes, so that no short last chunk pays a whole chunk's per-call overhead for a few rows."""
     if size is None:
         size = max(1, CHUNK_BYTES // (4 * batch * heads * T))
     n = -(-t // size)
@@ -295,7 +295,8 @@ def self_attention(
     out = h.new_empty(B, t, H * D)
     for chunk in query_chunks(t, T, B, H, chunk_size):
         kc, vc = keys[:, :, : chunk.slots], values[:, :, : chunk.slots]
-        logits = steering.layer_logits(index, attention_logits(q[:, :, chunk.rows], kc, model.scaling), cache, chunk)
+        logits = attention_logits(q[:, :, chunk.rows], kc, model.scaling)
+        logits = steering.layer_logits(index, logits, cache, chunk)
         if bias is not None:
             logits = logits + bias[..., : chunk.slots]
         # The dtype's minimum rather than -inf: a padding query with no visible key then gets a

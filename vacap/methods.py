@@ -219,7 +219,10 @@ class VASparse(Steering):
         if n_clusters == 0:
             return _take_slots(k, keep), _take_slots(v, keep), torch.zeros(keep.shape, device=k.device), kept_fields
         dropped_keys = _take_slots(k, drop)
-        assign = vs.dpc_knn(dropped_keys.float(), n_clusters, c.knn)  # (Hkv, d)
+        # One KV head at a time: DPC-KNN holds several (heads, d, d) matrices, and at 2.9k prompt
+        # tokens all heads at once would raise the prefill's peak memory by a third. Heads are
+        # independent groups, so the result is the same.
+        assign = torch.cat([vs.dpc_knn(head[None].float(), n_clusters, c.knn) for head in dropped_keys])  # (Hkv, d)
         keys = vs.cluster_reduce(dropped_keys.float(), assign, n_clusters, "mean").to(k.dtype)
         values = vs.cluster_reduce(_take_slots(v, drop).float(), assign, n_clusters, "mean").to(v.dtype)
         # log(size): a cluster draws the attention its members would have drawn together.
