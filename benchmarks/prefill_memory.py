@@ -17,9 +17,9 @@ batch, reads every weight (safetensors files are memory-mapped, so the weights m
 before the starting point), resets its resident high-water mark (``/proc/self/clear_refs``, Linux),
 notes its resident memory, runs the prefill and the first token (``max_new_tokens`` 1) and
 reports how far the high-water mark (``VmHWM``) rose above that point: the prefill's own working
-memory, KV cache included. The allocator makes that figure
-vary from process to process (by a third at batch 1 on our machine), so each setting runs in
-``--repeats`` fresh processes, taken in turns, and the table gives the median and the range.
+memory, KV cache included. The allocator makes that figure vary from process to process (by up
+to a quarter on our machine), so each setting runs in ``--repeats`` fresh processes, taken in
+turns, and the table gives the median and the range.
 ``hf`` is the same checkpoint's ``generate(do_sample=False, num_beams=1)`` with transformers'
 default attention (SDPA), on the same prepared inputs; every ratio is to its median.
 """
