@@ -571,9 +571,26 @@ def test_selection_bias_keeps_what_keep_mask_keeps(seed, sparsity):
     bias = vs.selection_bias(logits, *vs.selection_parts(phat, lam, valid, sparsity, current=T - 1))
     assert torch.equal(bias == 0, want)
     assert torch.equal(bias != 0, bias == -math.inf)
-    # Without padding every row keeps the same k, and the unsorted top-k keeps the same slots.
-    full = torch.ones(B, T, dtype=torch.bool)
-    phat = vs.scaled_saliency(saliency, full)
-    want = vs.keep_mask(vs.scores_with_scaled_saliency(logits, phat, lam, full), sparsity, full, current=T - 1)
-    bias = vs.selection_bias(logits, *vs.selection_parts(phat, lam, full, sparsity, current=T - 1, full=True))
-    assert torch.equal(bias == 0, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_both_top_k_paths_keep_the_k_largest(seed):
+    """The CPU's introselect and the device path (sorted top-k) each keep exactly k_b entries of
+    every (row, head), none smaller than one they drop; without ties they keep the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, T = 4, 3, 37
+    key = torch.randn(B, H, T, generator=g)
+    key[0, 0, 5] = math.inf
+    key[1, :, :9] = -math.inf  # a padded row's invalid slots
+    k = torch.tensor([1, 20, 37, 11])
+    masks = [vs._top_k_introselect(key, k), vs._top_k_sorted(key, k, 37)]
+    for keep in masks:
+        assert torch.equal(keep.sum(-1), k[:, None].expand(B, H))
+        lowest_kept = torch.where(keep, key, math.inf).amin(-1)
+        highest_dropped = torch.where(keep, -math.inf, key).amax(-1)
+        assert (lowest_kept >= highest_dropped).all()
+    assert torch.equal(masks[0], masks[1])
+    # Exact ties at the k-th place: either path keeps k of them.
+    tied = torch.zeros(1, 2, 8)
+    for keep in (vs._top_k_introselect(tied, torch.tensor([3])), vs._top_k_sorted(tied, torch.tensor([3]), 8)):
+        assert torch.equal(keep.sum(-1), torch.tensor([[3, 3]]))

@@ -79,8 +79,6 @@ class VASparse(Steering):
 
     def attach(self, cache: KVCache) -> None:
         self.cache = cache
-        # Rows spliced in at different times leave gaps: every layer's top-k must be sorted.
-        self._full = dict.fromkeys(range(self.n_layers), False)
 
     def _draw_hidden(self, image_mask: torch.Tensor) -> torch.Tensor:
         """The contrast branch's hidden image slots # (B, T): one set per caption, drawn over the
@@ -131,7 +129,7 @@ class VASparse(Steering):
         if self.budget or layer == self.config.start_layer:
             c = self.config
             phat = self._phat(layer, valid)
-            parts = vs.selection_parts(phat, c.lam, valid, c.sparsity, valid.shape[-1] - 1, full=self._full[layer])
+            parts = vs.selection_parts(phat, c.lam, valid, c.sparsity, valid.shape[-1] - 1)
             if self.budget:
                 return parts
             self._step_parts = parts
@@ -169,16 +167,10 @@ class VASparse(Steering):
             field[layer, :, :, end - value.shape[1] : end] = value[:, None]
 
     def after_prefill(self, cache: KVCache) -> None:
-        layers = range(self.config.start_layer, self.n_layers)
         if self.budget:
-            for layer in layers:
+            for layer in range(self.config.start_layer, self.n_layers):
                 self._compact(layer)
             self._prompt_logits.clear()
-        if self.select:
-            # Read once here, not per step: every token the steps add is valid in every row, so a
-            # layer without padding now has none later, and its top-k needs no sorting.
-            full = torch.stack([cache.valid[layer, :, : cache.length[layer]].all() for layer in layers]).tolist()
-            self._full = dict(zip(layers, full))
 
     def _compact(self, layer: int) -> None:
         """Keep the top kv_budget of each KV head's slots; merge the rest into DPC-KNN clusters."""
