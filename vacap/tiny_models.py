@@ -58,7 +58,7 @@ from transformers import (
 )
 
 ARCHITECTURES = ("llava-llama", "llava-mistral", "llava-qwen2", "llava-next", "llava-onevision")
-SIZES = ("tiny", "mid", "long")
+SIZES = ("tiny", "mid", "long", "short")
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -201,7 +201,7 @@ def build_tiny_model(
         raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
     out = Path(out_dir)
 
-    if size == "mid":
+    if size in ("mid", "short"):
         text_dims = _MID_TEXT
     elif size == "long":
         text_dims = _LONG_TEXT
@@ -213,7 +213,7 @@ def build_tiny_model(
     text_config = _text_config(arch, text_dims, init_std, tokenizer)
     # Mid and long models see 192 px: 24 x 24 patches, the 576 image tokens of LLaVA-1.5 per
     # tile, so that benchmarks attend over a cache of realistic length.
-    side = IMAGE_SIZE if size == "tiny" else MID_IMAGE_SIZE
+    side = IMAGE_SIZE if size in ("tiny", "short") else MID_IMAGE_SIZE
     config, model_class, save_processor = _multimodal_parts(arch, text_config, vision_dims, tokenizer, side)
     config.dtype = torch.float32
 
