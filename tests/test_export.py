@@ -72,7 +72,8 @@ def test_csv_has_the_last_ok_record_of_each_image(run, tmp_path):
     for row in rows:
         record = last_ok[row["path"]]
         assert row["caption"] == record["caption"]
-        assert (row["width"], row["height"], row["tokens"]) == tuple(str(record[k]) for k in ("width", "height", "tokens"))
+        for column in ("width", "height", "tokens"):
+            assert row[column] == str(record[column])
         assert row["sha256"] == record["sha256"] and row["method"] == "vasparse" and row["model"] == "demo"
         assert json.loads(row["params"]) == record["params"]
         assert settings_key(record["model"], record["params"]).startswith(row["settings"])
@@ -204,7 +205,7 @@ def test_txt_leaves_out_images_whose_caption_files_clash(tmp_path):
         ("notes", ["notes.jsonl", "--format", "csv"], "notes.jsonl is not a vacap records file (line 1 is not JSON)"),
         ("json", ["other.jsonl", "--format", "csv"], "line 1 is JSON but not a vacap record"),
         ("records", ["r.jsonl", "--format", "xml"], "'xml' is not one of"),
-        ("records", ["r.jsonl", "--format", "csv", "--copy-images"], "--copy-images goes with --format hf-metadata only"),
+        ("records", ["r.jsonl", "--format", "txt", "--copy-images"], "--copy-images goes with --format hf-metadata"),
         ("records", ["r.jsonl", "--format", "csv", "--settings", "beam"], "--settings 'beam' matches no settings"),
     ],
 )

@@ -154,7 +154,9 @@ def cache_status(model: str = DEFAULT_MODEL) -> dict:
         status["missing"] = ["config.json"]
         return status
     revision, missing = best
-    status.update(state="partial" if missing else "complete", revision=revision.commit_hash, path=str(revision.snapshot_path))
+    status.update(
+        state="partial" if missing else "complete", revision=revision.commit_hash, path=str(revision.snapshot_path)
+    )
     if missing:
         status["missing"] = missing
     return status

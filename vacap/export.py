@@ -157,9 +157,8 @@ def describe(records: list[dict], keys: Counter) -> str:
         record = first[key]
         label = f' setting "{record["setting"]}"' if record.get("setting") else ""
         shown = " ".join(f"{n}={params[key].get(n)!r}" for n in differing if n != "method")
-        lines.append(
-            f"  {key[:SHORT_KEY]}  {record.get('model')} {record.get('method')}{label}  {shown}  ({count} captions)".rstrip()
-        )
+        name = f"{record.get('model')} {record.get('method')}{label}"
+        lines.append("  " + "  ".join(part for part in (key[:SHORT_KEY], name, shown, f"({count} captions)") if part))
     return "\n".join(lines)
 
 
