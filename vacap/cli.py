@@ -381,7 +381,73 @@ def show(
         Console(stderr=True).print(f"heatmap written to {heatmap}", markup=False)
 
 
+@app.command()
+def export(
+    records: Annotated[Path, typer.Argument(help="A JSONL file written by vacap caption or compare.")],
+    format: Annotated[
+        Literal["hf-metadata", "csv", "parquet", "txt"],
+        typer.Option(
+            "--format",
+            help="hf-metadata: metadata.jsonl of an imagefolder; csv, parquet: captions.csv/.parquet, one row "
+            "per image; txt: <stem>.txt per image, mirroring the images' folders.",
+        ),
+    ],
+    to: Annotated[Path, typer.Option("--to", help="Folder to write into (created when missing).")],
+    copy_images: Annotated[
+        bool, typer.Option("--copy-images", help="hf-metadata: copy images that are outside --to into it.")
+    ] = False,
+    settings: Annotated[
+        Optional[str],
+        typer.Option(help="Export the captions of one set of settings: a fingerprint, compare label or method."),
+    ] = None,
+) -> None:
+    """Export captions for dataset tools. The last ok record per image wins; errors are left out."""
+    from vacap import export as exporting
+
+    try:
+        if format == "parquet":
+            exporting._pyarrow()
+        selection = exporting.select(exporting.read_records(records), settings)
+        if not selection.records:
+            typer.echo(f"error: no ok caption to export ({selection.errors} images have only error records)", err=True)
+            raise typer.Exit(1)
+        result = exporting.export(selection, format, to, copy_images=copy_images)
+    except exporting.ExportError as exc:
+        raise _usage(exc) from exc
+    copied = f", {result.copied} images copied" if result.copied else ""
+    typer.echo(f"exported {result.written} captions to {result.where}{copied}", err=True)
+    left_out = {
+        "images with only error records": selection.errors,
+        "earlier ok records superseded by a later one": selection.superseded,
+        "records of other settings": selection.other_settings,
+    }
+    for what, count in left_out.items():
+        if count:
+            typer.echo(f"left out: {count} {what}", err=True)
+    for what, paths in (("images not found", result.missing), ("images whose caption files clash", result.clashes)):
+        if paths:
+            more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+            typer.echo(f"left out: {len(paths)} {what}: {', '.join(paths[:5])}{more}", err=True)
+    raise typer.Exit(1 if result.missing or result.clashes else 0)
+
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Versions, devices, what --dtype auto picks and why, and whether the default model is cached.
+
+    Writes nothing, loads no model, needs no network.
+    """
+    import json
+
+    from vacap.doctor import collect, render
+
+    info = collect()
+    typer.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
 def _print_report(
