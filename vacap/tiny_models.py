@@ -193,6 +193,9 @@ def build_tiny_model(
     do). ``size="long"`` is a narrower text model on the same 192-px tiles: with ``llava-next``
     a square image of at least 384 px fills the 2 x 2 anyres grid and gives 2928 image tokens
     (576 base + 2304 tile + 48 row-newline tokens), as LLaVA-NeXT's up to 2880 do.
+    ``size="short"`` is the mid text model on the tiny 32-px images (16 image tokens): decode
+    steps rather than prefills take its time, as on a GPU, where a prompt of 600 tokens costs a
+    few steps.
     Returns ``out_dir`` as a ``Path``.
     """
     if arch not in ARCHITECTURES:
