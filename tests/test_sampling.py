@@ -6,6 +6,8 @@ it shares, the row it runs in, or whether batching is static or continuous.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from helpers import IMAGES, PROMPT, hf_greedy
@@ -150,6 +152,16 @@ def test_a_sampled_caption_depends_on_its_image_alone(llama, method):
     assert tokens_of(llama, greedy, PICTURES[:4], None) != alone[:4]
 
 
+def test_rows_draw_by_their_identity(llama):
+    """The same picture twice: one stream of draws per identity (an image's sha256 in vacap)."""
+    config = DecodeConfig(method="greedy", temperature=2.0, max_new_tokens=MAX_NEW)
+    twice = [PICTURES[0], PICTURES[0]]
+    same = tokens_of(llama, config, twice, ["a", "a"])
+    assert same[0] == same[1]
+    apart = tokens_of(llama, config, twice, ["a", "b"])
+    assert apart[0] == same[0] and apart[1] != same[1]
+
+
 def test_seeds_and_top_p(demo):
     pictures = [Image.open(path).convert("RGB") for path in SCENES]
     names = [str(i) for i in range(4)]
@@ -177,3 +189,78 @@ def test_repetition_controls_reduce_greedys_repeats(demo):
     assert sum(repeats(t, 1) for t in penalised) < sum(repeats(t, 1) for t in greedy)
     no_bigram = tokens_of(demo, DecodeConfig(**config, no_repeat_ngram=2), pictures, None)
     assert all(repeats(t, 2) == 0 for t in no_bigram) and no_bigram != greedy
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+SAMPLE_FLAGS = ["--temperature", "1.2", "--top-p", "0.95", "--repetition-penalty", "1.1", "--no-repeat-ngram", "3"]
+COMMON = ["--model", "demo", "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "16", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, demo):
+    """Sampled captions of one folder (a duplicate image included) as caption gives them at batch
+    size 1 and 4 (continuous) and compare at batch size 2 (static batches), plus greedy."""
+    root = tmp_path_factory.mktemp("sampled")
+    folder = root / "images"
+    (folder / "more").mkdir(parents=True)
+    for path in SCENES[:3]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(SCENES[0], folder / "more" / "same_bytes.png")
+    out = {}
+    for name, extra in (("one", []), ("four", ["--batch-size", "4"]), ("greedy", None)):
+        flags = COMMON + SAMPLE_FLAGS + extra if extra is not None else COMMON
+        out[name] = vacap("caption", folder, *flags, "-o", root / f"{name}.jsonl")
+    out["compare"] = vacap("compare", folder, "--methods", "vasparse", "--batch-size", "2", *COMMON, *SAMPLE_FLAGS)
+    # Resume: the same sampled settings find their records; so does greedy with a top-p it never uses.
+    out["one again"] = vacap("caption", folder, *COMMON, *SAMPLE_FLAGS, "-o", root / "one.jsonl")
+    out["greedy again"] = vacap("caption", folder, *COMMON, "--temperature", "0", "--top-p", "0.5", "-o", root / "greedy.jsonl")
+    for name, run in out.items():
+        assert run.returncode == 0, (name, run.stderr)
+    records = {name: parse((root / f"{name}.jsonl").read_text(encoding="utf-8")) for name in ("one", "four", "greedy")}
+    records["compare"] = parse(out["compare"].stdout)
+    return folder, out, records
+
+
+def captions(records: list[dict]) -> dict[str, str]:
+    return {r["path"]: r["caption"] for r in records if r["status"] == "ok"}
+
+
+def test_cli_samples_the_same_caption_at_any_batch_size(cli_runs):
+    folder, _, records = cli_runs
+    one = captions(records["one"])
+    assert len(one) == 4
+    assert captions(records["four"]) == one
+    assert captions(records["compare"]) == one
+    assert one[str(folder / "more" / "same_bytes.png")] == one[str(folder / SCENES[0].name)]
+    assert captions(records["greedy"]) != one
+
+
+def test_cli_params_carry_sampling_and_resume_tells_it_apart(cli_runs):
+    _, out, records = cli_runs
+    params = records["one"][0]["params"]
+    assert {name: params[name] for name in (*SAMPLING_FIELDS, "seed")} == dict(
+        temperature=1.2, top_p=0.95, repetition_penalty=1.1, no_repeat_ngram=3, seed=5
+    )
+    # Greedy records state no sampling field, as records made before vacap sampled: those resume.
+    assert not set(SAMPLING_FIELDS) & set(records["greedy"][0]["params"])
+    assert "already captioned" in out["one again"].stderr
+    assert "already captioned" in out["greedy again"].stderr
+
+
+@pytest.mark.parametrize(
+    "command, flag, value, message",
+    [
+        ("caption", "--temperature", "-0.5", "temperature must be a finite number >= 0"),
+        ("caption", "--top-p", "0", "top_p must be in (0, 1]"),
+        ("caption", "--top-p", "1.01", "top_p must be in (0, 1]"),
+        ("caption", "--repetition-penalty", "0", "repetition_penalty must be a finite number > 0"),
+        ("caption", "--no-repeat-ngram", "-1", "no_repeat_ngram must be >= 0"),
+        ("compare", "--temperature", "nan", "temperature must be a finite number >= 0"),
+    ],
+)
+def test_cli_refuses_bad_sampling_values(tmp_path, command, flag, value, message):
+    run = vacap(command, SAMPLES / "scene_1.png", "--model", "demo", flag, value, "-o", tmp_path / "out.jsonl")
+    assert run.returncode == 2, run.stderr
+    assert message in " ".join(run.stderr.split())
+    assert not (tmp_path / "out.jsonl").exists()
