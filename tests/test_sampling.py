@@ -226,6 +226,7 @@ def captions(records: list[dict]) -> dict[str, str]:
     return {r["path"]: r["caption"] for r in records if r["status"] == "ok"}
 
 
+@pytest.mark.dtype
 def test_cli_samples_the_same_caption_at_any_batch_size(cli_runs):
     folder, _, records = cli_runs
     one = captions(records["one"])
@@ -246,6 +247,7 @@ def test_cli_params_carry_sampling_and_resume_tells_it_apart(cli_runs):
     assert not set(SAMPLING_FIELDS) & set(records["greedy"][0]["params"])
     assert "already captioned" in out["one again"].stderr
     assert "already captioned" in out["greedy again"].stderr
+    assert "--top-p acts only with a --temperature above 0" in out["greedy again"].stderr
 
 
 @pytest.mark.parametrize(

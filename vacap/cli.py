@@ -96,6 +96,11 @@ def _setup(verbose: bool) -> None:
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _note_unused_top_p(config: DecodeConfig) -> None:
+    if config.top_p < 1 and config.temperature == 0:
+        logging.getLogger("vacap").warning("--top-p acts only with a --temperature above 0; greedy ignores it")
+
+
 def _usage(exc: Exception) -> typer.BadParameter:
     return typer.BadParameter(str(exc))
 
@@ -178,6 +183,7 @@ def caption(
         config = DecodeConfig(**settings)
     except ValueError as exc:
         raise _usage(exc) from exc
+    _note_unused_top_p(config)
     if compile and quant != "none":
         # bitsandbytes layers break the compiled graph into pieces that recompile at every new shape.
         raise _usage(ValueError(f"--compile cannot be used with --quant {quant}; use one or the other"))
@@ -335,9 +341,10 @@ def compare(
         sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
         grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
         for settings in grid.values():
-            DecodeConfig(**settings, **shared)
+            config = DecodeConfig(**settings, **shared)
     except ValueError as exc:
         raise _usage(exc) from exc
+    _note_unused_top_p(config)
     listing = _discover(paths, recursive)
     images = [str(p) for p in listing.files]
 
