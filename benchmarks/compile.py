@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -46,8 +47,10 @@ class Clock(Steering):
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        token = logits.argmax(-1)
+    def next_token(
+        self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor, choose: Callable
+    ) -> torch.Tensor:
+        token = choose(logits)
         self.times.append(time.perf_counter())
         return token
 

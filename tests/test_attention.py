@@ -114,9 +114,9 @@ def test_kv_budget_bias_is_the_same_in_the_fused_step(model):
         seen = logits[name] = []
         choose = inner.next_token
 
-        def record(z, token_input, position, seen=seen, choose=choose):
+        def record(z, token_input, position, pick, seen=seen, choose=choose):
             seen.append(z.clone())
-            return choose(z, token_input, position)
+            return choose(z, token_input, position, pick)
 
         inner.next_token = record
         generate(model, inputs, wrap(inner), config.max_new_tokens)

@@ -154,9 +154,9 @@ def test_identity_3_sink_beta_zero_is_bitwise_off(loaded):
         def __getattr__(self, attr):
             return getattr(self.inner, attr)
 
-        def next_token(self, logits, token_input, position):
+        def next_token(self, logits, token_input, position, choose):
             captured.setdefault(self.name, []).append(logits.clone())
-            return self.inner.next_token(logits, token_input, position)
+            return self.inner.next_token(logits, token_input, position, choose)
 
     settings = dict(max_new_tokens=4, sparsity=0.0, alpha=0.0, sink_beta=0.0)
     generate(model, inputs, Capture(steering_for(model, DecodeConfig(**settings)), "vasparse"), 4)

@@ -17,6 +17,7 @@ from vacap.config import DecodeConfig
 from vacap.decode import generate
 from vacap.methods import steering_for
 from vacap.model import load_model
+from vacap.sampling import Sampling
 
 # Ops whose result size or value the host must read from the device before going on.
 SYNCING = {
@@ -44,10 +45,11 @@ class SyncCounter(TorchDispatchMode):
 def syncs(model, inputs, settings: dict, max_new: int) -> list[str]:
     config = DecodeConfig(max_new_tokens=max_new, **settings)
     with SyncCounter() as counter:
-        generate(model, inputs, steering_for(model, config), max_new)
+        generate(model, inputs, steering_for(model, config), max_new, sampling=Sampling.of(config))
     return counter.seen
 
 
+SAMPLED = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2, no_repeat_ngram=2)
 SETTINGS = {
     "greedy": dict(method="greedy"),
     "vasparse": dict(method="vasparse"),
@@ -56,6 +58,10 @@ SETTINGS = {
     "kv-budget": dict(method="vasparse", kv_budget=0.5),
     "vcd": dict(method="vcd"),
     "fastv": dict(method="fastv"),
+    # Every sampling control at once: the draw, its penalty and its bans read nothing back.
+    "greedy-sampled": dict(method="greedy", **SAMPLED),
+    "vasparse-sampled": dict(method="vasparse", **SAMPLED),
+    "vcd-sampled": dict(method="vcd", **SAMPLED),
 }
 
 

@@ -208,6 +208,7 @@ class Captioner:
     def _continuous(self, prefetch: _Prefetch) -> Iterator[tuple[int, dict]]:
         from vacap.decode import generate_stream
         from vacap.methods import steering_for
+        from vacap.sampling import Sampling
 
         c = self.config
         eos = set(self.model.eos_ids)
@@ -224,8 +225,9 @@ class Captioner:
                     yield job.index, job.inputs
 
             stream = generate_stream(
-                self.model, images(), lambda: steering_for(self.model, c), self.batch_size, c.max_new_tokens
-            )
+                self.model, images(), lambda: steering_for(self.model, c), self.batch_size, c.max_new_tokens,
+                Sampling.of(c), identity=lambda index: in_flight[index].image.sha256,
+            )  # fmt: skip
             try:
                 for index, out in stream:
                     yield from (self._failed(job, job.error) for job in errors)
@@ -267,25 +269,30 @@ class Captioner:
 
         Raises ``ImageError`` for an unreadable image.
         """
-        loaded = load_image(Path(image)).image
+        loaded = load_image(Path(image))
         answers: list[str] = []
         for start in range(0, len(questions), self.batch_size):
             chunk = list(questions[start : start + self.batch_size])
-            answers += [text for text, _, _ in self._generate(self.model.prepare([loaded] * len(chunk), chunk))]
+            inputs = self.model.prepare([loaded.image] * len(chunk), chunk)
+            answers += [text for text, _, _ in self._generate(inputs, [loaded.sha256] * len(chunk))]
         return answers
 
-    def _generate(self, inputs: dict) -> list[tuple[str, int, dict]]:
-        """A prepared batch -> (text, token count, diagnostics fields) per image, stop tokens left out."""
+    def _generate(self, inputs: dict, identities: Sequence[str]) -> list[tuple[str, int, dict]]:
+        """A prepared batch -> (text, token count, diagnostics fields) per image, stop tokens left out.
+        ``identities``: each row's image sha256, which keys its sampling draws."""
         from vacap.decode import generate
         from vacap.diagnostics import Diagnostics
         from vacap.methods import steering_for
+        from vacap.sampling import Sampling
 
         c = self.config
         steering = steering_for(self.model, c)
         if c.diagnostics != "none":
             steering = Diagnostics(steering, self.model, c.start_layer)
         steps = "compiled" if c.compile else "dynamic"
-        outputs = generate(self.model, inputs, steering, c.max_new_tokens, steps=steps)
+        outputs = generate(
+            self.model, inputs, steering, c.max_new_tokens, steps=steps, sampling=Sampling.of(c), identities=identities
+        )
         eos = set(self.model.eos_ids)
         results = []
         for b, out in enumerate(outputs):
@@ -299,7 +306,8 @@ class Captioner:
 
         start = time.perf_counter()
         try:
-            texts = self._generate(batch_inputs(self.model, [job.inputs for job in batch]))
+            inputs = batch_inputs(self.model, [job.inputs for job in batch])
+            texts = self._generate(inputs, [job.image.sha256 for job in batch])
         except (RuntimeError, ValueError) as exc:
             yield from (self._failed(job, f"captioning failed: {exc}") for job in batch)
             return

@@ -57,6 +57,14 @@ Recursive = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Des
 Diagnostics = Annotated[
     Literal["none", "summary", "tokens"], typer.Option(help="Attention statistics in each record (see README).")
 ]
+# Sampling (caption and compare); the ranges are checked by DecodeConfig, whose messages say them.
+Seed = Annotated[int, typer.Option(help="Seed for the random parts: masks, VCD noise, sampling draws.")]
+Temperature = Annotated[float, typer.Option(help="0 is greedy; above 0 samples (with the method's final logits).")]
+TopP = Annotated[float, typer.Option(help="Sample from the smallest set of tokens holding this probability, (0, 1].")]
+RepetitionPenalty = Annotated[
+    float, typer.Option(help="Above 1 discourages tokens the caption already has (also under greedy); 1 is off.")
+]
+NoRepeatNgram = Annotated[int, typer.Option(help="Never repeat an n-gram of this many tokens in a caption; 0 is off.")]
 
 
 def _print_version(value: bool) -> None:
@@ -86,6 +94,11 @@ def _setup(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("vacap: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _note_unused_top_p(config: DecodeConfig) -> None:
+    if config.top_p < 1 and config.temperature == 0:
+        logging.getLogger("vacap").warning("--top-p acts only with a --temperature above 0; greedy ignores it")
 
 
 def _usage(exc: Exception) -> typer.BadParameter:
@@ -142,7 +155,11 @@ def caption(
     contrast_layers: Annotated[int, typer.Option(help="Decoder layers of the contrast branch.")] = _D.contrast_layers,
     mask_rate: Annotated[float, typer.Option(help="Image slots hidden in the contrast branch, [0, 1].")] = _D.mask_rate,
     kv_budget: Annotated[float, typer.Option(help="Fraction of the prompt cache kept, (0, 1]; 1 = off.")] = _D.kv_budget,
-    seed: Annotated[int, typer.Option(help="Seed for the random parts (masks, VCD noise).")] = _D.seed,
+    seed: Seed = _D.seed,
+    temperature: Temperature = _D.temperature,
+    top_p: TopP = _D.top_p,
+    repetition_penalty: RepetitionPenalty = _D.repetition_penalty,
+    no_repeat_ngram: NoRepeatNgram = _D.no_repeat_ngram,
     diagnostics: Diagnostics = "none",
     compile: Annotated[
         bool,
@@ -160,11 +177,13 @@ def caption(
         method=method, prompt=prompt, max_new_tokens=max_new_tokens, sparsity=sparsity, lam=lam, alpha=alpha,
         apc_beta=apc_beta, sink_beta=sink_beta, start_layer=start_layer, contrast_layers=contrast_layers,
         mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics, compile=compile,
+        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
     )  # fmt: skip
     try:
         config = DecodeConfig(**settings)
     except ValueError as exc:
         raise _usage(exc) from exc
+    _note_unused_top_p(config)
     if compile and quant != "none":
         # bitsandbytes layers break the compiled graph into pieces that recompile at every new shape.
         raise _usage(ValueError(f"--compile cannot be used with --quant {quant}; use one or the other"))
@@ -299,6 +318,11 @@ def compare(
     quant: Quant = "none",
     recursive: Recursive = True,
     diagnostics: Annotated[Literal["summary", "tokens"], typer.Option(help="Attention statistics kept.")] = "summary",
+    seed: Seed = _D.seed,
+    temperature: Temperature = _D.temperature,
+    top_p: TopP = _D.top_p,
+    repetition_penalty: RepetitionPenalty = _D.repetition_penalty,
+    no_repeat_ngram: NoRepeatNgram = _D.no_repeat_ngram,
     overwrite: Annotated[
         bool, typer.Option(help="Replace the output file even if it holds something other than vacap records.")
     ] = False,
@@ -308,13 +332,19 @@ def compare(
     from vacap.compare import parse_list, parse_sweeps, settings_grid, summary_table
 
     _setup(verbose)
+    # Every setting of the grid shares these.
+    shared = dict(
+        prompt=prompt, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
+        repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
+    )  # fmt: skip
     try:
         sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
         grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
         for settings in grid.values():
-            DecodeConfig(**settings, prompt=prompt, max_new_tokens=max_new_tokens)
+            config = DecodeConfig(**settings, **shared)
     except ValueError as exc:
         raise _usage(exc) from exc
+    _note_unused_top_p(config)
     listing = _discover(paths, recursive)
     images = [str(p) for p in listing.files]
 
@@ -332,7 +362,7 @@ def compare(
         progress = RunProgress(total=(len(images) + len(listing.problems)) * len(grid), console=console)
         base = _captioner(
             console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
-            prompt=prompt, max_new_tokens=max_new_tokens, diagnostics=diagnostics,
+            diagnostics=diagnostics, **shared,
         )  # fmt: skip
         written: list[dict] = []
 

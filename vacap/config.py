@@ -45,6 +45,12 @@ class DecodeConfig:
     fastv_layer: int = 2
     fastv_ratio: float = 0.5
     seed: int = 0
+    # Sampling (vacap/sampling.py): temperature 0 is greedy; the penalty and the n-gram ban also
+    # act on greedy. Records state them only away from these defaults (``as_params``).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
     # What the records say about attention: none, summary, or tokens (per token).
     diagnostics: str = "none"
     # Decode steps as one torch.compile'd static-shape step (vacap.decode.static_step). How the
@@ -62,12 +68,13 @@ class DecodeConfig:
 
         Records store this, so that a `greedy` record does not claim a sparsity it never used.
         A contrastive method takes the user's ``alpha`` and ``apc_beta`` as given; without an
-        ``alpha`` it takes its own default (``METHOD_ALPHA``).
+        ``alpha`` it takes its own default (``METHOD_ALPHA``). Greedy (temperature 0) has no top-p.
         """
         alpha = METHOD_ALPHA.get(self.method, 0.0) if self.alpha is None else self.alpha
+        top_p = 1.0 if self.temperature == 0 else self.top_p
         if self.method == "vasparse":
-            return dataclasses.replace(self, alpha=alpha)
-        off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0)
+            return dataclasses.replace(self, alpha=alpha, top_p=top_p)
+        off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p)
         if self.method == "vcd":
             return dataclasses.replace(self, **{**off, "alpha": alpha})
         return dataclasses.replace(self, **off)
@@ -89,10 +96,20 @@ class DecodeConfig:
             raise ValueError("; ".join(problems))
 
     def as_params(self) -> dict:
-        """The settings a record states (its ``params``): every field but ``compile``."""
+        """The settings a record states (its ``params``): every field but ``compile``, and the
+        sampling fields only where they are not at their defaults. Records made before vacap
+        could sample keep their meaning and their resume key (``records.settings_key``): a
+        greedy run finds them done, and a sampled run, whose params differ, does not."""
         params = dataclasses.asdict(self.resolved())
         del params["compile"]
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        for name in SAMPLING_FIELDS:
+            if params[name] == defaults[name]:
+                del params[name]
         return params
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram")
 
 
 def _in_unit(name: str, value: float, *, closed_high: bool = False, open_low: bool = False) -> str | None:
@@ -142,6 +159,17 @@ def _problems(c: DecodeConfig):
         # The contrast branch hides image slots by their prompt position, which compaction
         # (from start_layer on) no longer preserves.
         yield "with kv_budget < 1, contrast_layers must be <= start_layer"
+    if not (math.isfinite(c.temperature) and c.temperature >= 0):
+        yield f"temperature must be a finite number >= 0 (0 is greedy), got {c.temperature!r}"
+    if not (math.isfinite(c.top_p) and 0 < c.top_p <= 1):
+        yield f"top_p must be in (0, 1] (1 keeps every token), got {c.top_p!r}"
+    if not (math.isfinite(c.repetition_penalty) and c.repetition_penalty > 0):
+        yield (
+            "repetition_penalty must be a finite number > 0 (1 is off, above 1 discourages repeats), "
+            f"got {c.repetition_penalty!r}"
+        )
+    if c.no_repeat_ngram < 0:
+        yield f"no_repeat_ngram must be >= 0 (0 is off), got {c.no_repeat_ngram}"
     if c.knn < 1:
         yield f"knn must be at least 1, got {c.knn}"
     if not 1 <= c.vcd_noise_step <= 999:

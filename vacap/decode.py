@@ -22,6 +22,7 @@ a stream of images, a finished row taking the next image (continuous batching).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from vacap.cache import KVCache
 from vacap.model import VisionLanguageModel
+from vacap.sampling import Sampling, choose, row_key
 
 log = logging.getLogger("vacap")
 # How generate() runs the decode steps: ``forward`` over the live slots ("dynamic", the
@@ -162,9 +164,10 @@ class Steering:
     caller's: VCD adds noised copies), ``begin`` once the cache exists, then per layer
     ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits`` and
     ``observe`` around the softmax of every chunk of queries (in order; see ``Chunk``);
-    ``after_prefill`` once, then ``head`` and ``next_token`` per step. Hooks must also be right where they
-    were not asked for: a wrapper (``Diagnostics``) may need the eager path where its inner
-    method does not.
+    ``after_prefill`` once, then ``head`` and ``next_token`` per step (the loop hands the latter
+    its rule for choosing a token from final logits: argmax, or a seeded draw). Hooks must also be
+    right where they were not asked for: a wrapper (``Diagnostics``) may need the eager path where
+    its inner method does not.
     Under continuous batching one instance does the prefill of each admitted group, and another,
     given the running cache by ``attach`` instead of ``begin``, does every step; so all per-row
     state lives in the cache (fields), where splicing carries it.
@@ -214,10 +217,14 @@ class Steering:
         -> next-token logits # (B, V); token_input and position as in ``next_token``."""
         return model.lm_head(model.norm(hidden))
 
-    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def next_token(
+        self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor, choose: Callable
+    ) -> torch.Tensor:
         """logits # (B, V); token_input # (B, hidden) embedding of the token that produced them;
-        position # (B, 1) its position. -> chosen tokens # (B,)."""
-        return logits.argmax(-1)
+        position # (B, 1) its position; choose: final logits z # (b, V) of the caller's b rows
+        (B minus a method's extra copies) -> their tokens # (b,) (docs/VASPARSE.md: argmax z, or a
+        draw from softmax(z)). -> chosen tokens # (B,)."""
+        return choose(logits)
 
 
 def forward(
@@ -425,9 +432,15 @@ def generate(
     max_new_tokens: int,
     *,
     steps: str = "dynamic",
+    sampling: Sampling = Sampling(),
+    identities: Sequence[str] | None = None,
 ) -> list[Generated]:
     """Caption a prepared batch (``model.prepare``) under a method's ``steering``
     (``vacap.methods.steering_for``; a plain ``Steering()`` is greedy decoding).
+
+    ``sampling`` chooses each token from the method's final logits (the default: argmax);
+    ``identities`` (one per row, such as the image's sha256) key each row's draws, so that a
+    row's tokens do not depend on its batch (without them, every row draws from the seed alone).
 
     ``steps`` (one of ``STEPS``) picks how decode steps run; "static" and "compiled" apply only
     where the steering allows it (see ``static_step``) and fall back to "dynamic" elsewhere.
@@ -451,9 +464,13 @@ def generate(
     tokens = torch.full((B, max_new), model.pad_id, dtype=torch.long, device=device)
     lengths = torch.full((B,), max_new, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    keys = torch.tensor([row_key(sampling.seed, i) for i in identities or [""] * rows], device=device)
     for step in range(max_new):
         logits = steering.head(model, hidden, last_input, next_position - 1)
-        token = steering.next_token(logits, last_input, next_position - 1)
+        pick = functools.partial(
+            choose, sampling=sampling, keys=keys, position=next_position[:rows] - 1, history=tokens[:rows, :step]
+        )
+        token = steering.next_token(logits, last_input, next_position - 1, pick)
         token = torch.where(finished, model.pad_id, token)
         tokens[:, step] = token
         stop = ~finished & torch.isin(token, eos)
@@ -495,6 +512,8 @@ def generate_stream(
     new_steering: Callable[[], Steering],
     rows: int,
     max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    identity: Callable[[Hashable], str] | None = None,
 ) -> Iterator[tuple[Hashable, Generated]]:
     """Continuous batching: caption a stream of ``(key, model.prepare([image], prompt))`` on
     ``rows`` batch rows, yielding ``(key, Generated)`` as each caption ends (completion order).
@@ -506,6 +525,8 @@ def generate_stream(
     to the running cache. A method's extra rows (VCD's noised copies) keep their pairing: copy c
     of row r is row c * rows + r. ``Generated.seconds`` is the row's share of the wall time: its
     group's prefill divided among the group, each step divided among the rows it ran.
+    ``sampling`` and ``identity(key)`` act as ``generate``'s ``sampling`` and ``identities``: a
+    row's draws follow its image and its own step count, not the row it runs in.
     """
     max_new = max_new_tokens
     pending = iter(images)
@@ -533,6 +554,7 @@ def generate_stream(
                 position = torch.zeros(copies * rows, 1, dtype=torch.long, device=device)
                 tokens = torch.full((rows, max_new), model.pad_id, dtype=torch.long, device=device)
                 count = torch.zeros(rows, dtype=torch.long, device=device)
+                draw_keys = torch.zeros(rows, dtype=torch.long, device=device)
                 active = torch.zeros(copies * rows, dtype=torch.bool, device=device)
                 eos = torch.tensor(model.eos_ids, device=device)
             targets = free[: len(group)]
@@ -543,6 +565,8 @@ def generate_stream(
             into_t = torch.tensor(into, device=device)
             hidden[into_t], last_input[into_t], position[into_t] = h, x, p
             count[into_t[: len(group)]] = 0
+            names = [identity(key) if identity else "" for key, _ in group]
+            draw_keys[into_t[: len(group)]] = torch.tensor([row_key(sampling.seed, n) for n in names], device=device)
             active[into_t] = True
             share = (time.perf_counter() - started) / len(group)
             for r, (key, _) in zip(targets, group):
@@ -552,7 +576,10 @@ def generate_stream(
             return
         started = time.perf_counter()
         logits = running.head(model, hidden, last_input, position - 1)
-        token = running.next_token(logits, last_input, position - 1)
+        pick = functools.partial(
+            choose, sampling=sampling, keys=draw_keys, position=position[:rows] - 1, history=tokens, count=count
+        )
+        token = running.next_token(logits, last_input, position - 1, pick)
         tokens.scatter_(1, count.clamp(max=max_new - 1)[:, None], token[:rows, None])
         count = count + 1
         stop = active[:rows] & (torch.isin(token[:rows], eos) | (count == max_new))

@@ -10,7 +10,8 @@ all heads:
 - sink heads: the fraction of heads whose first-slot attention exceeds 0.3, the sink ratio of
   "When Attention Sink Emerges" (Gu et al., 2024);
 - kept fraction: the share of cached slots the method let the heads see (1 without selection);
-- contrast changed: whether the chosen token differs from the argmax of the normal logits;
+- contrast changed: whether the chosen token differs from the argmax of the normal logits (under
+  sampling, a draw other than that argmax counts too);
 - its log-probability under the normal logits and, with ``tokens``, its image patch attention.
 
 Patch attention covers the base image (the first grid of image tokens, which for anyres models
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -156,8 +157,10 @@ class Diagnostics(Steering):
     def head(self, model, hidden: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return self.inner.head(model, hidden, token_input, position)
 
-    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        token = self.inner.next_token(logits, token_input, position)
+    def next_token(
+        self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor, choose: Callable
+    ) -> torch.Tensor:
+        token = self.inner.next_token(logits, token_input, position, choose)
         z = logits[: self.rows].float()
         chosen = token[: self.rows]
         layers = self.n_layers - self.start_layer

@@ -8,6 +8,7 @@ The definition is docs/VASPARSE.md; choices it leaves open are noted where they 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -245,11 +246,13 @@ class VASparse(Steering):
         self._z_phi = both[hidden.shape[0] :]
         return both[: hidden.shape[0]]
 
-    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def next_token(
+        self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor, choose: Callable
+    ) -> torch.Tensor:
         if not self.contrast:
-            return logits.argmax(-1)
+            return choose(logits)
         plausible = vs.plausible_mask(logits, self.config.apc_beta)
-        return vs.contrast(logits, self._z_phi, self.config.alpha, plausible).argmax(-1)
+        return choose(vs.contrast(logits, self._z_phi, self.config.alpha, plausible))
 
     def _phi_hidden(self, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The current token through the first contrast_layers layers with image slots hidden."""
@@ -325,10 +328,12 @@ class NoisedImageContrast(Steering):
     def attach(self, cache: KVCache) -> None:
         self.rows = cache.batch // 2
 
-    def next_token(self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def next_token(
+        self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor, choose: Callable
+    ) -> torch.Tensor:
         z, z_noised = logits[: self.rows].float(), logits[self.rows :].float()
         plausible = vs.plausible_mask(z, self.config.apc_beta)
-        return vs.contrast(z, z_noised, self.config.alpha, plausible).argmax(-1).repeat(2)
+        return choose(vs.contrast(z, z_noised, self.config.alpha, plausible)).repeat(2)
 
 
 class FastV(Steering):
