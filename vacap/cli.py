@@ -265,8 +265,8 @@ def caption(
         uncaptioned = run.unwritten(images) if run else images
         todo = _still_to_do(uncaptioned, writer, settings_key(model, params), run)
         if not todo and not problems:
-            having = " or have a caption file" if len(uncaptioned) < len(images) else ""
-            console.print(f"all {len(images)} images already captioned with these settings{having}")
+            files_too = " or with a caption file" if len(uncaptioned) < len(images) else ""
+            console.print(f"all {len(images)} images already captioned with these settings{files_too}")
             raise typer.Exit(0)
 
         from vacap.progress import RunProgress
@@ -311,6 +311,10 @@ def _choose(paths, recursive, files_from, include, exclude, shard, limit):
     sharded and limited; any bad value or missing PATH is a usage error."""
     from vacap.images import parse_shard, read_path_list, select
 
+    try:
+        chosen_shard = parse_shard(shard) if shard is not None else None
+    except ValueError as exc:
+        raise _usage(exc) from exc
     listed: list[str] = []
     if files_from is not None:
         try:
@@ -320,10 +324,6 @@ def _choose(paths, recursive, files_from, include, exclude, shard, limit):
         listed = read_path_list(data)
     elif not paths:
         raise _usage(ValueError("give image files or folders, or --files-from FILE"))
-    try:
-        chosen_shard = parse_shard(shard) if shard is not None else None
-    except ValueError as exc:
-        raise _usage(exc) from exc
     listing = _discover(paths, recursive, listed)
     return select(listing, include=include or (), exclude=exclude or (), shard=chosen_shard, limit=limit)
 
