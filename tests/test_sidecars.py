@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vacap.sidecars import join_captions
+
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 VACAP = [sys.executable, "-m", "vacap.cli"]
-DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "24"]
+DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16"]
 # image inside the dataset -> the sample it is a copy of
 LAYOUT = {
     "a.png": "scene_1.png",
@@ -98,17 +100,18 @@ def test_a_second_run_does_nothing_and_restores_a_missing_caption_file(first_run
     assert all((folder / name).stat().st_mtime_ns == stamps[name] for name in files if name != "a.txt")
 
 
-def test_other_shaping_is_another_job_and_overwrite_replaces_every_file(first_run, tmp_path):
-    folder, output, args, _ = first_run
+def test_other_shaping_is_another_job_and_overwrite_replaces_the_files(first_run, tmp_path):
+    folder, output, _, _ = first_run
     copy = tmp_path / "data"
     shutil.copytree(folder, copy)
     moved = tmp_path / "out.jsonl"
     shutil.copy(output, moved)
-    out = vacap("caption", copy, *DEMO, "--sidecar", "txt", "-o", moved, "--prefix", "zzz, ", "--existing", "overwrite")
-    assert out.returncode == 0 and "5 ok, 0 error, 0 skipped" in summary(out), out.stderr
+    args = [copy / "a.png", copy / "sub", *DEMO, "--sidecar", "txt", "-o", moved, "--prefix", "zzz, "]
+    out = vacap("caption", *args, "--existing", "overwrite")
+    assert out.returncode == 0 and "3 ok, 0 error, 0 skipped" in summary(out), out.stderr
     old = {Path(r["path"]).name: r["caption"] for r in parse(output.read_text("utf-8"))}
     new = [r for r in parse(moved.read_text("utf-8")) if r["params"].get("prefix") == "zzz, "]
-    assert len(new) == 5
+    assert sorted(Path(r["path"]).name for r in new) == ["a.png", "b.png", "c.jpg"]
     for record in new:
         image = Path(record["path"])
         assert Path(image).with_suffix(".txt").read_text("utf-8") == record["caption"] + "\n"
@@ -116,18 +119,29 @@ def test_other_shaping_is_another_job_and_overwrite_replaces_every_file(first_ru
             assert record["caption"] == "zzz, " + old[image.name][len(PREFIX) : -len(SUFFIX)]
 
 
-@pytest.mark.parametrize("where", ["append", "prepend"])
-def test_append_and_prepend_join_with_a_comma(first_run, where, tmp_path):
+def test_append_joins_the_caption_to_the_existing_file(first_run, tmp_path):
     folder = make_dataset(tmp_path, ["a.png"])
     (folder / "a.txt").write_text("tag1, tag2,\n", encoding="utf-8")
-    out = vacap("caption", folder / "a.png", *DEMO, "--sidecar", "txt", "--existing", where, "-o", "-")
+    out = vacap("caption", folder / "a.png", *DEMO, "--sidecar", "txt", "--existing", "append", "-o", "-")
     assert out.returncode == 0, out.stderr
     (record,) = parse(out.stdout)  # `-o -`: the records on stdout too
     caption = record["caption"]
-    expected = f"tag1, tag2, {caption}" if where == "append" else f"{caption}, tag1, tag2"
-    assert (folder / "a.txt").read_text("utf-8") == expected + "\n"
+    assert (folder / "a.txt").read_text("utf-8") == f"tag1, tag2, {caption}\n"
     reference = parse(first_run[1].read_text("utf-8"))
     assert PREFIX + caption + SUFFIX in [r["caption"] for r in reference]
+
+
+@pytest.mark.parametrize(
+    "existing, where, joined",
+    [
+        ("tag1, tag2,\n", "append", "tag1, tag2, A cat."),
+        ("tag1, tag2\r\n", "prepend", "A cat., tag1, tag2"),
+        (", tag1", "prepend", "A cat., tag1"),
+        (" \n\n", "append", "A cat."),
+    ],
+)
+def test_join_captions(existing, where, joined):
+    assert join_captions(existing, "A cat.", where) == joined
 
 
 def test_sidecar_dir_mirrors_each_input_root(first_run, tmp_path):
@@ -146,27 +160,30 @@ def test_sidecar_dir_mirrors_each_input_root(first_run, tmp_path):
         assert (tmp_path / "captions" / name).read_text("utf-8") == reference[image][len(PREFIX) : -len(SUFFIX)] + "\n"
 
 
-def test_a_kill_mid_run_leaves_only_whole_caption_files(tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    for i in range(10):
-        Image.open(SAMPLES / "house.jpg").rotate(i * 30).save(folder / f"img{i:02d}.png")
-    args = [*VACAP, "caption", str(folder), *DEMO, "--sidecar", "txt", "-o", str(tmp_path / "out.jsonl")]
+def test_a_kill_mid_run_leaves_only_whole_caption_files(first_run, tmp_path):
+    folder, output, _, _ = first_run
+    # Copies of the images first_run captioned: each caption file's whole text is known.
+    expected = {}
+    for record in parse(output.read_text("utf-8")):
+        for copy in range(3):
+            name = f"{copy}-{Path(record['path']).stem}"
+            shutil.copy(record["path"], tmp_path / f"{name}{Path(record['path']).suffix}")
+            expected[f"{name}.txt"] = (record["caption"][len(PREFIX) : -len(SUFFIX)] + "\n").encode()
+    args = [*VACAP, "caption", str(tmp_path), *DEMO, "--sidecar", "txt", "-o", str(tmp_path / "out.jsonl")]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(folder.glob("*.txt"))) < 2:
+    while time.monotonic() < deadline and len(list(tmp_path.glob("*.txt"))) < 2:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    killed = caption_files(folder)
-    assert 2 <= len(killed) < 10, "the kill should land mid-run"
+    killed = caption_files(tmp_path)
+    assert 2 <= len(killed) < len(expected), "the kill should land mid-run"
+    assert all(expected[name] == text for name, text in killed.items())
     # Temporary files of a write cut short are dot-files: discovery and training tools pass them by.
-    assert all(p.suffix in (".png", ".txt") or (p.name.startswith(".") and p.suffix == ".tmp") for p in folder.iterdir())
+    made = [p.name for p in tmp_path.iterdir() if p.name != "out.jsonl" and Path(p.name).stem not in
+            {Path(n).stem for n in expected}]  # fmt: skip
+    assert all(name.startswith(".") and name.endswith(".tmp") for name in made), made
 
     resumed = vacap(*args[3:])
     assert resumed.returncode == 0, resumed.stderr
-    reference = vacap("caption", folder, *DEMO, "--sidecar", "txt", "--sidecar-dir", tmp_path / "ref")
-    assert reference.returncode == 0, reference.stderr
-    expected = caption_files(tmp_path / "ref")
-    assert len(expected) == 10 and caption_files(folder) == expected
-    assert all(expected[name] == text for name, text in killed.items())
+    assert caption_files(tmp_path) == expected

@@ -288,7 +288,7 @@ def caption(
 
             records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
         if run is not None:  # each caption file before its record: an ok record means the file is there
-            records = map(run.written, records)
+            records = run.write_behind(records)
         with progress:
             _write_records(console, writer, progress, records)
     progress.print_summary()

@@ -8,9 +8,11 @@ one. Error records never write a caption file.
 from __future__ import annotations
 
 import base64
+import collections
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,21 @@ class SidecarRun:
         except OSError:
             return False
         return True
+
+    def write_behind(self, records: Iterable[dict], ahead: int = 16) -> Iterator[dict]:
+        """``records``, each after its caption file is written (see :meth:`written`), in order.
+
+        The files are written on a thread of their own, at most ``ahead`` records behind, so
+        the disk's fsync overlaps the decoding of the next captions instead of holding it up.
+        """
+        pending: collections.deque = collections.deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="vacap-captions") as pool:
+            for record in records:
+                pending.append(pool.submit(self.written, record))
+                while pending and (pending[0].done() or len(pending) > ahead):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def written(self, record: dict) -> dict:
         """An ok record after its caption file is written; an error record (with the reason)
