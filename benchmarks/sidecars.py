@@ -85,7 +85,8 @@ def main() -> None:
         medians[way] = (wall, captioning)
         print(f"| {way} | {wall:.2f} | {captioning:.2f} | {args.images / captioning:.1f} |")
     (plain_wall, plain), (files_wall, files) = medians.values()
-    print(f"\nwith caption files / without: whole command {files_wall / plain_wall:.3f}, captioning {files / plain:.3f}")
+    ratios = f"whole command {files_wall / plain_wall:.3f}, captioning {files / plain:.3f}"
+    print(f"\nwith caption files / without: {ratios}")
 
 
 if __name__ == "__main__":

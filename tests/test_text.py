@@ -75,4 +75,5 @@ def test_prompt_templates():
 
 def test_output_params_list_only_the_shaping_in_use():
     assert OutputConfig().as_params() == {}
-    assert OutputConfig(prefix="ohwx, ", trim_incomplete=True).as_params() == {"prefix": "ohwx, ", "trim_incomplete": True}
+    shaping = OutputConfig(prefix="ohwx, ", trim_incomplete=True)
+    assert shaping.as_params() == {"prefix": "ohwx, ", "trim_incomplete": True}

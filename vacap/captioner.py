@@ -240,9 +240,10 @@ class Captioner:
                     errors.clear()
                     job = in_flight.pop(index)
                     tokens = [t for t in out.tokens if t not in eos]
+                    caption = self._finish(self.model.decode(tokens), out.stopped_by)
                     yield job.index, self._record(
-                        job.path, "ok", image=job.image, caption=self._finish(self.model.decode(tokens), out.stopped_by),
-                        tokens=len(tokens), seconds=out.seconds, stop=out.stopped_by,
+                        job.path, "ok", image=job.image, caption=caption, tokens=len(tokens), seconds=out.seconds,
+                        stop=out.stopped_by,
                     )  # fmt: skip
                 break
             except (RuntimeError, ValueError) as exc:

@@ -105,7 +105,9 @@ class SidecarRun:
 
     def __init__(self, sidecars: Sidecars, files: Sequence[Path], roots: Sequence[Path]) -> None:
         self.sidecars = sidecars
-        self._targets = {str(f): sidecar_path(f, sidecars.suffix, root, sidecars.mirror) for f, root in zip(files, roots)}
+        self._targets = {
+            str(file): sidecar_path(file, sidecars.suffix, root, sidecars.mirror) for file, root in zip(files, roots)
+        }
 
     def target(self, image: str | Path) -> Path:
         return self._targets[str(image)]
@@ -157,7 +159,7 @@ class SidecarRun:
             why = f"cannot write caption file {path_fields(target)[0]}: {exc.strerror or exc}"
             return {**record, "status": "error", "error": why}
         except UnicodeDecodeError:
-            why = f"caption file {path_fields(target)[0]} is not UTF-8 text, so the caption cannot be joined to it; left as it is"
+            why = f"caption file {path_fields(target)[0]} is not UTF-8 text, so nothing is joined to it; left as it was"
             return {**record, "status": "error", "error": why}
         return record
 
