@@ -115,13 +115,18 @@ def test_prompt_file_errors_exit_2(tree, tmp_path):
 
 def test_shards_and_filters_end_to_end(tree, tmp_path):
     everything = [str(p) for p in discover([tree]).files]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Describe {stem}.\n", encoding="utf-8")
     parts = []
     for i in range(2):
-        out = vacap("caption", tree, *DEMO, "--shard", f"{i}/2", "-o", tmp_path / f"part-{i}.jsonl")
+        output = tmp_path / f"p{i}.jsonl"
+        out = vacap("caption", tree, *DEMO, "--prompt-file", prompt, "--shard", f"{i}/2", "-o", output)
         assert out.returncode == 0, out.stderr
-        parts.append(paths_of((tmp_path / f"part-{i}.jsonl").read_text("utf-8")))
+        records = [json.loads(line) for line in output.read_text("utf-8").splitlines()]
+        assert {r["params"]["prompt"] for r in records} == {"Describe {stem}."}, "the template, its newline dropped"
+        parts.append([r["path"] for r in records])
     assert sorted(parts[0] + parts[1]) == sorted(everything) and not set(parts[0]) & set(parts[1])
-    again = vacap("caption", tree, *DEMO, "--shard", "0/2", "-o", tmp_path / "part-0.jsonl")
+    again = vacap("caption", tree, *DEMO, "--prompt-file", prompt, "--shard", "0/2", "-o", tmp_path / "p0.jsonl")
     assert again.returncode == 0 and f"all {len(parts[0])} images already captioned" in again.stderr
 
     # stdin list, relative to the current folder, then filters and a limit on the whole listing.
