@@ -19,19 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from vacap.config import DEFAULT_MODEL, DecodeConfig
+from vacap.config import DEFAULT_MODEL, DecodeConfig, OutputConfig
 from vacap.images import ImageError, LoadedImage, discover, load_image
 from vacap.model import DTYPE_NAMES, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
+from vacap.text import fill_prompt, finish_caption
 
 
-def record_params(config: DecodeConfig, *, dtype: str, device: str, quant: str) -> dict:
+def record_params(
+    config: DecodeConfig, *, dtype: str, device: str, quant: str, output: OutputConfig | None = None
+) -> dict:
     """The ``params`` of every record, and with the model name the resume key: the decode
-    settings, plus the dtype ``load_model`` resolves ``dtype`` to on ``device`` and the
-    quantization (both change the tokens). Needs no loaded model, so a resume can tell what
-    is done before loading one; the Captioner uses it too, so the two cannot disagree."""
+    settings, the caption shaping in use (``output``), plus the dtype ``load_model`` resolves
+    ``dtype`` to on ``device`` and the quantization (both change the tokens). Needs no loaded
+    model, so a resume can tell what is done before loading one; the Captioner uses it too, so
+    the two cannot disagree."""
     resolved = resolve_dtype(dtype, resolve_device(device))
-    return {**config.as_params(), "dtype": DTYPE_NAMES[resolved], "quant": quant}
+    shaping = output.as_params() if output is not None else {}
+    return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant}
 
 
 @dataclass
@@ -97,7 +102,8 @@ class _Prefetch:
 
 
 class Captioner:
-    """A loaded model plus frozen decode settings (any ``DecodeConfig`` field as a keyword)."""
+    """A loaded model plus frozen decode settings (any ``DecodeConfig`` field as a keyword) and
+    how captions are shaped (``output``: prefix, suffix, clean-up; none by default)."""
 
     def __init__(
         self,
@@ -107,11 +113,13 @@ class Captioner:
         device: str = "auto",
         quant: str = "none",
         batch_size: int = 1,
+        output: OutputConfig | None = None,
         **settings,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.config = DecodeConfig(**settings)
+        self.output = output or OutputConfig()
         self.batch_size = batch_size
         self.model = load_model(model, dtype=dtype, device=device, quant=quant)
         self.model_name = model
@@ -122,7 +130,7 @@ class Captioner:
 
     def _settle(self) -> None:
         self.config.check_layers(len(self.model.layers))
-        self.params = record_params(self.config, **self._precision)
+        self.params = record_params(self.config, output=self.output, **self._precision)
         self.settings = settings_key(self.model_name, self.params)
 
     def with_settings(self, **changes) -> Captioner:
@@ -196,7 +204,7 @@ class Captioner:
                 if skip is not None and skip(path, loaded.sha256, self.settings):
                     continue
                 try:
-                    inputs = self.model.prepare([loaded.image], self.config.prompt)
+                    inputs = self.model.prepare([loaded.image], fill_prompt(self.config.prompt, path))
                 except (RuntimeError, ValueError) as exc:
                     yield _Job(next(index), path, loaded, error=f"captioning failed: {exc}")
                     continue
@@ -234,9 +242,10 @@ class Captioner:
                     errors.clear()
                     job = in_flight.pop(index)
                     tokens = [t for t in out.tokens if t not in eos]
+                    caption = self._finish(self.model.decode(tokens), out.stopped_by)
                     yield job.index, self._record(
-                        job.path, "ok", image=job.image, caption=self.model.decode(tokens), tokens=len(tokens),
-                        seconds=out.seconds,
+                        job.path, "ok", image=job.image, caption=caption, tokens=len(tokens), seconds=out.seconds,
+                        stop=out.stopped_by,
                     )  # fmt: skip
                 break
             except (RuntimeError, ValueError) as exc:
@@ -274,12 +283,13 @@ class Captioner:
         for start in range(0, len(questions), self.batch_size):
             chunk = list(questions[start : start + self.batch_size])
             inputs = self.model.prepare([loaded.image] * len(chunk), chunk)
-            answers += [text for text, _, _ in self._generate(inputs, [loaded.sha256] * len(chunk))]
+            answers += [text for text, *_ in self._generate(inputs, [loaded.sha256] * len(chunk))]
         return answers
 
-    def _generate(self, inputs: dict, identities: Sequence[str]) -> list[tuple[str, int, dict]]:
-        """A prepared batch -> (text, token count, diagnostics fields) per image, stop tokens left out.
-        ``identities``: each row's image sha256, which keys its sampling draws."""
+    def _generate(self, inputs: dict, identities: Sequence[str]) -> list[tuple[str, int, str, dict]]:
+        """A prepared batch -> (text, token count, what stopped it, diagnostics fields) per
+        image, stop tokens left out. ``identities``: each row's image sha256, which keys its
+        sampling draws."""
         from vacap.decode import generate
         from vacap.diagnostics import Diagnostics
         from vacap.methods import steering_for
@@ -298,7 +308,7 @@ class Captioner:
         for b, out in enumerate(outputs):
             tokens = [t for t in out.tokens if t not in eos]
             extra = steering.row(b, tokens, c.diagnostics) if c.diagnostics != "none" else {}
-            results.append((self.model.decode(tokens), len(tokens), extra))
+            results.append((self.model.decode(tokens), len(tokens), out.stopped_by, extra))
         return results
 
     def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[tuple[int, dict]]:
@@ -312,10 +322,17 @@ class Captioner:
             yield from (self._failed(job, f"captioning failed: {exc}") for job in batch)
             return
         seconds = (time.perf_counter() - start) / len(batch)
-        for job, (caption, tokens, extra) in zip(batch, texts):
+        for job, (caption, tokens, stop, extra) in zip(batch, texts):
             yield job.index, self._record(
-                job.path, "ok", image=job.image, caption=caption, tokens=tokens, seconds=round(seconds, 4), **extra
-            )
+                job.path, "ok", image=job.image, caption=self._finish(caption, stop), tokens=tokens,
+                seconds=round(seconds, 4), stop=stop, **extra,
+            )  # fmt: skip
+
+    def _finish(self, caption: str, stopped_by: str) -> str:
+        o = self.output
+        return finish_caption(
+            caption, stopped_by=stopped_by, prefix=o.prefix, suffix=o.suffix, clean=o.clean, trim=o.trim_incomplete
+        )
 
     def _record(self, path: str, status: str, *, image: LoadedImage | None = None, **fields) -> dict:
         if image is not None:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, List, Literal, Optional
 
 import typer
 
-from vacap.config import DEFAULT_MODEL, DEFAULT_PROMPT, DecodeConfig
+from vacap.config import DEFAULT_MODEL, DEFAULT_PROMPT, DecodeConfig, OutputConfig
 
 app = typer.Typer(
     help="Caption images with a local LLaVA-family model and VASparse decoding.",
@@ -105,12 +107,12 @@ def _usage(exc: Exception) -> typer.BadParameter:
     return typer.BadParameter(str(exc))
 
 
-def _discover(paths: List[Path], recursive: bool):
+def _discover(paths: List[Path], recursive: bool, listed=()):
     """The images to caption (a ``Listing``); a path that does not exist is a usage error."""
     from vacap.images import discover
 
     try:
-        return discover(paths, recursive=recursive)
+        return discover(paths, recursive=recursive, listed=listed)
     except FileNotFoundError as exc:
         raise _usage(exc) from exc
 
@@ -130,9 +132,57 @@ def _captioner(console, **arguments):
         raise typer.Exit(2) from exc
 
 
+# The caption command's dataset options: caption files, caption shaping, choosing inputs.
+OptionalPaths = Annotated[Optional[List[Path]], typer.Argument(help="Image files and folders.", show_default=False)]
+PromptFile = Annotated[
+    Optional[Path],
+    typer.Option(help="Read the prompt from this UTF-8 file; {filename}, {stem} and {folder} are filled per image."),
+]
+Sidecar = Annotated[
+    Optional[Literal["txt", "caption"]],
+    typer.Option(help="Also write each caption to <image stem>.txt (or .caption) beside its image."),
+]
+SidecarDir = Annotated[
+    Optional[Path], typer.Option(help="Write the caption files into this folder, mirroring the input tree.")
+]
+Existing = Annotated[
+    Literal["skip", "overwrite", "append", "prepend"],
+    typer.Option(
+        help="An image whose caption file exists: skip it (not captioned, file untouched), overwrite the file, "
+        "or append/prepend the caption to it, joined by ', '."
+    ),
+]
+Prefix = Annotated[str, typer.Option(help="Text put before each caption, such as a trigger word: 'ohwx, '.")]
+Suffix = Annotated[str, typer.Option(help="Text put after each caption.")]
+Clean = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--clean/--no-clean",
+        help="Strip chat boilerplate around a caption (ASSISTANT:, <s>, quotes). Default: on with caption files.",
+        show_default=False,
+    ),
+]
+Trim = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--trim-incomplete/--no-trim-incomplete",
+        help="Drop a last sentence cut off by --max-new-tokens. Default: on with caption files.",
+        show_default=False,
+    ),
+]
+FilesFrom = Annotated[
+    Optional[str],
+    typer.Option(help="Also caption the paths listed in this file, one per line; '-' reads stdin. # starts a comment."),
+]
+Include = Annotated[Optional[List[str]], typer.Option(help="Only images whose path in its folder matches this glob.")]
+Exclude = Annotated[Optional[List[str]], typer.Option(help="Leave out images whose path matches this glob.")]
+Limit = Annotated[Optional[int], typer.Option(min=1, help="Only the first N images, after the filters and --shard.")]
+Shard = Annotated[Optional[str], typer.Option(help="I/N: only shard I (from 0) of N, split by a hash of each path.")]
+
+
 @app.command()
 def caption(
-    paths: Paths,
+    paths: OptionalPaths = None,
     output: Output = None,
     model: Model = DEFAULT_MODEL,
     method: Annotated[Literal["vasparse", "greedy", "vcd", "fastv"], typer.Option(help="Decoding method.")] = _D.method,
@@ -169,10 +219,31 @@ def caption(
             "fall back and say so). The first batch pays the compilation.",
         ),
     ] = False,
+    prompt_file: PromptFile = None,
+    sidecar: Sidecar = None,
+    sidecar_dir: SidecarDir = None,
+    existing: Existing = "skip",
+    prefix: Prefix = "",
+    suffix: Suffix = "",
+    clean: Clean = None,
+    trim_incomplete: Trim = None,
+    files_from: FilesFrom = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    limit: Limit = None,
+    shard: Shard = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
 ) -> None:
-    """Caption every image under PATHS, one JSONL record per image."""
+    """Caption every image under PATHS, one JSONL record per image (and a caption file with --sidecar)."""
     _setup(verbose)
+    if prompt_file is not None:
+        prompt = _read_prompt(prompt_file, prompt)
+    # Caption files are datasets: there, clean-up and trimming are on unless turned off.
+    files = sidecar is not None or sidecar_dir is not None
+    shaping = OutputConfig(
+        prefix=prefix, suffix=suffix, clean=files if clean is None else clean,
+        trim_incomplete=files if trim_incomplete is None else trim_incomplete,
+    )  # fmt: skip
     settings = dict(
         method=method, prompt=prompt, max_new_tokens=max_new_tokens, sparsity=sparsity, lam=lam, alpha=alpha,
         apc_beta=apc_beta, sink_beta=sink_beta, start_layer=start_layer, contrast_layers=contrast_layers,
@@ -187,26 +258,34 @@ def caption(
     if compile and quant != "none":
         # bitsandbytes layers break the compiled graph into pieces that recompile at every new shape.
         raise _usage(ValueError(f"--compile cannot be used with --quant {quant}; use one or the other"))
-    listing = _discover(paths, recursive)
+    listing = _choose(paths or [], recursive, files_from, include, exclude, shard, limit)
     images = listing.files
 
     from rich.console import Console
 
     from vacap.records import make_record, settings_key
+    from vacap.sidecars import SidecarRun, Sidecars
 
+    run = None
+    if files:
+        run = SidecarRun(Sidecars(sidecar or "txt", sidecar_dir, existing), listing.files, listing.roots)
+        if output is None:
+            output = Path(os.devnull)  # the caption files are the output; `-o -` streams records too
     console = Console(stderr=True)
     with _open_output(console, output, overwrite=overwrite, resume=True) as writer:
         if not images and not listing.problems:
             console.print("no images to caption")
             raise typer.Exit(0)
-        params = _record_params(console, config, dtype=dtype, device=device, quant=quant)
+        params = _record_params(console, config, shaping, dtype=dtype, device=device, quant=quant)
         problems = [
             make_record(path=path, status="error", error=reason, model=model, method=config.method, params=params)
             for path, reason in listing.problems
         ]
-        todo = _still_to_do(images, writer, settings_key(model, params))
+        uncaptioned = run.unwritten(images) if run else images
+        todo = _still_to_do(uncaptioned, writer, settings_key(model, params), run)
         if not todo and not problems:
-            console.print(f"all {len(images)} images already captioned with these settings")
+            files_too = " or with a caption file" if len(uncaptioned) < len(images) else ""
+            console.print(f"all {len(images)} images already captioned with these settings{files_too}")
             raise typer.Exit(0)
 
         from vacap.progress import RunProgress
@@ -216,8 +295,9 @@ def caption(
         records = iter(problems)
         if todo:  # folders that could not be listed alone need no model
             captioner = _captioner(
-                console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, **settings
-            )
+                console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
+                output=shaping, **settings,
+            )  # fmt: skip
 
             def skip(path: str, sha256: str, settings_key: str) -> bool:
                 done = writer.is_done(path, sha256, settings_key)
@@ -226,10 +306,45 @@ def caption(
                 return done
 
             records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
+        if run is not None:  # each caption file before its record: an ok record means the file is there
+            records = run.write_behind(records)
         with progress:
             _write_records(console, writer, progress, records)
     progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
+
+
+def _read_prompt(path: Path, prompt: str) -> str:
+    """The prompt template in a --prompt-file, its trailing newline dropped."""
+    if prompt != DEFAULT_PROMPT:
+        raise _usage(ValueError("give --prompt or --prompt-file, not both"))
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise _usage(ValueError(f"cannot read --prompt-file {path}: {why}")) from exc
+
+
+def _choose(paths, recursive, files_from, include, exclude, shard, limit):
+    """The images this run takes (a ``Listing``): PATHS and the --files-from list, filtered,
+    sharded and limited; any bad value or missing PATH is a usage error."""
+    from vacap.images import parse_shard, read_path_list, select
+
+    try:
+        chosen_shard = parse_shard(shard) if shard is not None else None
+    except ValueError as exc:
+        raise _usage(exc) from exc
+    listed: list[str] = []
+    if files_from is not None:
+        try:
+            data = sys.stdin.buffer.read() if files_from == "-" else Path(files_from).read_bytes()
+        except OSError as exc:
+            raise _usage(ValueError(f"cannot read --files-from {files_from}: {exc.strerror or exc}")) from exc
+        listed = read_path_list(data)
+    elif not paths:
+        raise _usage(ValueError("give image files or folders, or --files-from FILE"))
+    listing = _discover(paths, recursive, listed)
+    return select(listing, include=include or (), exclude=exclude or (), shard=chosen_shard, limit=limit)
 
 
 def _open_output(console, output: Optional[Path], **mode):
@@ -243,21 +358,22 @@ def _open_output(console, output: Optional[Path], **mode):
         raise typer.Exit(2) from None
 
 
-def _record_params(console, config: DecodeConfig, **precision) -> dict:
+def _record_params(console, config: DecodeConfig, output: OutputConfig, **precision) -> dict:
     """The records' params (and so the resume key), worked out as the Captioner will, without
     loading the model."""
     from vacap.captioner import record_params
     from vacap.model import ModelLoadError
 
     try:
-        return record_params(config, **precision)
+        return record_params(config, output=output, **precision)
     except ModelLoadError as exc:  # --device cuda without CUDA
         console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
-def _still_to_do(images: List[Path], writer, key: str) -> list[Path]:
-    """The images without an ok record for their current bytes under these settings.
+def _still_to_do(images: List[Path], writer, key: str, run=None) -> list[Path]:
+    """The images without an ok record for their current bytes under these settings. With
+    caption files (``run``), a done image whose caption file is missing gets it from its record.
 
     Only an image whose path has such a record is hashed; the rest are read once, when captioned.
     """
@@ -265,10 +381,11 @@ def _still_to_do(images: List[Path], writer, key: str) -> list[Path]:
 
     todo = []
     for image in images:
-        hashes = writer.done_hashes(str(image), key)
-        if hashes:
+        done = writer.done_hashes(str(image), key)
+        if done:
             try:
-                if file_sha256(image) in hashes:
+                sha256 = file_sha256(image)
+                if sha256 in done and (run is None or run.restore(image, done[sha256])):
                     continue
             except ImageError:
                 pass  # captioning it will say what is wrong, as an error record

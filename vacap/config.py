@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from vacap.text import prompt_problem
+
 METHODS = ("vasparse", "greedy", "vcd", "fastv")
 # Contrastive weight when none is given: VASparse's default, and VCD's published alpha = 1.
 METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0}
@@ -112,6 +114,24 @@ class DecodeConfig:
 SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram")
 
 
+@dataclass(frozen=True)
+class OutputConfig:
+    """How a decoded caption is shaped before it is written anywhere (vacap.text.finish_caption).
+
+    Apart from DecodeConfig because it never changes a token; it still changes the caption, so
+    records state it in ``params`` and resume tells it apart."""
+
+    prefix: str = ""
+    suffix: str = ""
+    clean: bool = False  # strip chat boilerplate ("ASSISTANT:", "<s>", quotes around the caption)
+    trim_incomplete: bool = False  # drop a last sentence cut off by max_new_tokens
+
+    def as_params(self) -> dict:
+        """The shaping in use, for ``params``: settings left at their default are left out, so
+        a plain run's records (and their resume) are what they were before these settings."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value}
+
+
 def _in_unit(name: str, value: float, *, closed_high: bool = False, open_low: bool = False) -> str | None:
     if not math.isfinite(value):
         return f"{name} must be a finite number, got {value!r}"
@@ -133,6 +153,8 @@ def _problems(c: DecodeConfig):
         yield "compile needs diagnostics none: the static step computes no attention probabilities to report"
     if not c.prompt.strip():
         yield "prompt must not be empty"
+    elif problem := prompt_problem(c.prompt):
+        yield problem
     if c.max_new_tokens < 1:
         yield f"max_new_tokens must be at least 1, got {c.max_new_tokens}"
     yield from filter(

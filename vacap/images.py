@@ -10,10 +10,11 @@ import hashlib
 import io
 import math
 import os
+import re
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,9 +60,16 @@ class Listing:
 
     files: list[Path]
     problems: list[tuple[Path, str]]  # (path, reason): folders that could not be listed
+    # The input root of each file (same order as files): the folder argument it was found
+    # under; for a file named directly, the current folder when it lies under it, else its own.
+    roots: list[Path] = field(default_factory=list)
+
+    def relative(self, index: int) -> str:
+        """The path of file ``index`` inside its input root, with / separators."""
+        return self.files[index].relative_to(self.roots[index]).as_posix()
 
 
-def discover(paths: Sequence[str | Path], recursive: bool = True) -> Listing:
+def discover(paths: Sequence[str | Path], recursive: bool = True, listed: Sequence[str | Path] = ()) -> Listing:
     """Files to caption, in a stable order, and the folders that could not be searched.
 
     Files named explicitly are kept whatever their extension (the user asked for them; if they
@@ -70,18 +78,22 @@ def discover(paths: Sequence[str | Path], recursive: bool = True) -> Listing:
     named like an image is kept, so that loading it gives an error record instead of silence.
     Each argument's files are sorted, arguments keep their order, and a file reached twice (same
     resolved path) is kept the first time only. A named path that does not exist raises
-    ``FileNotFoundError``.
+    ``FileNotFoundError``; ``listed`` paths (from a list file, after ``paths``) are searched the
+    same way, except that one that does not exist is kept, to become an error record.
     """
     found: list[Path] = []
+    roots: list[Path] = []
     problems: list[tuple[Path, str]] = []
     seen: set[Path] = set()
-    for arg in paths:
-        for path in _expand(Path(arg), recursive, problems):
+    arguments = [(Path(arg), False) for arg in paths] + [(Path(arg), True) for arg in listed]
+    for arg, missing_ok in arguments:
+        for path, root in _expand(arg, recursive, problems, missing_ok):
             key = _identity(path)
             if key not in seen:
                 seen.add(key)
                 found.append(path)
-    return Listing(found, problems)
+                roots.append(root)
+    return Listing(found, problems, roots)
 
 
 def _identity(path: Path) -> Path:
@@ -91,20 +103,32 @@ def _identity(path: Path) -> Path:
         return path.absolute()
 
 
-def _expand(path: Path, recursive: bool, problems: list[tuple[Path, str]]) -> list[Path]:
+def _expand(
+    path: Path, recursive: bool, problems: list[tuple[Path, str]], missing_ok: bool = False
+) -> list[tuple[Path, Path]]:
+    """-> (file, its input root) for each file ``path`` stands for."""
     try:
         exists, is_dir = path.exists(), path.is_dir()
     except OSError:
         # Too long a name, say: loading it will fail with the system's own reason.
-        return [path]
+        return [(path, _file_root(path))]
     if not exists:
-        if path.is_symlink():
-            return [path]  # a broken link: loading names it as one
+        if path.is_symlink() or missing_ok:
+            return [(path, _file_root(path))]  # loading names the problem (a broken link...)
         raise FileNotFoundError(f"no such file or directory: {path}")
     if not is_dir:
-        return [path]
+        return [(path, _file_root(path))]
     files = (path / rel for rel in _image_files_under(path, recursive, problems))
-    return sorted(files, key=lambda p: p.as_posix())
+    return [(file, path) for file in sorted(files, key=lambda p: p.as_posix())]
+
+
+def _file_root(path: Path) -> Path:
+    """The input root of a file named directly: the current folder when the file lies under it
+    (so a listed ``a/b.jpg`` keeps ``a/b.jpg`` as its path inside the root), else its folder."""
+    if not path.is_absolute():
+        return Path() if ".." not in path.parts else path.parent
+    cwd = Path.cwd()
+    return cwd if path.is_relative_to(cwd) else path.parent
 
 
 def _image_files_under(root: Path, recursive: bool, problems: list[tuple[Path, str]]) -> Iterator[str]:
@@ -123,6 +147,106 @@ def _image_files_under(root: Path, recursive: bool, problems: list[tuple[Path, s
         for name in files:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield name if rel_folder == "." else os.path.join(rel_folder, name)
+
+
+# --- choosing from the listing -----------------------------------------------------------------
+
+
+def read_path_list(data: bytes) -> list[str]:
+    """The paths of a ``--files-from`` list: one per line, blank lines and lines starting with
+    ``#`` (after spaces) skipped, ``\r\n`` line ends accepted. Lines are file-system bytes, so
+    any name (not valid UTF-8 included) comes back as the path it names."""
+    paths = []
+    for line in data.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if line.strip() and not line.lstrip().startswith(b"#"):
+            paths.append(os.fsdecode(line))
+    return paths
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N), with 0 <= I < N; ValueError saying what is allowed."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    index, count = (int(match[1]), int(match[2])) if match else (None, None)
+    if index is None or count < 1 or index >= count:
+        raise ValueError(f"--shard must be I/N with 0 <= I < N, such as 0/4 (shards count from 0), got {text!r}")
+    return index, count
+
+
+def shard_of(relative: str, count: int) -> int:
+    """The shard, of ``count``, that a path inside its input root belongs to: from its sha1,
+    so every machine and Python process puts a path in the same shard (``hash()`` is salted)."""
+    digest = hashlib.sha1(os.fsencode(relative), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def glob_matches(pattern: str, relative: str) -> bool:
+    """Whether a glob pattern matches a path inside its input root (/ separators).
+
+    ``*`` and ``?`` stay within one name, ``**`` crosses folders. A pattern without ``/``
+    matches any one name on the path (the file's or a folder's: ``*.png``, ``raw``); one with a
+    ``/`` matches from the root, the whole path or a folder on it (``raw/**``, ``raw/``,
+    ``a/*.jpg``). A matched folder takes everything under it.
+    """
+    names = relative.split("/")
+    if "/" not in pattern:
+        regex = _glob_regex(pattern)
+        return any(regex.fullmatch(name) for name in names)
+    regex = _glob_regex(pattern.strip("/"))
+    return any(regex.fullmatch("/".join(names[:end])) for end in range(1, len(names) + 1))
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    parts, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            parts.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and (close := pattern.find("]", i + 2)) > 0:
+            members = pattern[i + 1 : close]
+            negate = members.startswith("!")
+            members = re.sub(r"([\\^\[])", r"\\\1", members[1:] if negate else members)
+            parts.append(f"[{'^/' if negate else ''}{members}]")
+            i = close + 1
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def select(
+    listing: Listing,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    shard: tuple[int, int] | None = None,
+    limit: int | None = None,
+) -> Listing:
+    """The part of ``listing`` a run takes, in its order: the files matching some ``include``
+    pattern (when any is given) and no ``exclude`` pattern, then those of shard (I, N), then
+    the first ``limit`` of those. Folders that could not be listed go to the shard their path
+    hashes to, so that each is reported by one shard only."""
+    chosen = []
+    for index in range(len(listing.files)):
+        relative = listing.relative(index)
+        if include and not any(glob_matches(p, relative) for p in include):
+            continue
+        if any(glob_matches(p, relative) for p in exclude):
+            continue
+        if shard is not None and shard_of(relative, shard[1]) != shard[0]:
+            continue
+        chosen.append(index)
+    chosen = chosen[:limit] if limit is not None else chosen
+    problems = listing.problems
+    if shard is not None:
+        problems = [(path, why) for path, why in problems if shard_of(path.as_posix(), shard[1]) == shard[0]]
+    return Listing([listing.files[i] for i in chosen], problems, [listing.roots[i] for i in chosen])
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -232,8 +232,9 @@ class RecordWriter:
 
     def __init__(self, output: str | Path | None, *, overwrite: bool = False, resume: bool = True) -> None:
         self.previously_done = 0
-        # (readable path, path bytes, settings key) -> sha256 of each file content captioned ok.
-        self._done: dict[tuple[str, str | None, str], set[str]] = {}
+        # (readable path, path bytes, settings key) -> {sha256 of each file content captioned ok:
+        # its caption}; the caption lets a resumed run write a caption file that is missing.
+        self._done: dict[tuple[str, str | None, str], dict[str, str | None]] = {}
         self._fd: int | None = None
         self._created = False
         self._written = 0
@@ -284,9 +285,10 @@ class RecordWriter:
         finally:
             os.close(fd)
 
-    def done_hashes(self, path, settings: str) -> set[str]:
-        """sha256 of each content of ``path`` the file holds an ok record for, under settings."""
-        return self._done.get((*path_fields(path), settings), set())
+    def done_hashes(self, path, settings: str) -> dict[str, str | None]:
+        """sha256 of each content of ``path`` the file holds an ok record for, under settings,
+        with the caption of that record."""
+        return self._done.get((*path_fields(path), settings), {})
 
     def is_done(self, path, sha256: str, settings: str) -> bool:
         return sha256 in self.done_hashes(path, settings)
@@ -345,7 +347,8 @@ class RecordWriter:
         model, params = record.get("model"), record.get("params")
         if isinstance(path, str) and isinstance(sha256, str) and isinstance(params, dict):
             key = (path, record.get("path_bytes"), settings_key(model, params))
-            self._done.setdefault(key, set()).add(sha256)
+            caption = record.get("caption")
+            self._done.setdefault(key, {})[sha256] = caption if isinstance(caption, str) else None
 
 
 def _open_locked(path: Path) -> tuple[int, bool]:

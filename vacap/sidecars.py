@@ -1,12 +1,29 @@
-"""Caption files beside images (or in a mirror of the input tree), written atomically."""
+"""Caption files beside images (or in a mirror of the input tree), written atomically.
+
+A run writes an image's caption file before its JSONL record, so an ``ok`` record in the
+output means its caption file was written: a resumed run never leaves a done image without
+one. Error records never write a caption file.
+"""
 
 from __future__ import annotations
 
+import base64
+import collections
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from vacap.records import path_fields
+
 SUFFIXES = ("txt", "caption")
+EXISTING = ("skip", "overwrite", "append", "prepend")
+# kohya's sd-scripts reads the first line of a caption file and splits it at commas (for
+# shuffle_caption and keep_tokens); OneTrainer and taggui read the file as one caption. A
+# comma on one line keeps an added caption visible, and its own chunk, to all of them.
+SEPARATOR = ", "
 
 
 def sidecar_path(image: Path, suffix: str, root: Path | None = None, mirror: Path | None = None) -> Path:
@@ -46,3 +63,108 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def join_captions(existing: str, caption: str, where: str) -> str:
+    """An existing caption file's text with ``caption`` added at its end (``append``) or start
+    (``prepend``), joined by ``SEPARATOR``; a file holding only blanks is replaced."""
+    old = existing.strip().strip(",").strip()
+    if not old:
+        return caption
+    return f"{old}{SEPARATOR}{caption}" if where == "append" else f"{caption}{SEPARATOR}{old}"
+
+
+@dataclass(frozen=True)
+class Sidecars:
+    """Which caption files a run writes, where, and what it does with one already there."""
+
+    suffix: str
+    mirror: Path | None = None  # None: beside each image
+    existing: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.suffix not in SUFFIXES:
+            raise ValueError(f"--sidecar must be one of {', '.join(SUFFIXES)}, got {self.suffix!r}")
+        if self.existing not in EXISTING:
+            raise ValueError(f"--existing must be one of {', '.join(EXISTING)}, got {self.existing!r}")
+
+    def write(self, target: Path, caption: str) -> None:
+        """Write ``caption`` (and a newline) to ``target`` as ``existing`` says; OSError or
+        UnicodeDecodeError (an existing file to join that is not UTF-8) when it cannot."""
+        text = caption
+        if self.existing in ("append", "prepend"):
+            try:
+                text = join_captions(target.read_text(encoding="utf-8"), caption, self.existing)
+            except FileNotFoundError:
+                pass
+        write_atomic(target, text + "\n")
+
+
+class SidecarRun:
+    """The caption files of one run's images (``files`` with their input ``roots``)."""
+
+    def __init__(self, sidecars: Sidecars, files: Sequence[Path], roots: Sequence[Path]) -> None:
+        self.sidecars = sidecars
+        self._targets = {
+            str(file): sidecar_path(file, sidecars.suffix, root, sidecars.mirror) for file, root in zip(files, roots)
+        }
+
+    def target(self, image: str | Path) -> Path:
+        return self._targets[str(image)]
+
+    def unwritten(self, images: Iterable[Path]) -> list[Path]:
+        """The images still to caption: with ``existing`` skip, those without a caption file."""
+        if self.sidecars.existing != "skip":
+            return list(images)
+        return [image for image in images if not os.path.lexists(self.target(image))]
+
+    def restore(self, image: Path, caption: str | None) -> bool:
+        """Write the caption file of an image that resume found done, from its record's
+        caption, if the file is missing; False when that could not be done."""
+        target = self.target(image)
+        if os.path.lexists(target):
+            return True
+        if caption is None:
+            return False
+        try:
+            write_atomic(target, caption + "\n")
+        except OSError:
+            return False
+        return True
+
+    def write_behind(self, records: Iterable[dict], ahead: int = 16) -> Iterator[dict]:
+        """``records``, each after its caption file is written (see :meth:`written`), in order.
+
+        The files are written on a thread of their own, at most ``ahead`` records behind, so
+        the disk's fsync overlaps the decoding of the next captions instead of holding it up.
+        """
+        pending: collections.deque = collections.deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="vacap-captions") as pool:
+            for record in records:
+                pending.append(pool.submit(self.written, record))
+                while pending and (pending[0].done() or len(pending) > ahead):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def written(self, record: dict) -> dict:
+        """An ok record after its caption file is written; an error record (with the reason)
+        when the file could not be. Other records pass unchanged."""
+        if record.get("status") != "ok":
+            return record
+        target = self.target(_given_path(record))
+        try:
+            self.sidecars.write(target, record["caption"])
+        except OSError as exc:
+            why = f"cannot write caption file {path_fields(target)[0]}: {exc.strerror or exc}"
+            return {**record, "status": "error", "error": why}
+        except UnicodeDecodeError:
+            why = f"caption file {path_fields(target)[0]} is not UTF-8 text, so nothing is joined to it; left as it was"
+            return {**record, "status": "error", "error": why}
+        return record
+
+
+def _given_path(record: dict) -> str:
+    """The path the image was captioned under (a record keeps a non-UTF-8 name in path_bytes)."""
+    raw = record.get("path_bytes")
+    return os.fsdecode(base64.b64decode(raw)) if raw else record["path"]

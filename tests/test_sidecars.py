@@ -1,0 +1,189 @@
+"""Caption files beside the images (`--sidecar`), as a dataset user runs them: real subprocesses
+with the demo model, the files and JSONL read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vacap.sidecars import join_captions
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
+VACAP = [sys.executable, "-m", "vacap.cli"]
+DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16"]
+# image inside the dataset -> the sample it is a copy of
+LAYOUT = {
+    "a.png": "scene_1.png",
+    "sub/b.png": "scene_2.png",
+    "sub/deep/c.jpg": "house.jpg",
+    "raw/d.png": "scene_3.png",
+    "e.webp": "dots_square.webp",
+}
+PREFIX, SUFFIX = "ohwx, ", ", photo"
+
+
+def vacap(*args, cwd=None, **run) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    command = [*VACAP, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd, **run)
+
+
+def parse(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def make_dataset(folder: Path, names=LAYOUT) -> Path:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SAMPLES / LAYOUT[name], folder / name)
+    return folder
+
+
+def caption_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.suffix == ".txt"}
+
+
+def summary(out: subprocess.CompletedProcess) -> str:
+    return " ".join(out.stderr.split())
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """A dataset with one hand-written caption file, captioned with a trigger word into caption
+    files and a JSONL."""
+    folder = make_dataset(tmp_path_factory.mktemp("first") / "data")
+    written = folder / "sub" / "b.txt"
+    written.write_bytes(b"hand\r\nwritten, tags")
+    os.utime(written, ns=(10**18, 10**18))
+    output = folder.parent / "out.jsonl"
+    args = [folder, *DEMO, "--sidecar", "txt", "-o", output, "--prefix", PREFIX, "--suffix", SUFFIX]
+    out = vacap("caption", *args)
+    assert out.returncode == 0, out.stderr
+    return folder, output, args, out
+
+
+def test_caption_files_hold_the_records_captions_and_skip_leaves_existing_ones(first_run):
+    folder, output, _, out = first_run
+    assert out.stdout == ""
+    assert "4 ok, 0 error, 1 skipped" in summary(out)
+    records = {Path(r["path"]).relative_to(folder).as_posix(): r for r in parse(output.read_text("utf-8"))}
+    assert sorted(records) == sorted(set(LAYOUT) - {"sub/b.png"}), "an image with a caption file is not captioned"
+    assert (folder / "sub" / "b.txt").read_bytes() == b"hand\r\nwritten, tags"
+    assert (folder / "sub" / "b.txt").stat().st_mtime_ns == 10**18
+    for name, record in records.items():
+        caption = record["caption"]
+        assert record["status"] == "ok" and record["stop"] in ("eos", "length")
+        assert caption.startswith(PREFIX) and caption.endswith(SUFFIX) and len(caption) > len(PREFIX + SUFFIX)
+        assert (folder / name).with_suffix(".txt").read_text("utf-8") == caption + "\n"
+        shaping = {k: record["params"].get(k) for k in ("prefix", "suffix", "clean", "trim_incomplete")}
+        assert shaping == {"prefix": PREFIX, "suffix": SUFFIX, "clean": True, "trim_incomplete": True}
+
+
+def test_a_second_run_does_nothing_and_restores_a_missing_caption_file(first_run):
+    folder, output, args, _ = first_run
+    files, jsonl = caption_files(folder), output.read_bytes()
+    stamps = {name: (folder / name).stat().st_mtime_ns for name in files}
+    (folder / "a.txt").unlink()  # done in the JSONL, caption file gone: written from the record
+    out = vacap("caption", *args)
+    assert out.returncode == 0, out.stderr
+    assert "all 5 images already captioned" in out.stderr and "Loading" not in out.stderr
+    assert caption_files(folder) == files and output.read_bytes() == jsonl
+    assert all((folder / name).stat().st_mtime_ns == stamps[name] for name in files if name != "a.txt")
+
+
+def test_other_shaping_is_another_job_and_overwrite_replaces_the_files(first_run, tmp_path):
+    folder, output, _, _ = first_run
+    copy = tmp_path / "data"
+    shutil.copytree(folder, copy)
+    moved = tmp_path / "out.jsonl"
+    shutil.copy(output, moved)
+    args = [copy / "a.png", copy / "sub", *DEMO, "--sidecar", "txt", "-o", moved, "--prefix", "zzz, "]
+    out = vacap("caption", *args, "--existing", "overwrite")
+    assert out.returncode == 0 and "3 ok, 0 error, 0 skipped" in summary(out), out.stderr
+    old = {Path(r["path"]).name: r["caption"] for r in parse(output.read_text("utf-8"))}
+    new = [r for r in parse(moved.read_text("utf-8")) if r["params"].get("prefix") == "zzz, "]
+    assert sorted(Path(r["path"]).name for r in new) == ["a.png", "b.png", "c.jpg"]
+    for record in new:
+        image = Path(record["path"])
+        assert Path(image).with_suffix(".txt").read_text("utf-8") == record["caption"] + "\n"
+        if image.name in old:  # same tokens, other trigger word and no suffix
+            assert record["caption"] == "zzz, " + old[image.name][len(PREFIX) : -len(SUFFIX)]
+
+
+def test_append_joins_the_caption_to_the_existing_file(first_run, tmp_path):
+    folder = make_dataset(tmp_path, ["a.png"])
+    (folder / "a.txt").write_text("tag1, tag2,\n", encoding="utf-8")
+    out = vacap("caption", folder / "a.png", *DEMO, "--sidecar", "txt", "--existing", "append", "-o", "-")
+    assert out.returncode == 0, out.stderr
+    (record,) = parse(out.stdout)  # `-o -`: the records on stdout too
+    caption = record["caption"]
+    assert (folder / "a.txt").read_text("utf-8") == f"tag1, tag2, {caption}\n"
+    reference = parse(first_run[1].read_text("utf-8"))
+    assert PREFIX + caption + SUFFIX in [r["caption"] for r in reference]
+
+
+@pytest.mark.parametrize(
+    "existing, where, joined",
+    [
+        ("tag1, tag2,\n", "append", "tag1, tag2, A cat."),
+        ("tag1, tag2\r\n", "prepend", "A cat., tag1, tag2"),
+        (", tag1", "prepend", "A cat., tag1"),
+        (" \n\n", "append", "A cat."),
+    ],
+)
+def test_join_captions(existing, where, joined):
+    assert join_captions(existing, "A cat.", where) == joined
+
+
+def test_sidecar_dir_mirrors_each_input_root(first_run, tmp_path):
+    make_dataset(tmp_path / "data")
+    listing = "data/a.png\n# a comment, then a blank line\n\ndata/gone.png\n"
+    args = ["caption", "data/sub", *DEMO, "--files-from", "-", "--sidecar", "txt", "--sidecar-dir", "captions"]
+    out = vacap(*args, cwd=tmp_path, input=listing)
+    assert out.returncode == 1 and "3 ok, 1 error" in summary(out), out.stderr
+    assert out.stdout == "", "without -o the caption files are the output"
+    # The folder argument data/sub is the root of its images; a listed file under the current
+    # folder keeps its path from there. The missing file's error record writes nothing.
+    assert sorted(caption_files(tmp_path / "captions")) == ["b.txt", "data/a.txt", "deep/c.txt"]
+    assert not list((tmp_path / "data").rglob("*.txt"))
+    reference = {Path(r["path"]).name: r["caption"] for r in parse(first_run[1].read_text("utf-8"))}
+    for name, image in (("data/a.txt", "a.png"), ("deep/c.txt", "c.jpg")):  # (b.png was not in first_run)
+        assert (tmp_path / "captions" / name).read_text("utf-8") == reference[image][len(PREFIX) : -len(SUFFIX)] + "\n"
+
+
+def test_a_kill_mid_run_leaves_only_whole_caption_files(first_run, tmp_path):
+    folder, output, _, _ = first_run
+    # Copies of the images first_run captioned: each caption file's whole text is known.
+    expected = {}
+    for record in parse(output.read_text("utf-8")):
+        for copy in range(3):
+            name = f"{copy}-{Path(record['path']).stem}"
+            shutil.copy(record["path"], tmp_path / f"{name}{Path(record['path']).suffix}")
+            expected[f"{name}.txt"] = (record["caption"][len(PREFIX) : -len(SUFFIX)] + "\n").encode()
+    args = [*VACAP, "caption", str(tmp_path), *DEMO, "--sidecar", "txt", "-o", str(tmp_path / "out.jsonl")]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(tmp_path.glob("*.txt"))) < 2:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = caption_files(tmp_path)
+    assert 2 <= len(killed) < len(expected), "the kill should land mid-run"
+    assert all(expected[name] == text for name, text in killed.items())
+    # Temporary files of a write cut short are dot-files: discovery and training tools pass them by.
+    made = [p.name for p in tmp_path.iterdir() if p.name != "out.jsonl" and Path(p.name).stem not in
+            {Path(n).stem for n in expected}]  # fmt: skip
+    assert all(name.startswith(".") and name.endswith(".tmp") for name in made), made
+
+    resumed = vacap(*args[3:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert caption_files(tmp_path) == expected

@@ -1,0 +1,95 @@
+"""Caption text for datasets: prompt templates, chat boilerplate stripped, cut-off sentences
+dropped, trigger words added. Pure string functions, no torch."""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+
+PLACEHOLDERS = ("filename", "stem", "folder")
+
+# Chat markup a caption can begin or end with when a model repeats its template: role tags such
+# as "ASSISTANT:" or "### Assistant:", special tokens written out ("<s>", "<|im_start|>"),
+# Mistral's "[INST]". A role word counts only with its colon, so "User interface..." stays.
+_ROLE = r"(?:#+\s*)?(?:assistant|user|system|human|gpt|bot)\s*:"
+_TOKEN = r"</?s>|<\|[a-z_]+\|>(?:assistant\b)?|\[/?INST\]"
+_LEADING = re.compile(rf"^\s*(?:{_ROLE}|{_TOKEN})", re.IGNORECASE)
+_TRAILING = re.compile(rf"(?:{_TOKEN})\s*$", re.IGNORECASE)
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
+# A sentence ends at . ! ? or an ellipsis, with any closing quotes or brackets after it, and
+# then a space: "3.5 m" or "e.g.," has no space after its dot, so it ends nothing.
+_SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*(?=\s)")
+_FINAL_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]]*\s*$")
+
+
+def prompt_problem(template: str) -> str | None:
+    """Why ``template`` is not a usable prompt template, or None when it is.
+
+    Placeholders are ``{filename}``, ``{stem}`` and ``{folder}``; ``{{`` and ``}}`` are literal
+    braces (Python's str.format rules, without conversions, formats or attribute access)."""
+    allowed = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as exc:
+        return f"prompt is not a valid template ({exc}); write {{{{ and }}}} for literal braces"
+    for name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in PLACEHOLDERS or spec or conversion:
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            return (
+                f"prompt has an unknown placeholder {written}; the placeholders are {allowed} "
+                "(write {{ and }} for literal braces)"
+            )
+    return None
+
+
+def fill_prompt(template: str, path: str | Path) -> str:
+    """The prompt for one image: ``{filename}`` is its file name, ``{stem}`` the name without its
+    extension, ``{folder}`` the name of the folder holding it."""
+    path = Path(path)
+    folder = path.absolute().parent.name
+    return template.format(filename=path.name, stem=path.stem, folder=folder)
+
+
+def strip_boilerplate(caption: str) -> str:
+    """The caption without chat markup around it: leading role tags and special tokens,
+    trailing special tokens, then one pair of quotes around the whole, and outer whitespace.
+    Descriptive openers ("The image shows ...") are the caption and stay."""
+    text = caption.strip()
+    while True:
+        before = text
+        text = _LEADING.sub("", text, count=1).strip()
+        text = _TRAILING.sub("", text, count=1).strip()
+        if text == before:
+            break
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and text[-1] not in text[1:-1]:
+        text = text[1:-1].strip()
+    return text
+
+
+def drop_incomplete(caption: str) -> str:
+    """The caption without its last sentence when that sentence has no end; unchanged when it
+    ends with . ! ? or an ellipsis, or when no sentence in it is complete (keeping a cut
+    caption beats leaving none)."""
+    text = caption.rstrip()
+    if not text or _FINAL_END.search(text):
+        return text
+    ends = list(_SENTENCE_END.finditer(text))
+    if not ends:
+        return text
+    return text[: ends[-1].end()]
+
+
+def finish_caption(
+    caption: str, *, stopped_by: str, prefix: str = "", suffix: str = "", clean: bool = False, trim: bool = False
+) -> str:
+    """The caption as written out: boilerplate stripped (``clean``), the last sentence dropped
+    when ``max_new_tokens`` cut it (``trim`` and ``stopped_by == "length"``), then the prefix and
+    suffix added as given."""
+    if clean:
+        caption = strip_boilerplate(caption)
+    if trim and stopped_by == "length":
+        caption = drop_incomplete(caption)
+    return f"{prefix}{caption}{suffix}"
