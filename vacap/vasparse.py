@@ -106,7 +106,7 @@ def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Te
     k = max(1, ceil((1 - sparsity) * n)) with n the row's number of valid slots, so sparsity 0
     keeps every valid slot. Keeping the k largest delta minimises Eq. 1 (the summed delta of the
     dropped slots) among the size-k sets that contain the current slot. Exact ties at the k-th
-    place are broken by torch.topk (deterministic for a given input).
+    place are broken as ``top_k_mask`` breaks them.
     """
     n = valid.sum(-1)  # (B,)
     k = torch.ceil((1 - sparsity) * n.double() - _COUNT_TOL).long().clamp_min(1)
