@@ -96,6 +96,7 @@ def test_path_lists_and_the_roots_of_listed_files(tree, monkeypatch):
         (["--prompt", "Describe {colour}."], "unknown placeholder {colour}"),
         ([], "give image files or folders, or --files-from"),
         (["--limit", "0"], "--limit"),
+        (["--existing", "append"], "--existing append acts on caption files: add --sidecar"),
     ],
 )
 def test_bad_choices_exit_2_and_say_what_is_allowed(args, message, tree):

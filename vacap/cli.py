@@ -240,6 +240,8 @@ def caption(
         prompt = _read_prompt(prompt_file, prompt)
     # Caption files are datasets: there, clean-up and trimming are on unless turned off.
     files = sidecar is not None or sidecar_dir is not None
+    if existing != "skip" and not files:
+        raise _usage(ValueError(f"--existing {existing} acts on caption files: add --sidecar txt|caption"))
     shaping = OutputConfig(
         prefix=prefix, suffix=suffix, clean=files if clean is None else clean,
         trim_incomplete=files if trim_incomplete is None else trim_incomplete,
