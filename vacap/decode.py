@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Iterator, Sequence
@@ -381,6 +382,7 @@ def _static_decoder(model: VisionLanguageModel, cache: KVCache, compiled: bool) 
     step = static_step
     if compiled:
         if "static" not in model.compiled:
+            _compile_cache_per_isa()
             model.compiled["static"] = torch.compile(static_step, dynamic=False)
         step = model.compiled["static"]
     slots = torch.tensor(cache.length, device=cache.k.device)
@@ -392,6 +394,21 @@ def _static_decoder(model: VisionLanguageModel, cache: KVCache, compiled: bool) 
         return hidden
 
     return decode
+
+
+def _compile_cache_per_isa() -> None:
+    """Give each CPU instruction set its own torch.compile cache, unless the user chose one.
+
+    torch 2.13's FX graph cache leaves the vector ISA (which ``ATEN_CPU_CAPABILITY`` lowers) out
+    of its key: a step compiled under AVX512 and served from the cache under
+    ``ATEN_CPU_CAPABILITY=avx2`` gave garbage tokens. Importing transformers' models already
+    writes inductor's default into the variable, so a default there is not the user's choice.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        isa = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{isa}"
 
 
 def _prefill(
