@@ -1,0 +1,189 @@
+"""`vacap caption --ray` on a local Ray instance with 2 CPUs, as a user runs it: the CLI in real
+subprocesses with the demo model, the JSONL read back and compared with a local run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vacap.demo.shapes import scenes
+
+VACAP = [sys.executable, "-m", "vacap.cli"]
+# fp32: records are compared with a local run's, caption for caption.
+DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16"]
+IMAGES = 24  # about 5 s of captioning with one worker here: long enough to kill a run midway
+# Every process a test run starts carries this in its environment, Ray's included, so that the
+# module can check none is left behind.
+MARKER = f"VACAP_RAY_TEST={uuid.uuid4().hex}"
+WORKER = re.compile(r"vacap: worker pid (\d+) loaded")
+
+
+def environment() -> dict:
+    name, value = MARKER.split("=")
+    return {**os.environ, "COLUMNS": "250", name: value}
+
+
+def vacap(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*VACAP, *map(str, args)], capture_output=True, text=True, timeout=300, env=environment()
+    )
+
+
+def started(*args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*VACAP, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment()
+    )
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def comparable(records: list[dict]) -> dict[str, tuple]:
+    """path -> what must match a local run, from the last record of each path (a resumed run
+    retries error records, so those may repeat); each image captioned ok once."""
+    ok = [r["path"] for r in records if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)), "an image was captioned twice"
+    return {r["path"]: (r["status"], r["caption"], r["error"], r["params"], r["sha256"]) for r in records}
+
+
+def marked_processes() -> list[int]:
+    """Pids of live processes (not zombies) started by this module's runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if MARKER.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """IMAGES shapes scenes and one file that is not an image; no Ray process left at the end."""
+    folder = tmp_path_factory.mktemp("ray") / "data"
+    folder.mkdir()
+    for i, scene in enumerate(scenes(IMAGES, seed=5, split="test")):
+        scene.image.save(folder / f"scene_{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    yield folder
+    # A local Ray instance ends with the driver that started it, killed or not; its workers
+    # notice within seconds.
+    leftover: list[int] = []
+
+    def gone() -> bool:
+        leftover[:] = marked_processes()
+        return not leftover
+
+    wait_until(gone, 60, f"Ray processes {leftover} to end")
+
+
+@pytest.fixture(scope="module")
+def local(dataset):
+    """The reference: the same folder captioned without Ray."""
+    output = dataset.parent / "local.jsonl"
+    out = vacap("caption", dataset, *DEMO, "-o", output)
+    assert out.returncode == 1, out.stderr  # the broken file's error record
+    return comparable(read_records(output))
+
+
+def test_ray_records_equal_a_local_runs_each_image_once(dataset, local, tmp_path):
+    output = tmp_path / "ray.jsonl"
+    out = vacap("caption", dataset, *DEMO, "-o", output, "--ray", "--workers", "2")
+    assert out.returncode == 1, out.stderr
+    assert out.stdout == ""
+    records = read_records(output)
+    assert len(records) == len(local) and comparable(records) == local
+    assert len(local) == IMAGES + 1 and local[str(dataset / "broken.png")][0] == "error"
+    # both actors loaded the model, and the driver's progress counted every record
+    assert len(set(WORKER.findall(out.stderr))) == 2
+    assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join(out.stderr.split())
+
+
+def test_a_killed_driver_is_resumed_with_nothing_lost_or_repeated(dataset, local, tmp_path):
+    output = tmp_path / "ray.jsonl"
+    args = ["caption", dataset, *DEMO, "-o", output, "--ray", "--workers", "1"]
+    run = started(*args)
+    try:
+        wait_until(lambda: output.exists() and len(read_records(output)) >= 2, 240, "the first records")
+        os.kill(run.pid, signal.SIGKILL)
+    finally:
+        run.kill()
+        run.communicate()
+    before = read_records(output)
+    assert len(before) < IMAGES + 1, "the run ended before it was killed"
+
+    out = vacap(*args)
+    assert out.returncode == 1, out.stderr
+    records = read_records(output)
+    assert records[: len(before)] == before, "the second run appended, keeping what was there"
+    assert comparable(records) == local
+    done_before = sum(r["status"] == "ok" for r in before)
+    assert f"{done_before} skipped" in " ".join(out.stderr.split())
+
+
+def test_a_killed_worker_is_replaced_and_its_images_retried(dataset, local, tmp_path):
+    output = tmp_path / "ray.jsonl"
+    # One worker: the run can only finish if a new actor takes over the killed one's batches.
+    run = started("caption", dataset, *DEMO, "-o", output, "--ray", "--workers", "1")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: output.exists() and len(read_records(output)) >= 1, 240, "the first records")
+        victim = int(WORKER.findall("".join(lines))[0])
+        os.kill(victim, signal.SIGKILL)
+        at_kill = len(read_records(output))
+        run.wait(timeout=240)
+    finally:
+        run.kill()
+        run.wait()
+        reader.join()
+    assert at_kill < IMAGES + 1, "the run ended before a worker was killed"
+    assert run.returncode == 1, "".join(lines)
+    assert comparable(read_records(output)) == local
+    loaded = [int(pid) for pid in WORKER.findall("".join(lines))]
+    assert len(set(loaded) - {victim}) == 1, "no actor replaced the killed one"
+
+
+def test_ray_flags_need_ray_and_ray_installed(dataset, tmp_path):
+    output = tmp_path / "out.jsonl"
+    out = vacap("caption", dataset, *DEMO, "-o", output, "--workers", "2")
+    assert out.returncode == 2
+    assert "--workers acts only with --ray" in " ".join(out.stderr.split())
+    # Without Ray installed (an import of it fails), --ray says how to install it; nothing is written.
+    missing = "import sys; sys.modules['ray'] = None; from vacap.cli import app; app()"
+    command = [sys.executable, "-c", missing, "caption", str(dataset), *DEMO, "-o", str(output), "--ray"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment())
+    assert out.returncode == 2
+    assert 'pip install "vacap[ray]"' in " ".join(out.stderr.split())
+    assert not output.exists()
+
+
+def test_help_does_not_import_ray():
+    code = "import sys; from vacap.cli import app\ntry: app(['caption', '--help'])\nexcept SystemExit: pass\n"
+    code += "assert 'ray' not in sys.modules, 'ray imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
