@@ -19,8 +19,10 @@ import pytest
 from vacap.demo.shapes import scenes
 
 VACAP = [sys.executable, "-m", "vacap.cli"]
-# fp32: records are compared with a local run's, caption for caption.
-DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16"]
+# fp32: records are compared with a local run's, caption for caption. Clean-up and trimming set
+# alike with and without caption files, so that runs with them and without have the same settings.
+DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16", "--no-clean"]
+DEMO += ["--no-trim-incomplete"]
 IMAGES = 24  # about 5 s of captioning with one worker here: long enough to kill a run midway
 # Every process a test run starts carries this in its environment, Ray's included, so that the
 # module can check none is left behind.
@@ -55,6 +57,10 @@ def comparable(records: list[dict]) -> dict[str, tuple]:
     ok = [r["path"] for r in records if r["status"] == "ok"]
     assert len(ok) == len(set(ok)), "an image was captioned twice"
     return {r["path"]: (r["status"], r["caption"], r["error"], r["params"], r["sha256"]) for r in records}
+
+
+def caption_files(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text("utf-8") for p in folder.iterdir()}
 
 
 def marked_processes() -> list[int]:
@@ -102,21 +108,26 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(dataset):
-    """The reference: the same folder captioned without Ray."""
+    """The reference: the same folder captioned without Ray (records, and caption files)."""
     output = dataset.parent / "local.jsonl"
-    out = vacap("caption", dataset, *DEMO, "-o", output)
+    files = dataset.parent / "local_txt"
+    out = vacap("caption", dataset, *DEMO, "-o", output, "--sidecar", "txt", "--sidecar-dir", files)
     assert out.returncode == 1, out.stderr  # the broken file's error record
-    return comparable(read_records(output))
+    assert len(caption_files(files)) == IMAGES
+    return comparable(read_records(output)), caption_files(files)
 
 
-def test_ray_records_equal_a_local_runs_each_image_once(dataset, local, tmp_path):
-    output = tmp_path / "ray.jsonl"
-    out = vacap("caption", dataset, *DEMO, "-o", output, "--ray", "--workers", "2")
+def test_ray_records_and_caption_files_equal_a_local_runs(dataset, local, tmp_path):
+    records, files = local
+    output, txt = tmp_path / "ray.jsonl", tmp_path / "txt"
+    ray = ["--ray", "--workers", "2", "--sidecar", "txt", "--sidecar-dir", txt]
+    out = vacap("caption", dataset, *DEMO, "-o", output, *ray)
     assert out.returncode == 1, out.stderr
     assert out.stdout == ""
-    records = read_records(output)
-    assert len(records) == len(local) and comparable(records) == local
-    assert len(local) == IMAGES + 1 and local[str(dataset / "broken.png")][0] == "error"
+    written = read_records(output)
+    assert len(written) == len(records) and comparable(written) == records
+    assert len(records) == IMAGES + 1 and records[str(dataset / "broken.png")][0] == "error"
+    assert caption_files(txt) == files, "the actors wrote the same caption files"
     # both actors loaded the model, and the driver's progress counted every record
     assert len(set(WORKER.findall(out.stderr))) == 2
     assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join(out.stderr.split())
@@ -139,7 +150,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost_or_repeated(dataset, local
     assert out.returncode == 1, out.stderr
     records = read_records(output)
     assert records[: len(before)] == before, "the second run appended, keeping what was there"
-    assert comparable(records) == local
+    assert comparable(records) == local[0]
     done_before = sum(r["status"] == "ok" for r in before)
     assert f"{done_before} skipped" in " ".join(out.stderr.split())
 
@@ -163,7 +174,7 @@ def test_a_killed_worker_is_replaced_and_its_images_retried(dataset, local, tmp_
         reader.join()
     assert at_kill < IMAGES + 1, "the run ended before a worker was killed"
     assert run.returncode == 1, "".join(lines)
-    assert comparable(read_records(output)) == local
+    assert comparable(read_records(output)) == local[0]
     loaded = [int(pid) for pid in WORKER.findall("".join(lines))]
     assert len(set(loaded) - {victim}) == 1, "no actor replaced the killed one"
 

@@ -342,10 +342,15 @@ def caption(
                 return done
 
             records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
-        if run is not None and pool is None:  # each caption file before its record: an ok record means the file is there
+        # Each caption file before its record: an ok record means the file is there (under Ray
+        # the actors write the files, before they return the batch's records).
+        if run is not None and pool is None:
             records = run.write_behind(records)
         with progress:
-            _write_records(console, writer, progress, records)
+            if pool is None:
+                _write_records(console, writer, progress, records)
+            else:
+                _write_ray_records(console, writer, progress, records)
     progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
 
@@ -385,6 +390,18 @@ def _ray_pool(console, options):
 
     try:
         return connect(options)
+    except RayUnavailable as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _write_ray_records(console, writer, progress, records) -> None:
+    """``_write_records`` for records coming from Ray: workers that cannot load the model exit 2,
+    as a model that does not load in a local run does."""
+    from vacap.ray_run import RayUnavailable
+
+    try:
+        _write_records(console, writer, progress, records)
     except RayUnavailable as exc:
         console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -35,7 +35,8 @@ PATHS_PER_ROW = 4
 
 
 class RayUnavailable(Exception):
-    """Ray cannot be used here: not installed, or the cluster cannot be reached. One line."""
+    """Ray cannot be used here: not installed, the cluster cannot be reached, or its workers
+    cannot load the model. One line."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def caption(
     if not images:
         return
     import ray.data
+    import ray.exceptions
 
     rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
     size = PATHS_PER_ROW * captioner.get("batch_size", 1)
@@ -170,5 +172,12 @@ def caption(
         num_gpus=pool.gpus,
         fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars},
     )
-    for row in dataset.iter_rows():
-        yield json.loads(row["record"])
+    try:
+        for row in dataset.iter_rows():
+            yield json.loads(row["record"])
+    except ray.exceptions.RayActorError as exc:
+        if not exc.actor_init_failed:
+            raise
+        # Ray Data gives up after actors failed to start several times; the error raised in the
+        # last one's __init__ ends the message ("vacap.model.ModelLoadError: no such model ...").
+        raise RayUnavailable(f"the Ray workers cannot start: {str(exc).strip().splitlines()[-1]}") from None
