@@ -198,3 +198,22 @@ def test_help_does_not_import_ray():
     code += "assert 'ray' not in sys.modules, 'ray imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "resources, options, expected",
+    [
+        ({"CPU": 2}, {}, (1, 2, 0)),  # one actor with all the CPUs
+        ({"CPU": 2}, {"workers": 2}, (2, 1, 0)),
+        ({"CPU": 3}, {"workers": 4}, (4, 1, 0)),  # never less than one CPU each
+        ({"CPU": 64, "GPU": 8}, {}, (8, 1, 1)),  # one actor per GPU
+        ({"CPU": 64, "GPU": 8}, {"gpus_per_worker": 2}, (4, 1, 2)),
+        ({"CPU": 64, "GPU": 8}, {"workers": 3}, (3, 1, 1)),
+        ({"CPU": 64, "GPU": 8}, {"gpus_per_worker": 0, "workers": 2}, (2, 32, 0)),  # CPU actors on a GPU cluster
+    ],
+)
+def test_the_actor_pool_takes_one_gpu_per_actor_or_shares_the_cpus(resources, options, expected):
+    from vacap.ray_run import RayOptions, pool_for
+
+    pool = pool_for(resources, RayOptions(**options))
+    assert (pool.workers, pool.cpus, pool.gpus) == expected

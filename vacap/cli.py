@@ -301,11 +301,14 @@ def caption(
         if not images and not listing.problems:
             console.print("no images to caption")
             raise typer.Exit(0)
-        pool = _ray_pool(console, ray_options) if ray_options is not None else None
-        if pool is not None:
-            from vacap.ray_run import worker_params
+        pool = None
+        if ray_options is not None:
+            from vacap import ray_run
 
-            params = worker_params(pool, config, shaping, dtype=dtype, device=device, quant=quant)
+            pool = _ray_step(console, ray_run.connect, ray_options)
+            params = _ray_step(
+                console, ray_run.worker_params, pool, config, shaping, dtype=dtype, device=device, quant=quant
+            )
         else:
             params = _record_params(console, config, shaping, dtype=dtype, device=device, quant=quant)
         problems = [
@@ -326,12 +329,10 @@ def caption(
         records = iter(problems)
         loading = dict(model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, output=shaping)
         if todo and pool is not None:
-            from vacap.ray_run import caption as ray_caption
-
             root = dict(zip(map(str, listing.files), listing.roots))
             sidecars = run.sidecars if run is not None else None
             chosen = [root[str(image)] for image in todo]
-            records = itertools.chain(problems, ray_caption(pool, todo, chosen, {**loading, **settings}, sidecars))
+            records = itertools.chain(problems, ray_run.caption(pool, todo, chosen, {**loading, **settings}, sidecars))
         elif todo:  # folders that could not be listed alone need no model
             captioner = _captioner(console, **loading, **settings)
 
@@ -349,8 +350,8 @@ def caption(
         with progress:
             if pool is None:
                 _write_records(console, writer, progress, records)
-            else:
-                _write_ray_records(console, writer, progress, records)
+            else:  # the actors start as the first records are asked for
+                _ray_step(console, _write_records, console, writer, progress, records)
     progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
 
@@ -384,24 +385,13 @@ def _ray_options(ray: bool, address, workers, gpus_per_worker):
     return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
-def _ray_pool(console, options):
-    """Connect to Ray and size the actor pool; Ray that cannot start or be reached exits 2."""
-    from vacap.ray_run import RayUnavailable, connect
-
-    try:
-        return connect(options)
-    except RayUnavailable as exc:
-        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
-def _write_ray_records(console, writer, progress, records) -> None:
-    """``_write_records`` for records coming from Ray: workers that cannot load the model exit 2,
-    as a model that does not load in a local run does."""
+def _ray_step(console, step, *args, **kwargs):
+    """``step(*args, **kwargs)``, where Ray that cannot start, cannot be reached or whose workers
+    cannot load the model (``RayUnavailable``) exits 2 with the reason."""
     from vacap.ray_run import RayUnavailable
 
     try:
-        _write_records(console, writer, progress, records)
+        return step(*args, **kwargs)
     except RayUnavailable as exc:
         console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

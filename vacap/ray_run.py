@@ -7,10 +7,10 @@ loaded once per actor), turns batches of paths into records, which stream back t
 as each batch finishes. Records therefore arrive batch by batch in completion order, not in the
 input order.
 
-Ray Data's actor pools restart a dead actor and retry the batch it held (``max_restarts`` and
-``max_task_retries``, which Ray Data sets to -1 by default and this module sets explicitly), so
-a worker that dies loses no image. Caption files are written by the actors, beside the images,
-so on a cluster the images must be on storage every node reaches at the same path.
+Ray Data's actor pools restart a dead actor and retry the batch it held (their ``max_restarts``
+and ``max_task_retries`` default to -1, unlimited), so a worker that dies loses no image.
+Caption files are written by the actors, beside the images, so on a cluster the images must be
+on storage every node reaches at the same path.
 
 Ray is imported inside the functions: importing this module costs nothing.
 """
@@ -28,10 +28,10 @@ from pathlib import Path
 from vacap.sidecars import SidecarRun, Sidecars
 
 INSTALL = 'pip install "vacap[ray]"'
-# Paths per batch sent to an actor, times its --batch-size: large enough that an actor's
-# continuous batching has rows to refill from, small enough that records reach the driver (and
-# the output file) often and a dead actor's retry redoes little.
-PATHS_PER_ROW = 4
+# The paths in one actor task, in --batch-size units: enough that an actor's continuous batching
+# has rows to refill from, few enough that records reach the driver (and the output file) often
+# and a dead actor's retry redoes little.
+BATCHES_PER_TASK = 4
 
 
 class RayUnavailable(Exception):
@@ -115,11 +115,15 @@ def worker_params(pool: Pool, config, output, *, dtype: str, device: str, quant:
     with an actor's resources, since the dtype ``auto`` resolves to depends on the device and
     CPU that run the model, which the driver may not have (a CPU head node of a GPU cluster)."""
     import ray
+    import ray.exceptions
 
     from vacap.captioner import record_params
 
     task = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus)(record_params)
-    return ray.get(task.remote(config, output=output, dtype=dtype, device=device, quant=quant))
+    try:
+        return ray.get(task.remote(config, output=output, dtype=dtype, device=device, quant=quant))
+    except ray.exceptions.RayTaskError as exc:  # --device cuda where the workers have none, say
+        raise RayUnavailable(f"the Ray workers cannot run these settings: {_last_line(exc)}") from None
 
 
 class _Worker:
@@ -159,7 +163,7 @@ def caption(
     import ray.exceptions
 
     rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
-    size = PATHS_PER_ROW * captioner.get("batch_size", 1)
+    size = BATCHES_PER_TASK * captioner.get("batch_size", 1)
     # A block per batch: each is one actor task, so batches spread over the actors, their records
     # come back as each finishes, and a retry redoes one batch.
     blocks = -(-len(rows) // size)
@@ -179,5 +183,10 @@ def caption(
         if not exc.actor_init_failed:
             raise
         # Ray Data gives up after actors failed to start several times; the error raised in the
-        # last one's __init__ ends the message ("vacap.model.ModelLoadError: no such model ...").
-        raise RayUnavailable(f"the Ray workers cannot start: {str(exc).strip().splitlines()[-1]}") from None
+        # last one's __init__ ends the message.
+        raise RayUnavailable(f"the Ray workers cannot start: {_last_line(exc)}") from None
+
+
+def _last_line(exc: Exception) -> str:
+    """The last line of a Ray error: the error the remote code raised, as "module.Type: message"."""
+    return str(exc).strip().splitlines()[-1]
