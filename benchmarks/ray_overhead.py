@@ -1,8 +1,8 @@
 """What `--ray` costs on one machine: `vacap caption` locally, with `--ray --workers 1` and with
 `--ray --workers 2`, side by side in one run, on a folder of the demo model's shapes scenes.
 
-    python benchmarks/ray.py                    # 64 images, batch 8, 2 rounds
-    python benchmarks/ray.py --images 64 --rounds 3
+    python benchmarks/ray_overhead.py                    # 64 images, batch 8, 2 rounds
+    python benchmarks/ray_overhead.py --images 64 --rounds 3
 
 Each way is the real command in a subprocess, on the same folder with a fresh output (nothing
 resumes). After one untimed local run (file caches), the ways take turns round by round, so
@@ -16,17 +16,14 @@ way hold the local run's captions.
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from vacap.demo.shapes import scenes
+from commands import caption_flags, parser, scene_folder, timed_caption
 
 WAYS = {"local": [], "--ray --workers 1": ["--ray", "--workers", "1"], "--ray --workers 2": ["--ray", "--workers", "2"]}
 RAY_START = """
@@ -43,13 +40,7 @@ print(up - started, time.perf_counter() - up)
 def run(folder: Path, output: Path, common: list[str], extra: list[str]) -> tuple[float, float, dict]:
     """One command -> (wall seconds, captioning seconds from its summary, path -> caption)."""
     output.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "vacap.cli", "caption", str(folder), "-o", str(output), *common, *extra]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"vacap failed:\n{done.stderr}")
-    captioning = float(re.search(r" in ([\d.]+) s", done.stderr)[1])
+    wall, captioning = timed_caption(folder, output, [*common, *extra])
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     return wall, captioning, {record["path"]: record["caption"] for record in records}
 
@@ -62,22 +53,11 @@ def ray_start() -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--method", default="greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    common = ["--model", "demo", "--dtype", "fp32", "--device", "cpu", "--method", args.method,
-              "--batch-size", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
+    args = parser(__doc__, images=64).parse_args()
+    common = caption_flags(args)
 
     with tempfile.TemporaryDirectory() as temporary:
-        folder = Path(temporary) / "images"
-        folder.mkdir()
-        for i, scene in enumerate(scenes(args.images, args.seed, "test")):
-            scene.image.save(folder / f"scene_{i:03d}.png")
+        folder = scene_folder(Path(temporary), args)
         output = Path(temporary) / "out.jsonl"
         _, _, reference = run(folder, output, common, [])  # untimed: file caches, the first model load
         times: dict[str, list[tuple[float, float]]] = {way: [] for way in WAYS}
