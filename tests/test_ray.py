@@ -3,7 +3,6 @@ subprocesses with the demo model, the JSONL read back and compared with a local 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vacap.demo.shapes import scenes
+from vacap.records import scan
 
 VACAP = [sys.executable, "-m", "vacap.cli"]
 # fp32: records are compared with a local run's, caption for caption. Clean-up and trimming set
@@ -51,7 +51,8 @@ def started(*args) -> subprocess.Popen:
 
 
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    """The records in an output file, without a last line that a kill may have cut short."""
+    return scan(path.read_bytes())[0]
 
 
 def comparable(records: list[dict]) -> dict[str, tuple]:
