@@ -119,7 +119,9 @@ def cluster(dataset):
         port = probe.getsockname()[1]
     ray = Path(sys.executable).parent / "ray"
     command = [ray, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false", "--block"]
-    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment())
+    # Nothing runs on it at the end: stop at once instead of draining the node for 30 s.
+    env = {**environment(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         for line in head.stdout:
             if "Ray runtime started" in line:
