@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,17 +26,16 @@ VACAP = [sys.executable, "-m", "vacap.cli"]
 DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16", "--no-clean"]
 DEMO += ["--no-trim-incomplete"]
 IMAGES = 24  # about 5 s of captioning with one worker here: long enough to kill a run midway
-# Every process a test run starts carries this in its environment, Ray's included, so that the
-# module can check none is left behind.
-MARKER = f"VACAP_RAY_TEST={uuid.uuid4().hex}"
+# Every Ray process the tests start keeps its files in this folder (RAY_TMPDIR), which the module
+# checks for at the end: no process may hold one. Short, for the socket paths Ray makes in it.
+RAY_TMP = os.path.join(tempfile.gettempdir(), f"vacap-ray-{os.getpid()}")
 WORKER = re.compile(r"vacap: worker pid (\d+) loaded")
 
 
 def environment() -> dict:
-    name, value = MARKER.split("=")
     # Joining the test's cluster failed here with Ray's token authentication on (the default of
     # Ray 2.60), even from a bare ray.init on the same machine; the tests run without it.
-    return {**os.environ, "COLUMNS": "250", name: value, "RAY_AUTH_MODE": "disabled"}
+    return {**os.environ, "COLUMNS": "250", "RAY_TMPDIR": RAY_TMP, "RAY_AUTH_MODE": "disabled"}
 
 
 def vacap(*args) -> subprocess.CompletedProcess:
@@ -67,19 +67,23 @@ def caption_files(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text("utf-8") for p in folder.iterdir()}
 
 
-def marked_processes() -> list[int]:
-    """Pids of live processes (not zombies) started by this module's runs."""
+def ray_processes() -> list[int]:
+    """Pids of live processes (not zombies) with a file open in RAY_TMP or it on their command
+    line: every Ray process of these tests, by the logs and sockets each keeps there (a Ray
+    worker renames itself, overwriting its command line and environment)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if MARKER.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(entry.name))
-        except OSError:
+            names = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            names.append((entry / "cmdline").read_bytes().decode(errors="replace"))
+        except OSError:  # gone meanwhile
             continue
+        if any(RAY_TMP in name for name in names):
+            found.append(int(entry.name))
     return found
 
 
@@ -99,15 +103,14 @@ def dataset(tmp_path_factory):
         scene.image.save(folder / f"scene_{i:02d}.png")
     (folder / "broken.png").write_bytes(b"not a png")
     yield folder
-    # A local Ray instance ends with the driver that started it, killed or not; its workers
-    # notice within seconds.
-    leftover: list[int] = []
-
-    def gone() -> bool:
-        leftover[:] = marked_processes()
-        return not leftover
-
-    wait_until(gone, 60, f"Ray processes {leftover} to end")
+    # A local Ray instance ends with the driver that started it, killed or not: its raylet at
+    # once, its workers and agents when they notice (the agents of a killed driver's instance
+    # take up to a minute or so, trying to report to the gone cluster first).
+    deadline = time.monotonic() + 180
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left running: {left}"
+    shutil.rmtree(RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
