@@ -14,17 +14,12 @@ without. Every round checks that each caption file holds its record's caption.
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from vacap.demo.shapes import scenes
+from commands import caption_flags, parser, scene_folder, timed_caption
 
 
 def run(folder: Path, output: Path, common: list[str], sidecars: bool) -> tuple[float, float]:
@@ -32,14 +27,7 @@ def run(folder: Path, output: Path, common: list[str], sidecars: bool) -> tuple[
     output.unlink(missing_ok=True)
     for caption_file in folder.glob("*.txt"):
         caption_file.unlink()
-    command = [sys.executable, "-m", "vacap.cli", "caption", str(folder), "-o", str(output), *common]
-    command += ["--sidecar", "txt"] if sidecars else []
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"vacap failed:\n{done.stderr}")
-    captioning = float(re.search(r" in ([\d.]+) s", done.stderr)[1])
+    wall, captioning = timed_caption(folder, output, [*common, *(["--sidecar", "txt"] if sidecars else [])])
     if sidecars:
         for line in output.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
@@ -49,22 +37,11 @@ def run(folder: Path, output: Path, common: list[str], sidecars: bool) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--method", default="greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    common = ["--model", "demo", "--dtype", "fp32", "--device", "cpu", "--method", args.method,
-              "--batch-size", str(args.batch), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
+    args = parser(__doc__, images=200).parse_args()
+    common = caption_flags(args)
 
     with tempfile.TemporaryDirectory() as temporary:
-        folder = Path(temporary) / "images"
-        folder.mkdir()
-        for i, scene in enumerate(scenes(args.images, args.seed, "test")):
-            scene.image.save(folder / f"scene_{i:03d}.png")
+        folder = scene_folder(Path(temporary), args)
         output = Path(temporary) / "out.jsonl"
         ways = {"JSONL": False, "JSONL + --sidecar txt": True}
         for sidecars in ways.values():  # untimed: file caches, the first model load

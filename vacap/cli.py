@@ -178,6 +178,24 @@ Include = Annotated[Optional[List[str]], typer.Option(help="Only images whose pa
 Exclude = Annotated[Optional[List[str]], typer.Option(help="Leave out images whose path matches this glob.")]
 Limit = Annotated[Optional[int], typer.Option(min=1, help="Only the first N images, after the filters and --shard.")]
 Shard = Annotated[Optional[str], typer.Option(help="I/N: only shard I (from 0) of N, split by a hash of each path.")]
+Ray = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help='Run the job on Ray Data: a pool of actors, each with the model loaded once; records in completion '
+        'order. Needs pip install "vacap[ray]".',
+    ),
+]
+RayAddress = Annotated[
+    Optional[str], typer.Option(help="With --ray: join the Ray cluster at this address; default: start a local one.")
+]
+Workers = Annotated[
+    Optional[int], typer.Option(min=1, help="With --ray: actors in the pool; default one per GPU, else 1.")
+]
+GpusPerWorker = Annotated[
+    Optional[float],
+    typer.Option(min=0, help="With --ray: GPUs each actor takes; default 1 where the cluster has GPUs, else 0."),
+]
 
 
 @app.command()
@@ -232,10 +250,15 @@ def caption(
     exclude: Exclude = None,
     limit: Limit = None,
     shard: Shard = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log loading details on stderr.")] = False,
 ) -> None:
     """Caption every image under PATHS, one JSONL record per image (and a caption file with --sidecar)."""
     _setup(verbose)
+    ray_options = _ray_options(ray, ray_address, workers, gpus_per_worker)
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file, prompt)
     # Caption files are datasets: there, clean-up and trimming are on unless turned off.
@@ -278,7 +301,16 @@ def caption(
         if not images and not listing.problems:
             console.print("no images to caption")
             raise typer.Exit(0)
-        params = _record_params(console, config, shaping, dtype=dtype, device=device, quant=quant)
+        pool = None
+        if ray_options is not None:
+            from vacap import ray_run
+
+            pool = _ray_step(console, ray_run.connect, ray_options)
+            params = _ray_step(
+                console, ray_run.worker_params, pool, config, shaping, dtype=dtype, device=device, quant=quant
+            )
+        else:
+            params = _record_params(console, config, shaping, dtype=dtype, device=device, quant=quant)
         problems = [
             make_record(path=path, status="error", error=reason, model=model, method=config.method, params=params)
             for path, reason in listing.problems
@@ -295,11 +327,14 @@ def caption(
         progress = RunProgress(total=len(images) + len(problems), console=console)
         progress.skipped(len(images) - len(todo))
         records = iter(problems)
-        if todo:  # folders that could not be listed alone need no model
-            captioner = _captioner(
-                console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
-                output=shaping, **settings,
-            )  # fmt: skip
+        loading = dict(model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, output=shaping)
+        if todo and pool is not None:
+            root = dict(zip(map(str, listing.files), listing.roots))
+            sidecars = run.sidecars if run is not None else None
+            chosen = [root[str(image)] for image in todo]
+            records = itertools.chain(problems, ray_run.caption(pool, todo, chosen, {**loading, **settings}, sidecars))
+        elif todo:  # folders that could not be listed alone need no model
+            captioner = _captioner(console, **loading, **settings)
 
             def skip(path: str, sha256: str, settings_key: str) -> bool:
                 done = writer.is_done(path, sha256, settings_key)
@@ -308,10 +343,15 @@ def caption(
                 return done
 
             records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
-        if run is not None:  # each caption file before its record: an ok record means the file is there
+        # Each caption file before its record: an ok record means the file is there (under Ray
+        # the actors write the files, before they return the batch's records).
+        if run is not None and pool is None:
             records = run.write_behind(records)
         with progress:
-            _write_records(console, writer, progress, records)
+            if pool is None:
+                _write_records(console, writer, progress, records)
+            else:  # the actors start as the first records are asked for
+                _ray_step(console, _write_records, console, writer, progress, records)
     progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
 
@@ -325,6 +365,36 @@ def _read_prompt(path: Path, prompt: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise _usage(ValueError(f"cannot read --prompt-file {path}: {why}")) from exc
+
+
+def _ray_options(ray: bool, address, workers, gpus_per_worker):
+    """The ``RayOptions`` of a --ray run, None without --ray; the Ray flags without --ray, or
+    --ray where Ray is not installed, are usage errors."""
+    given = {"--ray-address": address, "--workers": workers, "--gpus-per-worker": gpus_per_worker}
+    if not ray:
+        stray = [flag for flag, value in given.items() if value is not None]
+        if stray:
+            raise _usage(ValueError(f"{', '.join(stray)} acts only with --ray"))
+        return None
+    from vacap.ray_run import RayOptions, RayUnavailable, require_ray
+
+    try:
+        require_ray()
+    except RayUnavailable as exc:
+        raise _usage(exc) from exc
+    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+
+
+def _ray_step(console, step, *args, **kwargs):
+    """``step(*args, **kwargs)``, where Ray that cannot start, cannot be reached or whose workers
+    cannot load the model (``RayUnavailable``) exits 2 with the reason."""
+    from vacap.ray_run import RayUnavailable
+
+    try:
+        return step(*args, **kwargs)
+    except RayUnavailable as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _choose(paths, recursive, files_from, include, exclude, shard, limit):

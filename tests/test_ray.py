@@ -1,0 +1,252 @@
+"""`vacap caption --ray` on a local Ray instance with 2 CPUs, as a user runs it: the CLI in real
+subprocesses with the demo model, the JSONL read back and compared with a local run's."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vacap.demo.shapes import scenes
+from vacap.records import scan
+
+VACAP = [sys.executable, "-m", "vacap.cli"]
+# fp32: records are compared with a local run's, caption for caption. Clean-up and trimming set
+# alike with and without caption files, so that runs with them and without have the same settings.
+DEMO = ["--model", "demo", "--dtype", "fp32", "--method", "greedy", "--max-new-tokens", "16", "--no-clean"]
+DEMO += ["--no-trim-incomplete"]
+IMAGES = 24  # about 5 s of captioning with one worker here: long enough to kill a run midway
+# Every Ray process the tests start keeps its files in this folder (RAY_TMPDIR), which the module
+# checks for at the end: no process may hold one. Short, for the socket paths Ray makes in it.
+RAY_TMP = os.path.join(tempfile.gettempdir(), f"vacap-ray-{os.getpid()}")
+WORKER = re.compile(r"vacap: worker pid (\d+) loaded")
+
+
+def environment() -> dict:
+    # Joining the test's cluster failed here with Ray's token authentication on (the default of
+    # Ray 2.60), even from a bare ray.init on the same machine; the tests run without it.
+    return {**os.environ, "COLUMNS": "250", "RAY_TMPDIR": RAY_TMP, "RAY_AUTH_MODE": "disabled"}
+
+
+def vacap(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*VACAP, *map(str, args)], capture_output=True, text=True, timeout=300, env=environment()
+    )
+
+
+def started(*args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*VACAP, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment()
+    )
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records in an output file, without a last line that a kill may have cut short."""
+    return scan(path.read_bytes())[0]
+
+
+def comparable(records: list[dict]) -> dict[str, tuple]:
+    """path -> what must match a local run, from the last record of each path (a resumed run
+    retries error records, so those may repeat); each image captioned ok once."""
+    ok = [r["path"] for r in records if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)), "an image was captioned twice"
+    return {r["path"]: (r["status"], r["caption"], r["error"], r["params"], r["sha256"]) for r in records}
+
+
+def caption_files(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text("utf-8") for p in folder.iterdir()}
+
+
+def ray_processes() -> list[int]:
+    """Pids of live processes (not zombies) with a file open in RAY_TMP or it on their command
+    line: every Ray process of these tests, by the logs and sockets each keeps there (a Ray
+    worker renames itself, overwriting its command line and environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            names = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            names.append((entry / "cmdline").read_bytes().decode(errors="replace"))
+        except OSError:  # gone meanwhile
+            continue
+        if any(RAY_TMP in name for name in names):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """IMAGES shapes scenes and one file that is not an image; no Ray process left at the end."""
+    folder = tmp_path_factory.mktemp("ray") / "data"
+    folder.mkdir()
+    for i, scene in enumerate(scenes(IMAGES, seed=5, split="test")):
+        scene.image.save(folder / f"scene_{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    yield folder
+    # A local Ray instance ends with the driver that started it, killed or not: its raylet at
+    # once, its workers and agents when they notice (the agents of a killed driver's instance
+    # take up to a minute or so, trying to report to the gone cluster first).
+    deadline = time.monotonic() + 180
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left running: {left}"
+    shutil.rmtree(RAY_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(dataset):
+    """The address of a running Ray cluster for --ray-address: a head node on this machine
+    with 2 CPUs, stopped (its processes with it) at the end of the module."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = Path(sys.executable).parent / "ray"
+    command = [ray, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false", "--block"]
+    # Nothing runs on it at the end: stop at once instead of draining the node for 30 s.
+    env = {**environment(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in head.stdout:
+            if "Ray runtime started" in line:
+                break
+        else:
+            pytest.fail(f"ray start --head ended with {head.wait()}")
+        threading.Thread(target=head.stdout.read, daemon=True).start()  # keep its pipe flowing
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(dataset):
+    """The reference: the same folder captioned without Ray (records, and caption files)."""
+    output = dataset.parent / "local.jsonl"
+    files = dataset.parent / "local_txt"
+    out = vacap("caption", dataset, *DEMO, "-o", output, "--sidecar", "txt", "--sidecar-dir", files)
+    assert out.returncode == 1, out.stderr  # the broken file's error record
+    assert len(caption_files(files)) == IMAGES
+    return comparable(read_records(output)), caption_files(files)
+
+
+def test_ray_records_and_caption_files_equal_a_local_runs(dataset, local, cluster, tmp_path):
+    """On a cluster joined with --ray-address."""
+    records, files = local
+    output, txt = tmp_path / "ray.jsonl", tmp_path / "txt"
+    ray = ["--ray", "--ray-address", cluster, "--workers", "2", "--sidecar", "txt", "--sidecar-dir", txt]
+    out = vacap("caption", dataset, *DEMO, "-o", output, *ray)
+    assert out.returncode == 1, out.stderr
+    assert out.stdout == ""
+    written = read_records(output)
+    assert len(written) == len(records) and comparable(written) == records
+    assert len(records) == IMAGES + 1 and records[str(dataset / "broken.png")][0] == "error"
+    assert caption_files(txt) == files, "the actors wrote the same caption files"
+    # both actors loaded the model, and the driver's progress counted every record
+    assert len(set(WORKER.findall(out.stderr))) == 2
+    assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join(out.stderr.split())
+
+
+def test_a_killed_driver_is_resumed_with_nothing_lost_or_repeated(dataset, local, tmp_path):
+    output = tmp_path / "ray.jsonl"
+    args = ["caption", dataset, *DEMO, "-o", output, "--ray", "--workers", "1"]
+    run = started(*args)
+    try:
+        wait_until(lambda: output.exists() and len(read_records(output)) >= 2, 240, "the first records")
+        os.kill(run.pid, signal.SIGKILL)
+    finally:
+        run.kill()
+        run.communicate()
+    before = read_records(output)
+    assert len(before) < IMAGES + 1, "the run ended before it was killed"
+
+    out = vacap(*args)
+    assert out.returncode == 1, out.stderr
+    records = read_records(output)
+    assert records[: len(before)] == before, "the second run appended, keeping what was there"
+    assert comparable(records) == local[0]
+    done_before = sum(r["status"] == "ok" for r in before)
+    assert f"{done_before} skipped" in " ".join(out.stderr.split())
+
+
+def test_a_killed_worker_is_replaced_and_its_images_retried(dataset, local, tmp_path):
+    output = tmp_path / "ray.jsonl"
+    # One worker: the run can only finish if a new actor takes over the killed one's batches.
+    run = started("caption", dataset, *DEMO, "-o", output, "--ray", "--workers", "1")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: output.exists() and len(read_records(output)) >= 1, 240, "the first records")
+        victim = int(WORKER.findall("".join(lines))[0])
+        os.kill(victim, signal.SIGKILL)
+        at_kill = len(read_records(output))
+        run.wait(timeout=240)
+    finally:
+        run.kill()
+        run.wait()
+        reader.join()
+    assert at_kill < IMAGES + 1, "the run ended before a worker was killed"
+    assert run.returncode == 1, "".join(lines)
+    assert comparable(read_records(output)) == local[0]
+    loaded = [int(pid) for pid in WORKER.findall("".join(lines))]
+    assert len(set(loaded) - {victim}) == 1, "no actor replaced the killed one"
+
+
+def test_ray_flags_need_ray_and_ray_installed(dataset, tmp_path):
+    output = tmp_path / "out.jsonl"
+    out = vacap("caption", dataset, *DEMO, "-o", output, "--workers", "2")
+    assert out.returncode == 2
+    assert "--workers acts only with --ray" in " ".join(out.stderr.split())
+    # Without Ray installed (an import of it fails), --ray says how to install it; nothing is written.
+    missing = "import sys; sys.modules['ray'] = None; from vacap.cli import app; app()"
+    command = [sys.executable, "-c", missing, "caption", str(dataset), *DEMO, "-o", str(output), "--ray"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment())
+    assert out.returncode == 2
+    assert 'pip install "vacap[ray]"' in " ".join(out.stderr.split())
+    assert not output.exists()
+
+
+def test_help_does_not_import_ray():
+    code = "import sys; from vacap.cli import app\ntry: app(['caption', '--help'])\nexcept SystemExit: pass\n"
+    code += "assert 'ray' not in sys.modules, 'ray imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "resources, options, expected",
+    [
+        ({"CPU": 2}, {}, (1, 2, 0)),  # one actor with all the CPUs
+        ({"CPU": 2}, {"workers": 2}, (2, 1, 0)),
+        ({"CPU": 3}, {"workers": 4}, (4, 1, 0)),  # never less than one CPU each
+        ({"CPU": 64, "GPU": 8}, {}, (8, 1, 1)),  # one actor per GPU
+        ({"CPU": 64, "GPU": 8}, {"gpus_per_worker": 2}, (4, 1, 2)),
+        ({"CPU": 64, "GPU": 8}, {"workers": 3}, (3, 1, 1)),
+        ({"CPU": 64, "GPU": 8}, {"gpus_per_worker": 0, "workers": 2}, (2, 32, 0)),  # CPU actors on a GPU cluster
+    ],
+)
+def test_the_actor_pool_takes_one_gpu_per_actor_or_shares_the_cpus(resources, options, expected):
+    from vacap.ray_run import RayOptions, pool_for
+
+    pool = pool_for(resources, RayOptions(**options))
+    assert (pool.workers, pool.cpus, pool.gpus) == expected

@@ -1,0 +1,192 @@
+"""Captioning on Ray Data: the same job as a local run, spread over a pool of actors.
+
+The driver (the `vacap caption --ray` process) lists the images, skips those already done, and
+writes every record itself through the same ``RecordWriter`` as a local run. The images still
+to do become a Ray dataset of paths; a pool of actors, each holding one ``Captioner`` (the model
+loaded once per actor), turns batches of paths into records, which stream back to the driver
+as each batch finishes. Records therefore arrive batch by batch in completion order, not in the
+input order.
+
+Ray Data's actor pools restart a dead actor and retry the batch it held (their ``max_restarts``
+and ``max_task_retries`` default to -1, unlimited), so a worker that dies loses no image.
+Caption files are written by the actors, beside the images, so on a cluster the images must be
+on storage every node reaches at the same path.
+
+Ray is imported inside the functions: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vacap.sidecars import SidecarRun, Sidecars
+
+INSTALL = 'pip install "vacap[ray]"'
+# The paths in one actor task, in --batch-size units: enough that an actor's continuous batching
+# has rows to refill from, few enough that records reach the driver (and the output file) often
+# and a dead actor's retry redoes little.
+BATCHES_PER_TASK = 4
+
+
+class RayUnavailable(Exception):
+    """Ray cannot be used here: not installed, the cluster cannot be reached, or its workers
+    cannot load the model. One line."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray run is."""
+
+    address: str | None = None  # an existing cluster; None starts a local instance
+    workers: int | None = None  # actors; None: one per GPU the cluster has (``gpus_per_worker`` each), else 1
+    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker:g}")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The actor pool a run gets on the connected cluster."""
+
+    workers: int
+    cpus: float  # per actor
+    gpus: float  # per actor
+
+
+def require_ray() -> None:
+    """Raise ``RayUnavailable`` saying how to install Ray when it is not importable."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise RayUnavailable(f"--ray needs Ray Data, an optional extra: {INSTALL} ({exc})") from None
+
+
+def connect(options: RayOptions) -> Pool:
+    """Join the cluster at ``options.address``, or start a local Ray instance (which ends with
+    this process), and size the actor pool on it."""
+    require_ray()
+    import ray
+    from ray.data import DataContext
+
+    try:
+        # "local" always starts an instance of our own, even where another one runs on this machine.
+        ray.init(address=options.address or "local", include_dashboard=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = options.address or "a local instance"
+        raise RayUnavailable(f"cannot start or reach Ray at {where}: {exc}") from None
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = DataContext.get_current()
+    # vacap's own progress bar reports the run; Ray Data's would draw over it.
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return pool_for(ray.cluster_resources(), options)
+
+
+def pool_for(resources: dict, options: RayOptions) -> Pool:
+    """The actor pool for a cluster's total ``resources`` (Ray's names: "CPU", "GPU").
+
+    GPU actors take ``gpus_per_worker`` GPUs and one CPU each; CPU actors share the CPUs evenly,
+    since torch in each sizes its thread pool to the CPUs Ray gives it."""
+    gpus_seen = resources.get("GPU", 0)
+    gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (1 if gpus_seen else 0)
+    if options.workers is not None:
+        workers = options.workers
+    elif gpus:
+        workers = max(1, int(gpus_seen // gpus))
+    else:
+        workers = 1
+    cpus = 1 if gpus else max(1, int(resources.get("CPU", 1) // workers))
+    return Pool(workers=workers, cpus=cpus, gpus=gpus)
+
+
+def worker_params(pool: Pool, config, output, *, dtype: str, device: str, quant: str) -> dict:
+    """The records' params as an actor of ``pool`` will make them: worked out in a Ray task
+    with an actor's resources, since the dtype ``auto`` resolves to depends on the device and
+    CPU that run the model, which the driver may not have (a CPU head node of a GPU cluster)."""
+    import ray
+    import ray.exceptions
+
+    from vacap.captioner import record_params
+
+    task = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus)(record_params)
+    try:
+        return ray.get(task.remote(config, output=output, dtype=dtype, device=device, quant=quant))
+    except ray.exceptions.RayTaskError as exc:  # --device cuda where the workers have none, say
+        raise RayUnavailable(f"the Ray workers cannot run these settings: {_last_line(exc)}") from None
+
+
+class _Worker:
+    """One actor: a Captioner loaded once, captioning the batches of paths it is given."""
+
+    def __init__(self, captioner: dict, sidecars: Sidecars | None) -> None:
+        from vacap.captioner import Captioner
+
+        # Ray forwards an actor's stdout to the driver's stdout, which may be carrying the
+        # records (-o -): anything a library prints goes to stderr instead.
+        sys.stdout = sys.stderr
+        self.captioner = Captioner(**captioner)
+        self.sidecars = sidecars
+        device = self.captioner.model.device
+        # On stderr, which Ray forwards to the driver: which process holds which model where.
+        print(f"vacap: worker pid {os.getpid()} loaded {self.captioner.model_name} on {device}", file=sys.stderr)
+
+    def __call__(self, batch: dict) -> dict:
+        """{"path", "root": file system bytes # (N,)} -> {"record": JSON text # (M,)}, one
+        record per path (M = N), in the order they finished."""
+        paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
+        records = self.captioner.records(paths, recursive=False)
+        if self.sidecars is not None:
+            roots = [Path(os.fsdecode(bytes(r))) for r in batch["root"]]
+            records = SidecarRun(self.sidecars, [Path(p) for p in paths], roots).write_behind(records)
+        return {"record": [json.dumps(record, ensure_ascii=False) for record in records]}
+
+
+def caption(
+    pool: Pool, images: Sequence[Path], roots: Sequence[Path], captioner: dict, sidecars: Sidecars | None = None
+) -> Iterator[dict]:
+    """A record per image of ``images`` (found under the input folders ``roots``), as the
+    actors finish them. ``captioner``: the keyword arguments of each actor's ``Captioner``."""
+    if not images:
+        return
+    import ray.data
+    import ray.exceptions
+
+    rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
+    size = BATCHES_PER_TASK * captioner.get("batch_size", 1)
+    # A block per batch: each is one actor task, so batches spread over the actors, their records
+    # come back as each finishes, and a retry redoes one batch.
+    blocks = -(-len(rows) // size)
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        _Worker,
+        batch_size=size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.workers),
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
+        fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars},
+    )
+    try:
+        for row in dataset.iter_rows():
+            yield json.loads(row["record"])
+    except ray.exceptions.RayActorError as exc:
+        if not exc.actor_init_failed:
+            raise
+        # Ray Data gives up after actors failed to start several times; the error raised in the
+        # last one's __init__ ends the message.
+        raise RayUnavailable(f"the Ray workers cannot start: {_last_line(exc)}") from None
+
+
+def _last_line(exc: Exception) -> str:
+    """The last line of a Ray error: the error the remote code raised, as "module.Type: message"."""
+    return str(exc).strip().splitlines()[-1]
