@@ -52,6 +52,8 @@ SIZE = 96
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
 MIN_OBJECT, MAX_OBJECT = 24, 36  # object bounding-box side, pixels
 SPLITS = ("train", "test")
+# "shapes": this module's world (the `demo` model's); "priors": vacap.demo.priors (`demo-priors`).
+WORLDS = ("shapes", "priors")
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -100,6 +102,7 @@ class Shape:
     x: int
     y: int
     size: int
+    weak: str | None = None  # the priors world's weak evidence (see WEAKNESSES); None: clear
 
 
 @dataclass(frozen=True)
@@ -339,9 +342,17 @@ def make_scene(rng: random.Random, split: str, size: int = SIZE) -> Scene:
     return Scene(render(objects, background, size), objects, caption_for(objects, rng), background)
 
 
-def scenes(n: int, seed: int, split: str, size: int = SIZE) -> list[Scene]:
-    """``n`` scenes of ``split``; the same arguments give the same scenes, pixel for pixel."""
+def scenes(n: int, seed: int, split: str, size: int = SIZE, world: str = "shapes") -> list[Scene]:
+    """``n`` scenes of ``split`` of ``world`` (:data:`WORLDS`); the same arguments give the same
+    scenes, pixel for pixel."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; expected one of {', '.join(WORLDS)}")
+    if world == "priors":
+        from vacap.demo.priors import make_scene as make_priors_scene
+
+        rng = random.Random(f"vacap-priors:{split}:{seed}")
+        return [make_priors_scene(rng, split, size) for _ in range(n)]
     rng = random.Random(f"vacap-shapes:{split}:{seed}")
     return [make_scene(rng, split, size) for _ in range(n)]
