@@ -204,3 +204,37 @@ def test_each_world_classifies_by_its_own_priors():
     priors = score_caption(caption, scene, world="priors")
     assert (shapes["hallucinated"], shapes["hallucinated_prior"], shapes["hallucinated_perceptual"]) == (3, 1, 2)
     assert (priors["hallucinated"], priors["hallucinated_prior"], priors["hallucinated_perceptual"]) == (3, 3, 0)
+
+
+# --- what training sees ----------------------------------------------------------------------
+
+
+def test_training_leaves_weak_objects_to_the_captions():
+    from vacap.demo.train import PATCH_SIZE, patch_labels
+
+    objects = [Shape("star", "red", 20, 20, 20), Shape("circle", "blue", 70, 70, 20, "faint")]
+    labels = patch_labels(objects)
+    grid = SIZE // PATCH_SIZE
+
+    def at(x, y):
+        return labels[(y // PATCH_SIZE) * grid + x // PATCH_SIZE]
+
+    assert at(20, 20) == [1 + SHAPES.index("star"), 1 + list(COLOURS).index("red")]
+    assert at(70, 70) == [-100, -100]  # left out of the probe's loss
+    assert at(90, 5) == [0, 0]
+
+
+def test_the_shapes_tokenizer_is_the_shipped_demo_models():
+    from transformers import AutoTokenizer
+
+    from vacap.demo import MODEL_DIR
+    from vacap.demo.train import build_tokenizer
+
+    shipped = AutoTokenizer.from_pretrained(MODEL_DIR)
+    assert build_tokenizer("shapes").get_vocab() == shipped.get_vocab()
+    tokenizer = build_tokenizer("priors")
+    vocab = tokenizer.get_vocab()
+    assert {k: v for k, v in vocab.items() if k in shipped.get_vocab()} == shipped.get_vocab()
+    for scene in scenes(30, 5, "train", world="priors"):
+        tokens = tokenizer(scene.caption, add_special_tokens=False)["input_ids"]
+        assert vocab["<unk>"] not in tokens
