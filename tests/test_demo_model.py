@@ -31,12 +31,16 @@ def sample_image(tmp_path_factory):
     return scene, path
 
 
-@needs_demo_model
-def test_shipped_files_are_small_and_documented():
-    files = {p.name: p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file()}
+def _assert_shipped_small_and_documented(folder):
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     assert {"config.json", "model.safetensors", "generation_config.json", "TRAINING.md"} <= set(files)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
     assert sum(files.values()) < 25e6
+
+
+@needs_demo_model
+def test_shipped_files_are_small_and_documented():
+    _assert_shipped_small_and_documented(MODEL_DIR)
 
 
 @needs_demo_model
@@ -102,9 +106,7 @@ def clear_priors_scene(tmp_path_factory):
 def test_demo_priors_is_shipped_small_deep_and_loads_by_name():
     from vacap.model import load_model
 
-    files = {p.name: p.stat().st_size for p in PRIORS_MODEL_DIR.iterdir() if p.is_file()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "TRAINING.md"} <= set(files)
-    assert sum(files.values()) < 25e6
+    _assert_shipped_small_and_documented(PRIORS_MODEL_DIR)
     model = load_model("demo-priors", dtype="fp32", device="cpu")
     assert type(model.hf).__name__ == "LlavaForConditionalGeneration"
     assert len(model.layers) >= 8  # --start-layer 2 leaves most layers to VASparse

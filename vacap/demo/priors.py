@@ -46,6 +46,7 @@ from vacap.demo.shapes import (
     _mask,
     _phrase,
     _sample_background,
+    place,
 )
 
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
@@ -121,24 +122,12 @@ def _sample_colour(rng: random.Random, kind: str, split: str) -> str:
 
 
 def _layout(rng: random.Random, sides: Sequence[int], size: int) -> list[tuple[int, int, int]]:
-    """(x, y, side) per wanted side, bounding boxes apart by 2 px; shrinks clear objects when
-    they do not fit."""
-    shrink = 0
-    while True:
-        placed: list[tuple[int, int, int]] = []
-        for wanted in sides:
-            side = wanted if wanted <= SMALL_SIDE[1] else max(CLEAR_SIDE[0] - 4, wanted - shrink)
-            margin = side // 2 + 2
-            for _ in range(200):
-                x, y = rng.randint(margin, size - 1 - margin), rng.randint(margin, size - 1 - margin)
-                if all(max(abs(x - px), abs(y - py)) >= (side + ps) / 2 + 2 for px, py, ps in placed):
-                    placed.append((x, y, side))
-                    break
-            else:
-                break
-        if len(placed) == len(sides):
-            return placed
-        shrink += 1
+    """(x, y, side) per wanted side; clear objects shrink when they do not fit, small ones stay."""
+
+    def side_of(i: int, shrink: int) -> int:
+        return sides[i] if sides[i] <= SMALL_SIDE[1] else max(CLEAR_SIDE[0] - 4, sides[i] - shrink)
+
+    return place(rng, len(sides), side_of, size, 1)
 
 
 def card(shape: Shape, cover: float, side: str) -> tuple[int, int, int, int]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image, ImageChops, ImageDraw
 
@@ -268,11 +268,22 @@ def _sample_background(rng: random.Random) -> Background:
 
 def _layout(rng: random.Random, count: int, size: int) -> list[tuple[int, int, int]]:
     """(x, y, side) for ``count`` objects whose bounding boxes do not overlap."""
+    return place(rng, count, lambda _, shrink: max(12, rng.randint(MIN_OBJECT, MAX_OBJECT) - shrink), size, 2)
+
+
+def place(
+    rng: random.Random, count: int, side_of: Callable[[int, int], int], size: int, shrink_step: int
+) -> list[tuple[int, int, int]]:
+    """(x, y, side) for ``count`` objects whose bounding boxes are at least 2 px apart.
+
+    ``side_of(i, shrink)`` gives object i's side; when some object finds no room in 200 tries,
+    every object is placed again with ``shrink`` grown by ``shrink_step``.
+    """
     shrink = 0
     while True:
         placed: list[tuple[int, int, int]] = []
-        for _ in range(count):
-            side = max(12, rng.randint(MIN_OBJECT, MAX_OBJECT) - shrink)
+        for i in range(count):
+            side = side_of(i, shrink)
             margin = side // 2 + 2
             for _ in range(200):
                 x, y = rng.randint(margin, size - 1 - margin), rng.randint(margin, size - 1 - margin)
@@ -283,7 +294,7 @@ def _layout(rng: random.Random, count: int, size: int) -> list[tuple[int, int, i
                 break
         if len(placed) == count:
             return placed
-        shrink += 2
+        shrink += shrink_step
 
 
 # --- captions --------------------------------------------------------------------------------
