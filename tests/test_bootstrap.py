@@ -58,3 +58,22 @@ def test_interval_width_matches_the_normal_approximation():
 def test_unpaired_input_is_refused():
     with pytest.raises(ValueError, match="same, non-zero number of scenes"):
         paired_difference([score(0, 1)], [])
+
+
+def test_cause_split_and_recall_get_intervals_too():
+    def full(prior: int, perceptual: int, mentions: int, recalled: int, objects: int) -> dict:
+        return {
+            "hallucinated": prior + perceptual, "hallucinated_prior": prior, "hallucinated_perceptual": perceptual,
+            "mentions": mentions, "recalled": recalled, "objects": objects,
+        }  # fmt: skip
+
+    a = [full(2, 0, 4, 2, 4), full(0, 1, 3, 2, 3), full(1, 1, 5, 3, 5)]  # prior 3/12, perc. 2/12, recall 7/12
+    b = [full(0, 0, 4, 4, 4), full(1, 0, 3, 2, 3), full(0, 1, 5, 4, 5)]  # prior 1/12, perc. 1/12, recall 10/12
+    result = paired_difference(a, b, resamples=300)
+    assert list(result) == ["CHAIR_s", "CHAIR_i", "CHAIR_i_prior", "CHAIR_i_perceptual", "recall"]
+    assert result["CHAIR_i"][0] == pytest.approx(5 / 12 - 2 / 12)
+    assert result["CHAIR_i_prior"][0] == pytest.approx(3 / 12 - 1 / 12)
+    assert result["CHAIR_i_perceptual"][0] == pytest.approx(2 / 12 - 1 / 12)
+    assert result["recall"][0] == pytest.approx(7 / 12 - 10 / 12)
+    for difference, low, high in result.values():
+        assert low <= difference <= high

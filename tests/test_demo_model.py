@@ -1,14 +1,19 @@
-"""The shipped demo model (vacap/demo/model) loads through vacap's own code and captions sensibly."""
+"""The shipped demo models (vacap/demo/model, vacap/demo/model-priors) load through vacap's own
+code and caption sensibly."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from vacap.demo import MODEL_DIR
+from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR
 from vacap.demo.shapes import scenes
 from vacap.evaluate.shapes import extract_objects
 
-pytestmark = pytest.mark.skipif(
+needs_demo_model = pytest.mark.skipif(
     not (MODEL_DIR / "model.safetensors").exists(), reason="demo model not trained (python -m vacap.demo.train)"
 )
 
@@ -26,13 +31,19 @@ def sample_image(tmp_path_factory):
     return scene, path
 
 
-def test_shipped_files_are_small_and_documented():
-    files = {p.name: p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file()}
+def _assert_shipped_small_and_documented(folder):
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     assert {"config.json", "model.safetensors", "generation_config.json", "TRAINING.md"} <= set(files)
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
     assert sum(files.values()) < 25e6
 
 
+@needs_demo_model
+def test_shipped_files_are_small_and_documented():
+    _assert_shipped_small_and_documented(MODEL_DIR)
+
+
+@needs_demo_model
 def test_loads_through_load_model():
     from vacap.model import load_model
 
@@ -53,6 +64,7 @@ def test_loads_through_load_model():
         assert model.decode(ids) == scene.caption
 
 
+@needs_demo_model
 @pytest.mark.dtype
 @pytest.mark.parametrize(
     "settings",
@@ -69,3 +81,68 @@ def test_captions_a_single_object_scene(sample_image, settings):
     mentioned = set(extract_objects(record["caption"]))
     truth = {(o.colour, o.kind) for o in scene.objects}
     assert mentioned & truth, f"{record['caption']!r} names none of {truth}"
+
+
+# --- demo-priors: the model of the priors world (vacap.demo.priors) ----------------------------
+
+needs_priors_model = pytest.mark.skipif(
+    not (PRIORS_MODEL_DIR / "model.safetensors").exists(),
+    reason="demo-priors model not trained (python -m vacap.demo.train --world priors)",
+)
+
+
+@pytest.fixture(scope="module")
+def clear_priors_scene(tmp_path_factory):
+    """The first priors-world test scene (seed 0) with 3 objects, all clearly visible."""
+    scene = next(
+        s for s in scenes(60, 0, "test", world="priors") if len(s.objects) == 3 and all(o.weak is None for o in s.objects)
+    )
+    path = tmp_path_factory.mktemp("demo-priors") / "scene.png"
+    scene.image.save(path)
+    return scene, path
+
+
+@needs_priors_model
+def test_demo_priors_is_shipped_small_deep_and_loads_by_name():
+    from vacap.model import load_model
+
+    _assert_shipped_small_and_documented(PRIORS_MODEL_DIR)
+    model = load_model("demo-priors", dtype="fp32", device="cpu")
+    assert type(model.hf).__name__ == "LlavaForConditionalGeneration"
+    assert len(model.layers) >= 8  # --start-layer 2 leaves most layers to VASparse
+    for scene in scenes(10, 1, "train", world="priors"):
+        ids = model.tokenizer(scene.caption, add_special_tokens=False)["input_ids"]
+        assert model.tokenizer.unk_token_id not in ids
+        assert model.decode(ids) == scene.caption
+
+
+@needs_priors_model
+def test_demo_priors_names_at_least_two_objects_of_a_clear_scene_right(clear_priors_scene):
+    from vacap import Captioner
+
+    scene, path = clear_priors_scene
+    (record,) = Captioner("demo-priors", method="greedy", dtype="fp32", device="cpu").caption([path])
+    assert record["status"] == "ok", record["error"]
+    assert record["tokens"] < 128, "the model stops by itself"
+    right = set(extract_objects(record["caption"])) & {(o.colour, o.kind) for o in scene.objects}
+    assert len(right) >= 2, f"{record['caption']!r} against {[(o.colour, o.kind) for o in scene.objects]}"
+
+
+@needs_priors_model
+def test_eval_shapes_world_priors_reports_the_cause_split_with_intervals():
+    out = subprocess.run(
+        [sys.executable, "-m", "vacap.cli", "eval", "shapes", "--world", "priors", "-n", "4", "--methods",
+         "greedy,vasparse", "--no-ablation", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert (report["model"], report["world"], report["baseline"]) == ("demo-priors", "priors", "greedy")
+    greedy, vasparse = report["results"]["greedy"], report["results"]["vasparse"]
+    for row in (greedy, vasparse):
+        assert row["CHAIR_i_prior"] + row["CHAIR_i_perceptual"] == pytest.approx(row["CHAIR_i"])
+        assert 0 <= row["recall"] <= 1
+    for name in ("CHAIR_i", "CHAIR_i_prior", "CHAIR_i_perceptual", "recall"):
+        difference, low, high = vasparse[f"{name}_diff"]
+        assert difference == pytest.approx(vasparse[name] - greedy[name])
+        assert low <= difference <= high

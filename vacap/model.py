@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vacap.config import DEFAULT_MODEL
+from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR
 
 log = logging.getLogger("vacap")
 
@@ -201,8 +202,9 @@ def _sliding_window(text_config) -> int | None:
     return int(window)
 
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
-MODEL_CHOICES = "a Hugging Face id (such as llava-hf/llava-1.5-7b-hf), a local model folder, or demo"
+# The models shipped inside vacap, by --model name (see vacap.demo).
+DEMO_MODELS = {"demo": MODEL_DIR, "demo-priors": PRIORS_MODEL_DIR}
+MODEL_CHOICES = "a Hugging Face id (such as llava-hf/llava-1.5-7b-hf), a local model folder, demo or demo-priors"
 OFFLINE_ADVICE = (
     "use --model demo (the small model shipped with vacap) or a local model folder; "
     "set HF_HUB_OFFLINE=1 to use a model already in the Hugging Face cache without asking the hub"
@@ -224,15 +226,16 @@ def _looks_like_path(name: str) -> bool:
 def _source(name: str) -> tuple[str, bool]:
     """(what transformers loads, whether it comes from the hub) for ``--model``.
 
-    `demo` is the model shipped inside vacap; an existing or path-like name is a local folder,
-    which must hold a checkpoint; anything else is a hub id.
+    `demo` and `demo-priors` are the models shipped inside vacap; an existing or path-like name
+    is a local folder, which must hold a checkpoint; anything else is a hub id.
     """
     if not name.strip():
         raise ModelLoadError(f"--model is empty; give {MODEL_CHOICES}")
-    if name == "demo":
-        if not (DEMO_MODEL / "config.json").exists():
-            raise ModelLoadError(f"the demo model is missing from this installation ({DEMO_MODEL})")
-        return str(DEMO_MODEL), False
+    if name in DEMO_MODELS:
+        folder = DEMO_MODELS[name]
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"the {name} model is missing from this installation ({folder})")
+        return str(folder), False
     path = Path(name).expanduser()
     if not path.exists() and not _looks_like_path(name):
         from huggingface_hub.utils import validate_repo_id

@@ -21,5 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
+# `--model demo-priors`: trained on the priors world (vacap.demo.priors).
+PRIORS_MODEL_DIR = Path(__file__).resolve().parent / "model-priors"
 
-__all__ = ["MODEL_DIR"]
+__all__ = ["MODEL_DIR", "PRIORS_MODEL_DIR"]

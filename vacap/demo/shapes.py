@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from PIL import Image, ImageChops, ImageDraw
 
@@ -52,6 +52,8 @@ SIZE = 96
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
 MIN_OBJECT, MAX_OBJECT = 24, 36  # object bounding-box side, pixels
 SPLITS = ("train", "test")
+# "shapes": this module's world (the `demo` model's); "priors": vacap.demo.priors (`demo-priors`).
+WORLDS = ("shapes", "priors")
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -100,6 +102,7 @@ class Shape:
     x: int
     y: int
     size: int
+    weak: str | None = None  # the priors world's weak evidence (see WEAKNESSES); None: clear
 
 
 @dataclass(frozen=True)
@@ -265,11 +268,22 @@ def _sample_background(rng: random.Random) -> Background:
 
 def _layout(rng: random.Random, count: int, size: int) -> list[tuple[int, int, int]]:
     """(x, y, side) for ``count`` objects whose bounding boxes do not overlap."""
+    return place(rng, count, lambda _, shrink: max(12, rng.randint(MIN_OBJECT, MAX_OBJECT) - shrink), size, 2)
+
+
+def place(
+    rng: random.Random, count: int, side_of: Callable[[int, int], int], size: int, shrink_step: int
+) -> list[tuple[int, int, int]]:
+    """(x, y, side) for ``count`` objects whose bounding boxes are at least 2 px apart.
+
+    ``side_of(i, shrink)`` gives object i's side; when some object finds no room in 200 tries,
+    every object is placed again with ``shrink`` grown by ``shrink_step``.
+    """
     shrink = 0
     while True:
         placed: list[tuple[int, int, int]] = []
-        for _ in range(count):
-            side = max(12, rng.randint(MIN_OBJECT, MAX_OBJECT) - shrink)
+        for i in range(count):
+            side = side_of(i, shrink)
             margin = side // 2 + 2
             for _ in range(200):
                 x, y = rng.randint(margin, size - 1 - margin), rng.randint(margin, size - 1 - margin)
@@ -280,7 +294,7 @@ def _layout(rng: random.Random, count: int, size: int) -> list[tuple[int, int, i
                 break
         if len(placed) == count:
             return placed
-        shrink += 2
+        shrink += shrink_step
 
 
 # --- captions --------------------------------------------------------------------------------
@@ -339,9 +353,17 @@ def make_scene(rng: random.Random, split: str, size: int = SIZE) -> Scene:
     return Scene(render(objects, background, size), objects, caption_for(objects, rng), background)
 
 
-def scenes(n: int, seed: int, split: str, size: int = SIZE) -> list[Scene]:
-    """``n`` scenes of ``split``; the same arguments give the same scenes, pixel for pixel."""
+def scenes(n: int, seed: int, split: str, size: int = SIZE, world: str = "shapes") -> list[Scene]:
+    """``n`` scenes of ``split`` of ``world`` (:data:`WORLDS`); the same arguments give the same
+    scenes, pixel for pixel."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; expected one of {', '.join(WORLDS)}")
+    if world == "priors":
+        from vacap.demo.priors import make_scene as make_priors_scene
+
+        rng = random.Random(f"vacap-priors:{split}:{seed}")
+        return [make_priors_scene(rng, split, size) for _ in range(n)]
     rng = random.Random(f"vacap-shapes:{split}:{seed}")
     return [make_scene(rng, split, size) for _ in range(n)]

@@ -1,6 +1,6 @@
 """Train vacap's demo LLaVA model from scratch on the shapes world, on CPU.
 
-    python -m vacap.demo.train [--out DIR] [--minutes M] [--seed S] [--steps N]
+    python -m vacap.demo.train [--world shapes|priors] [--out DIR] [--minutes M] [--seed S] [--steps N]
 
 The model is a real ``LlavaForConditionalGeneration``: a small CLIP vision tower (96 px input,
 12 px patches: 64 image tokens), a two-layer projector and a small Llama text model, with a
@@ -25,6 +25,11 @@ same recipe names 99% of test objects right and hardly ever follows a prior, whi
 hallucination benchmark nothing to measure; at 1500 steps it is right about four times in
 five and its mistakes lean on the train priors (see ``TRAINING.md``).
 
+``--world priors`` trains ``demo-priors`` (:data:`RECIPES`) on :mod:`vacap.demo.priors` instead:
+8 text layers, the world's extra caption words, :data:`PRIORS_STEPS` steps, and the vision
+tower of the shipped ``demo`` model as its starting point; the patch probe leaves out the
+objects with weak evidence (see :func:`patch_labels`).
+
 At the end the script saves the checkpoint (safetensors, fp32) and processor to ``--out``, then
 captions 200 seeded ``test`` scenes greedily through ``vacap.Captioner`` (vacap's own loading
 code and decode loop) and writes ``TRAINING.md`` with the command, the run's figures and
@@ -39,7 +44,9 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # Sleep rather than spin while waiting for the other OpenMP thread: with spinning, any other
 # busy process on a 2-core machine makes each step several times slower. Read when torch loads.
@@ -60,8 +67,8 @@ from transformers import (
 )
 
 from vacap.config import DEFAULT_PROMPT
-from vacap.demo import MODEL_DIR
-from vacap.demo.shapes import COLOURS, NUMBERS, SHAPES, SIZE, make_scene, scenes
+from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR, priors
+from vacap.demo.shapes import COLOURS, NUMBERS, SHAPES, SIZE, WORLDS, Scene, make_scene, scenes
 from vacap.tiny_models import CHAT_TEMPLATE, Dims, llava_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -86,6 +93,7 @@ EXTRA_WORDS = ("please", "describe", "this", "image", "in", "detail", "what", "p
 
 SEED = 0
 STEPS = 1500
+PRIORS_STEPS = 1000
 MINUTES = 45.0
 BATCH_SIZE = 32
 LEARNING_RATE = 1.5e-3
@@ -103,10 +111,40 @@ VISION = Dims(hidden=128, layers=4, heads=4, intermediate=512)
 TEXT = Dims(hidden=128, layers=4, heads=4, intermediate=384)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between the models of the two worlds (:data:`vacap.demo.shapes.WORLDS`)."""
+
+    vision: Dims
+    text: Dims
+    steps: int
+    out: Path  # where the shipped model lives
+    words: tuple[str, ...] = ()  # caption words beyond CAPTION_WORDS
+    make_scene: Callable[[random.Random, str], Scene] = make_scene
+    vision_from: Path | None = None  # a trained model whose vision tower this one starts from
+
+
+RECIPES = {
+    "shapes": Recipe(VISION, TEXT, STEPS, MODEL_DIR),
+    # Eight text layers, so that VASparse from start_layer 2 acts on most of them.
+    "priors": Recipe(
+        VISION,
+        Dims(hidden=128, layers=8, heads=4, intermediate=384),
+        steps=PRIORS_STEPS,
+        out=PRIORS_MODEL_DIR,
+        words=("five", "six", "middle"),
+        make_scene=priors.make_scene,
+        # The shipped demo model's tower already reads shapes and colours: starting from it
+        # leaves the time budget to the deeper language model and the smaller objects.
+        vision_from=MODEL_DIR,
+    ),
+}
+
+
 # --- building --------------------------------------------------------------------------------
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(world: str = "shapes") -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the caption vocabulary and the prompt words.
 
     Text is lower-cased and split on spaces (Metaspace, like SentencePiece's "▁") and then on
@@ -117,7 +155,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation()]
     )
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    text = " ".join([*CAPTION_WORDS, *TEMPLATE_WORDS, *EXTRA_WORDS, *(p for p, _ in PROMPTS)]).lower()
+    words = [*CAPTION_WORDS, *TEMPLATE_WORDS, *EXTRA_WORDS, *(p for p, _ in PROMPTS), *RECIPES[world].words]
+    text = " ".join(words).lower()
     for piece, _ in pre_tokenizer.pre_tokenize_str(text):
         vocab.setdefault(piece, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -143,12 +182,14 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int, recipe: Recipe = RECIPES["shapes"]
+) -> LlavaForConditionalGeneration:
     """A freshly initialised model (weights from ``seed`` only)."""
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
-        **TEXT.config_kwargs(),
-        num_key_value_heads=TEXT.heads,
+        **recipe.text.config_kwargs(),
+        num_key_value_heads=recipe.text.heads,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -156,7 +197,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
         tie_word_embeddings=False,
     )
     vision_config = CLIPVisionConfig(
-        **VISION.config_kwargs(),
+        **recipe.vision.config_kwargs(),
         image_size=SIZE,
         patch_size=PATCH_SIZE,
     )
@@ -187,10 +228,11 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForCondit
 class Batches:
     """Training batches of freshly drawn ``train`` scenes, from one seeded RNG."""
 
-    def __init__(self, processor: LlavaProcessor, seed: int, batch_size: int) -> None:
+    def __init__(self, processor: LlavaProcessor, seed: int, batch_size: int, world: str = "shapes") -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.rng = random.Random(f"vacap-demo-train:{seed}")
+        self.rng = random.Random(f"vacap-demo-train:{seed}" if world == "shapes" else f"vacap-demo-train:{world}:{seed}")
+        self.make_scene = RECIPES[world].make_scene
         self.batch_size = batch_size
         # Prompt token ids (BOS, chat template, image tokens expanded), one list per prompt.
         blank = make_scene(random.Random(0), "train").image
@@ -202,7 +244,7 @@ class Batches:
         self.weights = [w for _, w in PROMPTS]
 
     def next(self) -> dict[str, torch.Tensor]:
-        drawn = [make_scene(self.rng, "train") for _ in range(self.batch_size)]
+        drawn = [self.make_scene(self.rng, "train") for _ in range(self.batch_size)]
         rows, labels = [], []
         for scene in drawn:
             prompt = self.prompts[self.rng.choices(range(len(self.prompts)), self.weights)[0]]
@@ -224,7 +266,9 @@ class Batches:
 
 def patch_labels(objects) -> list[list[int]]:
     """Per image patch (row-major), [shape, colour]: 0 for background, else 1 + the index in
-    SHAPES / COLOURS of the object whose bounding box holds the patch centre."""
+    SHAPES / COLOURS of the object whose bounding box holds the patch centre; -100 (left out of
+    the loss) for an object with weak evidence (the priors world's ``Shape.weak``), whose
+    reading the model must learn from the captions alone, where the train priors help."""
     grid = SIZE // PATCH_SIZE
     colours = list(COLOURS)
     labels = []
@@ -232,7 +276,12 @@ def patch_labels(objects) -> list[list[int]]:
         for col in range(grid):
             cx, cy = col * PATCH_SIZE + PATCH_SIZE / 2, row * PATCH_SIZE + PATCH_SIZE / 2
             hit = next((o for o in objects if abs(cx - o.x) <= o.size / 2 and abs(cy - o.y) <= o.size / 2), None)
-            labels.append([0, 0] if hit is None else [1 + SHAPES.index(hit.kind), 1 + colours.index(hit.colour)])
+            if hit is None:
+                labels.append([0, 0])
+            elif hit.weak is not None:
+                labels.append([-100, -100])
+            else:
+                labels.append([1 + SHAPES.index(hit.kind), 1 + colours.index(hit.colour)])
     return labels
 
 
@@ -290,14 +339,19 @@ def train(
     steps: int | None = None,
     batch_size: int = BATCH_SIZE,
     lr: float = LEARNING_RATE,
+    world: str = "shapes",
     log=print,
 ) -> dict:
-    """Train and save the model to ``out``; returns the run's figures."""
+    """Train a model for ``world`` and save it to ``out``; returns the run's figures."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(world)
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, RECIPES[world])
+    if RECIPES[world].vision_from is not None:
+        trained = LlavaForConditionalGeneration.from_pretrained(RECIPES[world].vision_from, dtype=torch.float32)
+        model.model.vision_tower.load_state_dict(trained.model.vision_tower.state_dict())
+        log(f"vision tower from {RECIPES[world].vision_from}")
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     parts = {"vision": "vision_tower", "projector": "multi_modal_projector", "text": ""}
@@ -305,7 +359,7 @@ def train(
     for name, p in model.named_parameters():
         by_part[next(part for part, key in parts.items() if key in name)] += p.numel()
     log(f"parameters: {n_params:,} {by_part}")
-    head = PatchHead(TEXT.hidden)
+    head = PatchHead(RECIPES[world].text.hidden)
     named = [*model.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
@@ -314,7 +368,7 @@ def train(
         lr=lr,
         betas=(0.9, 0.98),
     )
-    batches = Batches(processor, seed, batch_size)
+    batches = Batches(processor, seed, batch_size, world)
     budget = minutes * 60
     start = time.perf_counter()
     planned = steps
@@ -376,23 +430,23 @@ def train(
 # --- evaluation and report -------------------------------------------------------------------
 
 
-def prior_hallucinations(texts: list[str], shown) -> dict[str, tuple[int, int]]:
-    """How often captions of test scenes follow a train prior the scene does not have.
+def prior_hallucinations(texts: list[str], shown, world: str = "shapes") -> dict[str, tuple[int, int]]:
+    """How often captions of test scenes follow a train prior of ``world`` the scene does not have.
 
     -> name: (captions that follow it, scenes where it could show).
     """
-    from vacap.demo.shapes import COLOUR_PRIORS, CO_OCCURRENCE
-    from vacap.evaluate.shapes import extract_objects
+    from vacap.evaluate.shapes import extract_objects, world_priors
 
+    partners, usual_colours = world_priors(world)
     found: dict[str, list[int]] = {}
     for text, scene in zip(texts, shown):
         kinds = {o.kind for o in scene.objects}
         mentions = extract_objects(text)
-        for trigger, (partner, _) in CO_OCCURRENCE.items():
+        for trigger, partner in partners.items():
             if trigger in kinds and partner not in kinds:
                 hit = any(shape == partner for _, shape in mentions)
                 found.setdefault(f"names a {partner} next to a {trigger} without one", []).append(hit)
-        for kind, (colour, _) in COLOUR_PRIORS.items():
+        for kind, colour in usual_colours.items():
             for obj in scene.objects:
                 if obj.kind == kind and obj.colour != colour:
                     hit = (colour, kind) in mentions
@@ -400,34 +454,40 @@ def prior_hallucinations(texts: list[str], shown) -> dict[str, tuple[int, int]]:
     return {name: (sum(hits), len(hits)) for name, hits in found.items()}
 
 
-def evaluate(out: Path, n: int = EVAL_SCENES, seed: int = EVAL_SEED) -> tuple[dict, dict]:
+def evaluate(out: Path, n: int = EVAL_SCENES, seed: int = EVAL_SEED, world: str = "shapes") -> tuple[dict, dict]:
     """Greedy captions of ``n`` test scenes through vacap.Captioner -> (benchmark row, priors)."""
     from vacap.evaluate.shapes import run_benchmark
 
-    (row,) = run_benchmark(str(out), {"greedy": {"method": "greedy"}}, n=n, seed=seed, dtype="fp32")
-    return row, prior_hallucinations(row["texts"], scenes(n, seed, "test"))
+    (row,) = run_benchmark(str(out), {"greedy": {"method": "greedy"}}, n=n, seed=seed, dtype="fp32", world=world)
+    return row, prior_hallucinations(row["texts"], scenes(n, seed, "test", world=world), world)
 
 
 def _size_on_disk(out: Path) -> float:
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e6
 
 
-def write_report(out: Path, command: str, run: dict, row: dict, priors: dict, n: int, seed: int) -> str:
+def write_report(
+    out: Path, command: str, run: dict, row: dict, priors: dict, n: int, seed: int, world: str = "shapes"
+) -> str:
     from vacap.evaluate.shapes import format_table
 
+    recipe = RECIPES[world]
     examples = "\n".join(
-        f"| {i} | {', '.join(f'{o.colour} {o.kind}' for o in scene.objects)} | {text} |"
-        for i, (scene, text) in enumerate(zip(scenes(8, seed, "test"), row["texts"][:8]))
+        f"| {i} | {', '.join(f'{o.colour} {o.kind}' + (f' ({o.weak})' if o.weak else '') for o in scene.objects)} "
+        f"| {text} |"
+        for i, (scene, text) in enumerate(zip(scenes(8, seed, "test", world=world), row["texts"][:8]))
     )
     prior_lines = "\n".join(
         f"| {name} | {hits} / {total} | {100 * hits / total:.0f}% |" if total else f"| {name} | 0 / 0 | - |"
         for name, (hits, total) in priors.items()
     )
     note = " (stopped early: time budget reached)" if run["stopped_early"] else ""
-    text = f"""# vacap demo model: how it was trained
+    module = "vacap.demo.priors" if world == "priors" else "vacap.demo.shapes"
+    start = "from the shipped `demo` model's vision tower" if recipe.vision_from else "from scratch"
+    text = f"""# vacap demo model ({world} world): how it was trained
 
-A real `LlavaForConditionalGeneration` trained from scratch on CPU on the synthetic shapes
-world of `vacap.demo.shapes` (`train` split, made on the fly). See `vacap/demo/train.py`.
+A real `LlavaForConditionalGeneration` trained {start} on CPU on the synthetic {world}
+world of `{module}` (`train` split, made on the fly). See `vacap/demo/train.py`.
 
 ## Run
 
@@ -443,20 +503,24 @@ world of `vacap.demo.shapes` (`train` split, made on the fly). See `vacap/demo/t
 | final caption loss (mean of the last 100 steps, nats per token) | {run['final_loss']:.4f} |
 | final auxiliary patch loss (training only, see `PatchHead`) | {run['final_patch_loss']:.4f} |
 | parameters | {run['parameters']:,}: {', '.join(f'{k} {v:,}' for k, v in run['parameters_by_part'].items())} (fp32 safetensors, {_size_on_disk(out):.1f} MB folder) |
-| vision tower | CLIP, {SIZE} px, patch {PATCH_SIZE} ({(SIZE // PATCH_SIZE) ** 2} image tokens), hidden {VISION.hidden}, {VISION.layers} layers, {VISION.heads} heads, MLP {VISION.intermediate} |
-| text model | Llama, hidden {TEXT.hidden}, {TEXT.layers} layers, {TEXT.heads} heads, MLP {TEXT.intermediate} |
+| vision tower | CLIP, {SIZE} px, patch {PATCH_SIZE} ({(SIZE // PATCH_SIZE) ** 2} image tokens), hidden {recipe.vision.hidden}, {recipe.vision.layers} layers, {recipe.vision.heads} heads, MLP {recipe.vision.intermediate} |
+| text model | Llama, hidden {recipe.text.hidden}, {recipe.text.layers} layers, {recipe.text.heads} heads, MLP {recipe.text.intermediate} |
 
 Same seed, steps and thread count give the same weights.
 
 ## Greedy evaluation
 
-{n} `test` scenes (`scenes({n}, {seed}, "test")`: no priors), captioned with
+{n} `test` scenes (`scenes({n}, {seed}, "test", world="{world}")`: no priors), captioned with
 `vacap.Captioner(path, method="greedy", dtype="fp32")`, i.e. vacap's own loading code and decode
 loop, scored by `vacap.evaluate.shapes` (object precision = 1 - CHAIR_i):
 
 {format_table([row])}
 Object precision {100 * (1 - row['CHAIR_i']):.1f}%, recall {100 * row['recall']:.1f}%
 (shape only: precision {100 * (1 - row['CHAIR_i_shape']):.1f}%, recall {100 * row['recall_shape']:.1f}%).
+Hallucinations by cause (`vacap.evaluate.shapes.hallucination_cause`): CHAIR_i prior-driven
+{100 * row['CHAIR_i_prior']:.1f}%, perceptual {100 * row['CHAIR_i_perceptual']:.1f}% (prior share
+{100 * row['prior_share']:.0f}%); by position in the caption, CHAIR_i {100 * row['CHAIR_i_1st']:.1f}% (1st),
+{100 * row['CHAIR_i_2nd']:.1f}% (2nd), {100 * row['CHAIR_i_3rd']:.1f}% (3rd), {100 * row['CHAIR_i_later']:.1f}% (later).
 
 Train priors showing up on test scenes that do not have them:
 
@@ -476,27 +540,36 @@ First test scenes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vacap.demo.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=MODEL_DIR, help="output folder (default: the shipped model's)")
+    parser.add_argument("--world", choices=WORLDS, default="shapes", help="scene world (default: shapes)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the world's shipped model's)")
     parser.add_argument("--minutes", type=float, default=MINUTES, help=f"time cap (default {MINUTES:g})")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument(
-        "--steps", type=int, default=STEPS, help=f"step count (default {STEPS}); 0: as many as fit in --minutes"
+        "--steps",
+        type=int,
+        help=f"step count (default {STEPS}, {PRIORS_STEPS} for priors); 0: as many as fit in --minutes",
     )
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=LEARNING_RATE)
     parser.add_argument("--eval-scenes", type=int, default=EVAL_SCENES)
     args = parser.parse_args(argv)
 
-    steps = args.steps if args.steps > 0 else None
-    run = train(args.out, minutes=args.minutes, seed=args.seed, steps=steps, batch_size=args.batch_size, lr=args.lr)
+    recipe = RECIPES[args.world]
+    out_dir = args.out or recipe.out
+    steps = recipe.steps if args.steps is None else args.steps or None
+    run = train(
+        out_dir, minutes=args.minutes, seed=args.seed, steps=steps, batch_size=args.batch_size, lr=args.lr,
+        world=args.world,
+    )  # fmt: skip
     print(f"trained {run['steps']} steps in {run['minutes']:.1f} min, final loss {run['final_loss']:.4f}")
-    row, priors = evaluate(args.out, n=args.eval_scenes)
-    out = "vacap/demo/model" if args.out.resolve() == MODEL_DIR else str(args.out)
+    row, priors = evaluate(out_dir, n=args.eval_scenes, world=args.world)
+    shipped = out_dir.resolve() == recipe.out
+    out = str(recipe.out.relative_to(Path(__file__).resolve().parents[2])) if shipped else str(out_dir)
     command = (
-        f"python -m vacap.demo.train --out {out} --seed {run['seed']} --steps {run['steps']} "
+        f"python -m vacap.demo.train --world {args.world} --out {out} --seed {run['seed']} --steps {run['steps']} "
         f"--batch-size {run['batch_size']} --lr {run['lr']:g} --minutes {args.minutes:g}"
     )
-    report = write_report(args.out, command, run, row, priors, args.eval_scenes, EVAL_SEED)
+    report = write_report(out_dir, command, run, row, priors, args.eval_scenes, EVAL_SEED, args.world)
     print(report)
     return 0
 

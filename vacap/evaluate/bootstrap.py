@@ -13,6 +13,13 @@ from typing import Sequence
 import torch
 
 _CHUNK = 1000  # resamples drawn at once: bounds memory at _CHUNK x scenes indices
+# figure -> (numerator, denominator): score_caption counts summed over the scenes.
+RATIOS = {
+    "CHAIR_i": ("hallucinated", "mentions"),
+    "CHAIR_i_prior": ("hallucinated_prior", "mentions"),
+    "CHAIR_i_perceptual": ("hallucinated_perceptual", "mentions"),
+    "recall": ("recalled", "objects"),
+}
 
 
 def paired_difference(
@@ -23,33 +30,39 @@ def paired_difference(
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, tuple[float, float, float]]:
-    """CHAIR_s and CHAIR_i of ``a`` minus those of ``b``, with a percentile bootstrap interval.
+    """The figures of :data:`RATIOS` and CHAIR_s of ``a`` minus those of ``b``, with a
+    percentile bootstrap interval.
 
         a, b      # score_caption dicts (vacap.evaluate.shapes) of the same scenes, same order
-        returns   # {"CHAIR_s": (difference, low, high), "CHAIR_i": (...)}, as fractions
+        returns   # {"CHAIR_s": (difference, low, high), "CHAIR_i": (...), ...}, as fractions
 
-    CHAIR_s is the share of captions with a hallucinated mention, CHAIR_i hallucinated mentions
-    over all mentions (a ratio of sums, recomputed in every resample, 0 when nothing is
-    mentioned). The interval holds the central ``level`` of the resampled differences.
+    CHAIR_s is the share of captions with a hallucinated mention; the others are ratios of
+    sums (CHAIR_i: hallucinated mentions over all mentions), recomputed in every resample, 0
+    when the denominator is; a ratio whose counts the score dicts lack is left out. The
+    interval holds the central ``level`` of the resampled differences.
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired scores need the same, non-zero number of scenes, got {len(a)} and {len(b)}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    ratios = {name: pair for name, pair in RATIOS.items() if all(key in a[0] and key in b[0] for key in pair)}
+    keys = list(dict.fromkeys(key for pair in ratios.values() for key in pair))
     counts = {
-        name: torch.tensor([[s[key] for s in scores] for key in ("hallucinated", "mentions")], dtype=torch.float64)
+        name: torch.tensor([[s[key] for s in scores] for key in keys], dtype=torch.float64)
         for name, scores in (("a", a), ("b", b))
-    }  # (2, n): hallucinated mentions and mentions per scene
+    }  # (K, n): each count of ``keys`` per scene
 
     def figures(index: torch.Tensor) -> torch.Tensor:
-        """-> (2, R) CHAIR_s and CHAIR_i differences for index # (R, n) resampled scenes."""
+        """-> (1 + len(ratios), R) differences for index # (R, n) resampled scenes."""
         out = []
         for name in ("a", "b"):
-            hallucinated, mentions = counts[name][:, index]  # (R, n) each
-            chair_s = (hallucinated > 0).double().mean(-1)
-            total = mentions.sum(-1)
-            chair_i = torch.where(total > 0, hallucinated.sum(-1) / total.clamp_min(1), 0.0)
-            out.append(torch.stack([chair_s, chair_i]))
+            sums = counts[name][:, index].sum(-1)  # (K, R)
+            hallucinated = counts[name][keys.index("hallucinated")][index]  # (R, n)
+            rows = [(hallucinated > 0).double().mean(-1)]
+            for numerator, denominator in ratios.values():
+                total = sums[keys.index(denominator)]
+                rows.append(torch.where(total > 0, sums[keys.index(numerator)] / total.clamp_min(1), 0.0))
+            out.append(torch.stack(rows))
         return out[0] - out[1]
 
     n = len(a)
@@ -61,6 +74,4 @@ def paired_difference(
     ]
     tail = (1 - level) / 2
     low, high = torch.quantile(torch.cat(draws, 1), torch.tensor([tail, 1 - tail], dtype=torch.float64), dim=1)
-    return {
-        name: (float(point[i]), float(low[i]), float(high[i])) for i, name in enumerate(("CHAIR_s", "CHAIR_i"))
-    }
+    return {name: (float(point[i]), float(low[i]), float(high[i])) for i, name in enumerate(("CHAIR_s", *ratios))}

@@ -36,6 +36,21 @@ Per set of captions (:func:`summarize`):
 
 A caption with no mention at all has ``CHAIR_s`` 0 and adds nothing to ``CHAIR_i``'s counts
 (but its objects lower recall).
+
+Causes and positions
+--------------------
+Each world's train split has priors (:func:`world_priors`): triggers with a usual partner
+shape, and shapes with a usual colour. A hallucinated mention (colour, shape) is
+
+* *prior-driven* when it is what those priors predict from the rest of the scene: its shape is
+  the usual partner of a trigger the scene holds, while the scene has no such shape; or its
+  colour is the usual colour of its shape;
+* *perceptual* otherwise (a misread shape or colour that no prior explains).
+
+``CHAIR_i_prior`` and ``CHAIR_i_perceptual`` divide each kind by all mentions, so they add up
+to ``CHAIR_i``; ``prior_share`` is the prior-driven part of the hallucinations.
+``CHAIR_i_1st``, ``CHAIR_i_2nd``, ``CHAIR_i_3rd`` and ``CHAIR_i_later`` are CHAIR_i over the
+first, second, third and fourth-or-later distinct mentions of each caption.
 """
 
 from __future__ import annotations
@@ -45,7 +60,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from vacap.demo.shapes import COLOURS, SHAPES, Shape, scenes
+from vacap.demo.shapes import COLOUR_PRIORS, CO_OCCURRENCE, COLOURS, SHAPES, Shape, scenes
 
 # word -> canonical shape; plurals and a few synonyms.
 SHAPE_WORDS: dict[str, str] = {
@@ -87,26 +102,68 @@ def extract_objects(caption: str) -> list[tuple[str | None, str]]:
     return mentions
 
 
+POSITIONS = ("1st", "2nd", "3rd", "later")
+
+
+def world_priors(world: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(trigger -> usual partner shape, shape -> usual colour) of ``world``'s train split."""
+    if world == "priors":
+        from vacap.demo.priors import PARTNERS, USUAL_COLOURS
+
+        return PARTNERS, USUAL_COLOURS
+    if world == "shapes":
+        return (
+            {trigger: partner for trigger, (partner, _) in CO_OCCURRENCE.items()},
+            {kind: colour for kind, (colour, _) in COLOUR_PRIORS.items()},
+        )
+    raise ValueError(f"unknown world {world!r}; expected shapes or priors")
+
+
+def hallucination_cause(
+    mention: tuple[str | None, str], truth: Sequence[Shape], partners: dict[str, str], usual_colours: dict[str, str]
+) -> str:
+    """"prior" or "perceptual" for a hallucinated ``mention`` (see the module docstring)."""
+    colour, shape = mention
+    kinds = {obj.kind for obj in truth}
+    if shape not in kinds and any(partners.get(kind) == shape for kind in kinds):
+        return "prior"
+    if colour is not None and usual_colours.get(shape) == colour:
+        return "prior"
+    return "perceptual"
+
+
 def _matches(colour: str | None, shape: str, obj: Shape) -> bool:
     return obj.kind == shape and (colour is None or obj.colour == colour)
 
 
-def score_caption(caption: str, truth: Sequence[Shape]) -> dict:
-    """Counts for one caption against its scene's objects (see the module docstring)."""
+def score_caption(caption: str, truth: Sequence[Shape], world: str = "shapes") -> dict:
+    """Counts for one caption against its scene's objects (see the module docstring);
+    ``world`` says whose train priors classify the hallucinations."""
     mentions = list(dict.fromkeys(extract_objects(caption)))
-    hallucinated = [m for m in mentions if not any(_matches(*m, obj) for obj in truth)]
+    wrong = [not any(_matches(*m, obj) for obj in truth) for m in mentions]
+    hallucinated = [m for m, bad in zip(mentions, wrong) if bad]
+    causes = [hallucination_cause(m, truth, *world_priors(world)) for m in hallucinated]
+    by_position = [0] * len(POSITIONS), [0] * len(POSITIONS)  # (mentions, hallucinated)
+    for i, bad in enumerate(wrong):
+        slot = min(i, len(POSITIONS) - 1)
+        by_position[0][slot] += 1
+        by_position[1][slot] += bad
     hallucinated_shape = [m for m in mentions if not any(obj.kind == m[1] for obj in truth)]
     recalled = [obj for obj in truth if any(_matches(*m, obj) for m in mentions)]
     recalled_shape = [obj for obj in truth if any(obj.kind == m[1] for m in mentions)]
     return {
         "mentions": len(mentions),
         "hallucinated": len(hallucinated),
+        "hallucinated_prior": causes.count("prior"),
+        "hallucinated_perceptual": causes.count("perceptual"),
         "hallucinated_shape": len(hallucinated_shape),
         "objects": len(truth),
         "recalled": len(recalled),
         "recalled_shape": len(recalled_shape),
         "words": len(caption.split()),
         "hallucinated_mentions": hallucinated,
+        "mentions_at": by_position[0],
+        "hallucinated_at": by_position[1],
     }
 
 
@@ -118,10 +175,18 @@ def summarize(scores: Iterable[dict]) -> dict:
     """CHAIR_s, CHAIR_i, recall (and ``_shape`` variants) and mean length over ``score_caption`` dicts."""
     scores = list(scores)
     total = lambda key: sum(s[key] for s in scores)  # noqa: E731
+    at = lambda key, i: sum(s[key][i] for s in scores)  # noqa: E731
     return {
         "captions": len(scores),
         "CHAIR_s": _ratio(sum(s["hallucinated"] > 0 for s in scores), len(scores)),
         "CHAIR_i": _ratio(total("hallucinated"), total("mentions")),
+        "CHAIR_i_prior": _ratio(total("hallucinated_prior"), total("mentions")),
+        "CHAIR_i_perceptual": _ratio(total("hallucinated_perceptual"), total("mentions")),
+        "prior_share": _ratio(total("hallucinated_prior"), total("hallucinated")),
+        **{
+            f"CHAIR_i_{name}": _ratio(at("hallucinated_at", i), at("mentions_at", i))
+            for i, name in enumerate(POSITIONS)
+        },
         "recall": _ratio(total("recalled"), total("objects")),
         "CHAIR_s_shape": _ratio(sum(s["hallucinated_shape"] > 0 for s in scores), len(scores)),
         "CHAIR_i_shape": _ratio(total("hallucinated_shape"), total("mentions")),
@@ -139,10 +204,12 @@ def run_benchmark(
     *,
     dtype: str = "fp32",
     device: str = "auto",
+    world: str = "shapes",
 ) -> list[dict]:
-    """Caption ``n`` seeded test scenes with each named setting; one row of figures per setting.
+    """Caption ``n`` seeded test scenes of ``world`` with each named setting; one row of figures
+    per setting.
 
-    The scenes are made once (``scenes(n, seed, "test")``) and written as PNG files (lossless)
+    The scenes are made once (``scenes(n, seed, "test", world=world)``) and written as PNG files (lossless)
     to a temporary folder. The model is loaded once, through the public API as ``vacap``
     loads it, and each setting (``DecodeConfig`` fields as keywords, e.g. ``{"method":
     "greedy"}`` or ``{"sparsity": 0.7}``, the rest at their defaults) runs on it through
@@ -156,7 +223,7 @@ def run_benchmark(
     """
     from vacap.captioner import Captioner
 
-    shown = scenes(n, seed, "test")
+    shown = scenes(n, seed, "test", world=world)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vacap-shapes-") as folder:
         paths = []
@@ -170,7 +237,7 @@ def run_benchmark(
             records = captioner.caption(paths)
             ok = [(r, scene) for r, scene in zip(records, shown) if r["status"] == "ok"]
             scores = [
-                score_caption(r["caption"], scene.objects) if r["status"] == "ok" else None
+                score_caption(r["caption"], scene.objects, world) if r["status"] == "ok" else None
                 for r, scene in zip(records, shown)
             ]
             figures = summarize(score for score in scores if score is not None)
@@ -192,10 +259,11 @@ def run_benchmark(
 
 
 def compare_to_baseline(rows: Sequence[dict], baseline: str, **bootstrap) -> dict[str, dict]:
-    """Every other setting's CHAIR_s and CHAIR_i minus the baseline's, on the scenes both
-    captioned, with paired bootstrap intervals (:func:`vacap.evaluate.bootstrap.paired_difference`).
+    """Every other setting's CHAIR_s, CHAIR_i (all, prior-driven, perceptual) and recall minus
+    the baseline's, on the scenes both captioned, with paired bootstrap intervals
+    (:func:`vacap.evaluate.bootstrap.paired_difference`).
 
-    Returns {setting: {"CHAIR_s_diff": [difference, low, high], "CHAIR_i_diff": [...]}}.
+    Returns {setting: {"CHAIR_s_diff": [difference, low, high], "CHAIR_i_diff": [...], ...}}.
     """
     from vacap.evaluate.bootstrap import paired_difference
 
