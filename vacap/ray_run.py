@@ -1,11 +1,13 @@
-"""Captioning on Ray Data: the same job as a local run, spread over a pool of actors.
+"""Captioning on Ray Data: the same job as a local run, spread over Ray tasks and a pool of actors.
 
 The driver (the `vacap caption --ray` process) lists the images, skips those already done, and
 writes every record itself through the same ``RecordWriter`` as a local run. The images still
-to do become a Ray dataset of paths; a pool of actors, each holding one ``Captioner`` (the model
-loaded once per actor), turns batches of paths into records, which stream back to the driver
-as each batch finishes. Records therefore arrive batch by batch in completion order, not in the
-input order.
+to do become a Ray dataset of paths, worked on in two stages. Ray tasks read, hash and decode each batch of
+images (``read_image``, as a local run reads them; an unreadable one gets the reason its error
+record gives); a pool of actors, each holding one ``Captioner`` (the model loaded once per
+actor), prepares the decoded images with the model's processor and captions them
+(``Captioner.records_of``), and the records stream back to the driver as each batch finishes.
+Records therefore arrive batch by batch in completion order, not in the input order.
 
 Ray Data's actor pools restart a dead actor and retry the batch it held (their ``max_restarts``
 and ``max_task_retries`` default to -1, unlimited), so a worker that dies loses no image.
