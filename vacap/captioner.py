@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from vacap.config import DEFAULT_MODEL, DecodeConfig, OutputConfig
-from vacap.images import ImageError, LoadedImage, discover, load_image
+from vacap.images import LoadedImage, discover, load_image, read_image
 from vacap.model import DTYPE_NAMES, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
 from vacap.text import fill_prompt, finish_caption
@@ -37,16 +37,6 @@ def record_params(
     resolved = resolve_dtype(dtype, resolve_device(device))
     shaping = output.as_params() if output is not None else {}
     return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant}
-
-
-def read_image(path: str) -> LoadedImage | str:
-    """The image at ``path`` read, hashed and decoded, or the reason it cannot be: what its
-    ``error`` record says. A local run reads on the Captioner's background thread, a Ray run in
-    Ray tasks; both through here."""
-    try:
-        return load_image(Path(path))
-    except ImageError as exc:
-        return str(exc)
 
 
 @dataclass

@@ -137,7 +137,7 @@ def _read(batch: dict, verbose: bool) -> dict:
     ``read_image`` result # (N,)}, each image read, hashed and decoded (or why it cannot be)."""
     import numpy
 
-    from vacap.captioner import read_image
+    from vacap.images import read_image
 
     paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
     # Pickled by hand: a column of bytes is plain Arrow, where decoded images (PIL) and error
