@@ -2,9 +2,9 @@
 
 The driver (the `vacap caption --ray` process) lists the images, skips those already done, and
 writes every record itself through the same ``RecordWriter`` as a local run. The images still
-to do become a Ray dataset of paths, worked on in two stages. Ray tasks read, hash and decode each batch of
-images (``read_image``, as a local run reads them; an unreadable one gets the reason its error
-record gives); a pool of actors, each holding one ``Captioner`` (the model loaded once per
+to do become a Ray dataset of paths, worked on in two stages. Ray tasks read, hash and decode
+each batch of images (``read_image``, as a local run reads them; an unreadable one gets the
+reason its error record gives); a pool of actors, each holding one ``Captioner`` (the model loaded once per
 actor), prepares the decoded images with the model's processor and captions them
 (``Captioner.records_of``), and the records stream back to the driver as each batch finishes.
 Records therefore arrive batch by batch in completion order, not in the input order.
@@ -207,7 +207,7 @@ def caption(
             fn_kwargs={"verbose": verbose},
             # No CPU of their own: the actors may hold every CPU (a CPU cluster), and a task
             # that asked for one would never start. Ray Data would also fuse tasks that ask
-            # for what the actors ask for into the actors, where they would read again.
+            # for what the actors ask for into the actor stage: the actors would read again.
             num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=READERS_PER_WORKER * pool.workers),
         )
