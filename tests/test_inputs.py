@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,26 @@ def test_python_api_treats_folders_as_the_cli_does(model_dir, tmp_path):
     assert all(r["status"] == "ok" for r in records)
     flat = list(captioner.records([folder], recursive=False))
     assert [r["path"] for r in flat] == [str(folder / "b.png")]
+
+
+def test_images_read_in_another_process_give_the_records_of_the_paths(model_dir, tmp_path):
+    """records_of, what a Ray actor runs: images read by read_image in a separate process and
+    pickled across, as Ray hands them over, give the records captioning the paths gives."""
+    from vacap import Captioner
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    paths = [str(SAMPLES / "house.jpg"), str(broken), str(SAMPLES / "scene_1.png")]
+    code = "import pickle, sys; from vacap.images import read_image\n"
+    code += "sys.stdout.buffer.write(pickle.dumps([read_image(p) for p in sys.argv[1:]]))"
+    out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, timeout=120, check=True)
+    captioner = Captioner(str(model_dir), dtype="fp32", method="greedy", max_new_tokens=3, batch_size=2)
+    read = list(zip(paths, pickle.loads(out.stdout)))
+    assert [type(image).__name__ for _, image in read] == ["LoadedImage", "str", "LoadedImage"]
+    from_reads = by_path(captioner.records_of(read))
+    assert from_reads == by_path(captioner.records(paths))
+    assert [from_reads[path][0] for path in paths] == ["ok", "error", "ok"]
+
+
+def by_path(records) -> dict[str, tuple]:
+    return {r["path"]: (r["status"], r["caption"], r["error"], r["sha256"], r["width"]) for r in records}

@@ -30,12 +30,16 @@ IMAGES = 24  # about 5 s of captioning with one worker here: long enough to kill
 # checks for at the end: no process may hold one. Short, for the socket paths Ray makes in it.
 RAY_TMP = os.path.join(tempfile.gettempdir(), f"vacap-ray-{os.getpid()}")
 WORKER = re.compile(r"vacap: worker pid (\d+) loaded")
+READER = re.compile(r"vacap: reader pid (\d+) read (\d+) images")
 
 
 def environment() -> dict:
     # Joining the test's cluster failed here with Ray's token authentication on (the default of
     # Ray 2.60), even from a bare ray.init on the same machine; the tests run without it.
-    return {**os.environ, "COLUMNS": "250", "RAY_TMPDIR": RAY_TMP, "RAY_AUTH_MODE": "disabled"}
+    # Ray folds log lines of several processes that differ only in their numbers into one
+    # "[repeated Nx across cluster]": the tests count such lines, each with its pid.
+    env = {"COLUMNS": "250", "RAY_TMPDIR": RAY_TMP, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+    return {**os.environ, **env}
 
 
 def vacap(*args) -> subprocess.CompletedProcess:
@@ -149,21 +153,39 @@ def local(dataset):
     return comparable(read_records(output)), caption_files(files)
 
 
-def test_ray_records_and_caption_files_equal_a_local_runs(dataset, local, cluster, tmp_path):
-    """On a cluster joined with --ray-address."""
-    records, files = local
-    output, txt = tmp_path / "ray.jsonl", tmp_path / "txt"
-    ray = ["--ray", "--ray-address", cluster, "--workers", "2", "--sidecar", "txt", "--sidecar-dir", txt]
+@pytest.fixture(scope="module")
+def on_cluster(dataset, cluster, tmp_path_factory):
+    """A --ray run with two actors on a cluster joined with --ray-address, verbose: (its output,
+    the JSONL's records, its caption files)."""
+    folder = tmp_path_factory.mktemp("on_cluster")
+    output, txt = folder / "ray.jsonl", folder / "txt"
+    ray = ["--ray", "--ray-address", cluster, "--workers", "2", "--sidecar", "txt", "--sidecar-dir", txt, "-v"]
     out = vacap("caption", dataset, *DEMO, "-o", output, *ray)
     assert out.returncode == 1, out.stderr
+    return out, read_records(output), caption_files(txt)
+
+
+def test_ray_records_and_caption_files_equal_a_local_runs(on_cluster, dataset, local):
+    records, files = local
+    out, written, txt = on_cluster
     assert out.stdout == ""
-    written = read_records(output)
     assert len(written) == len(records) and comparable(written) == records
     assert len(records) == IMAGES + 1 and records[str(dataset / "broken.png")][0] == "error"
-    assert caption_files(txt) == files, "the actors wrote the same caption files"
+    assert txt == files, "the actors wrote the same caption files"
     # both actors loaded the model, and the driver's progress counted every record
     assert len(set(WORKER.findall(out.stderr))) == 2
     assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join(out.stderr.split())
+
+
+def test_images_are_read_in_ray_tasks_not_in_the_actors(on_cluster):
+    """With -v each reading task says which process read how many images: every image, the
+    broken one too, was read by processes that are not the actors'."""
+    out, _, _ = on_cluster
+    reads = [(int(pid), int(count)) for pid, count in READER.findall(out.stderr)]
+    actors = {int(pid) for pid in WORKER.findall(out.stderr)}
+    assert sum(count for _, count in reads) == IMAGES + 1
+    readers = {pid for pid, _ in reads}
+    assert len(actors) == 2 and readers and not readers & actors, (readers, actors)
 
 
 def test_a_killed_driver_is_resumed_with_nothing_lost_or_repeated(dataset, local, tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from vacap.config import DEFAULT_MODEL, DecodeConfig, OutputConfig
-from vacap.images import ImageError, LoadedImage, discover, load_image
+from vacap.images import LoadedImage, discover, load_image, read_image
 from vacap.model import DTYPE_NAMES, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
 from vacap.text import fill_prompt, finish_caption
@@ -46,6 +46,13 @@ class _Job:
     image: LoadedImage | None = None
     inputs: dict | None = None  # the processor's output for this image alone
     error: str | None = None
+
+    @classmethod
+    def read(cls, index: int, path: str, read: LoadedImage | str) -> _Job:
+        """The job of an image ``read_image`` gave, or of its error."""
+        if isinstance(read, str):
+            return cls(index, path, error=read)
+        return cls(index, path, read)
 
 
 class _Prefetch:
@@ -167,9 +174,22 @@ class Captioner:
         for _, record in self._records(paths, skip, recursive):
             yield record
 
+    def records_of(self, images: Iterable[tuple[str, LoadedImage | str]]) -> Iterator[dict]:
+        """Like ``records``, for images read elsewhere: ``(path, read_image(path))`` pairs, an
+        image or the reason it could not be read (which becomes its ``error`` record). Only the
+        preparing for the model and the decoding happen here (a Ray actor, say)."""
+        jobs = (_Job.read(index, path, read) for index, (path, read) in enumerate(images))
+        for _, record in self._decoded(jobs):
+            yield record
+
     def _records(self, paths, skip, recursive) -> Iterator[tuple[int, dict]]:
         """(place in the input order, record), in completion order."""
-        prefetch = _Prefetch(self._jobs(paths, skip, recursive), ahead=2 * self.batch_size + 1)
+        return self._decoded(self._read(paths, skip, recursive))
+
+    def _decoded(self, jobs: Iterator[_Job]) -> Iterator[tuple[int, dict]]:
+        """``jobs`` (read, not prepared) -> (place in the input order, record), in completion order.
+        The jobs are read and prepared on a background thread, ahead of the model."""
+        prefetch = _Prefetch(self._prepare(jobs), ahead=2 * self.batch_size + 1)
         started = time.perf_counter()
         try:
             # Diagnostics keeps per-row lists by batch row and step, and the compiled step runs in
@@ -182,11 +202,8 @@ class Captioner:
             prefetch.close()
             self.image_wait = (prefetch.waited, time.perf_counter() - started)
 
-    def _jobs(self, paths, skip, recursive) -> Iterator[_Job]:
-        """Every image read, hashed, decoded and prepared for the model (or its error), in order.
-
-        Runs on the background thread, ahead of the model.
-        """
+    def _read(self, paths, skip, recursive) -> Iterator[_Job]:
+        """Every image read, hashed and decoded (or its error), in order; folders expanded."""
         index = itertools.count()
         for given in paths:
             files: Iterable = [given]
@@ -196,19 +213,20 @@ class Captioner:
                     yield _Job(next(index), str(folder), error=reason)
                 files = listing.files
             for path in map(str, files):
-                try:
-                    loaded = load_image(Path(path))
-                except ImageError as exc:
-                    yield _Job(next(index), path, error=str(exc))
+                job = _Job.read(next(index), path, read_image(path))
+                if job.image is not None and skip is not None and skip(path, job.image.sha256, self.settings):
                     continue
-                if skip is not None and skip(path, loaded.sha256, self.settings):
-                    continue
+                yield job
+
+    def _prepare(self, jobs: Iterable[_Job]) -> Iterator[_Job]:
+        """Each read image prepared for the model (its ``inputs``), or given the error why not."""
+        for job in jobs:
+            if job.error is None:
                 try:
-                    inputs = self.model.prepare([loaded.image], fill_prompt(self.config.prompt, path))
+                    job.inputs = self.model.prepare([job.image.image], fill_prompt(self.config.prompt, job.path))
                 except (RuntimeError, ValueError) as exc:
-                    yield _Job(next(index), path, loaded, error=f"captioning failed: {exc}")
-                    continue
-                yield _Job(next(index), path, loaded, inputs)
+                    job.error = f"captioning failed: {exc}"
+            yield job
 
     def _failed(self, job: _Job, error: str) -> tuple[int, dict]:
         return job.index, self._record(job.path, "error", error=error, image=job.image)

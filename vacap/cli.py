@@ -332,7 +332,8 @@ def caption(
             root = dict(zip(map(str, listing.files), listing.roots))
             sidecars = run.sidecars if run is not None else None
             chosen = [root[str(image)] for image in todo]
-            records = itertools.chain(problems, ray_run.caption(pool, todo, chosen, {**loading, **settings}, sidecars))
+            captioned = ray_run.caption(pool, todo, chosen, {**loading, **settings}, sidecars, verbose=verbose)
+            records = itertools.chain(problems, captioned)
         elif todo:  # folders that could not be listed alone need no model
             captioner = _captioner(console, **loading, **settings)
 

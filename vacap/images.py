@@ -284,6 +284,15 @@ def load_image(path: Path) -> LoadedImage:
     )
 
 
+def read_image(path: str) -> LoadedImage | str:
+    """``load_image``, or the reason it failed, as the file's ``error`` record gives it. A local
+    run reads on the Captioner's background thread, a Ray run in Ray tasks; both through here."""
+    try:
+        return load_image(Path(path))
+    except ImageError as exc:
+        return str(exc)
+
+
 def _open_regular(path: Path) -> io.BufferedReader:
     """Open a regular file for reading, refusing FIFOs, sockets and devices without blocking."""
     try:

@@ -1,11 +1,13 @@
-"""Captioning on Ray Data: the same job as a local run, spread over a pool of actors.
+"""Captioning on Ray Data: the same job as a local run, spread over Ray tasks and a pool of actors.
 
 The driver (the `vacap caption --ray` process) lists the images, skips those already done, and
 writes every record itself through the same ``RecordWriter`` as a local run. The images still
-to do become a Ray dataset of paths; a pool of actors, each holding one ``Captioner`` (the model
-loaded once per actor), turns batches of paths into records, which stream back to the driver
-as each batch finishes. Records therefore arrive batch by batch in completion order, not in the
-input order.
+to do become a Ray dataset of paths, worked on in two stages. Ray tasks read, hash and decode
+each batch of images (``read_image``, as a local run reads them; an unreadable one gets the
+reason its error record gives); a pool of actors, each holding one ``Captioner`` (the model loaded once per
+actor), prepares the decoded images with the model's processor and captions them
+(``Captioner.records_of``), and the records stream back to the driver as each batch finishes.
+Records therefore arrive batch by batch in completion order, not in the input order.
 
 Ray Data's actor pools restart a dead actor and retry the batch it held (their ``max_restarts``
 and ``max_task_retries`` default to -1, unlimited), so a worker that dies loses no image.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +35,9 @@ INSTALL = 'pip install "vacap[ray]"'
 # has rows to refill from, few enough that records reach the driver (and the output file) often
 # and a dead actor's retry redoes little.
 BATCHES_PER_TASK = 4
+# Reading tasks that may run at once, per actor: a batch read ahead of each actor's current one
+# and one more, as the local run's background thread reads ahead of the model.
+READERS_PER_WORKER = 2
 
 
 class RayUnavailable(Exception):
@@ -126,8 +132,27 @@ def worker_params(pool: Pool, config, output, *, dtype: str, device: str, quant:
         raise RayUnavailable(f"the Ray workers cannot run these settings: {_last_line(exc)}") from None
 
 
+def _read(batch: dict, verbose: bool) -> dict:
+    """A Ray task: {"path", "root": file system bytes # (N,)} -> the same plus {"read": pickled
+    ``read_image`` result # (N,)}, each image read, hashed and decoded (or why it cannot be)."""
+    import numpy
+
+    from vacap.images import read_image
+
+    paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
+    # Pickled by hand: a column of bytes is plain Arrow, where decoded images (PIL) and error
+    # texts side by side would need Ray Data's fallback for arbitrary Python objects. An object
+    # array, since numpy would pad every item of a bytes array to the longest.
+    read = numpy.empty(len(paths), dtype=object)
+    read[:] = [pickle.dumps(read_image(path)) for path in paths]
+    batch["read"] = read
+    if verbose:
+        print(f"vacap: reader pid {os.getpid()} read {len(paths)} images", file=sys.stderr)
+    return batch
+
+
 class _Worker:
-    """One actor: a Captioner loaded once, captioning the batches of paths it is given."""
+    """One actor: a Captioner loaded once, captioning the batches of read images it is given."""
 
     def __init__(self, captioner: dict, sidecars: Sidecars | None) -> None:
         from vacap.captioner import Captioner
@@ -142,10 +167,10 @@ class _Worker:
         print(f"vacap: worker pid {os.getpid()} loaded {self.captioner.model_name} on {device}", file=sys.stderr)
 
     def __call__(self, batch: dict) -> dict:
-        """{"path", "root": file system bytes # (N,)} -> {"record": JSON text # (M,)}, one
-        record per path (M = N), in the order they finished."""
+        """``_read``'s output # (N,) -> {"record": JSON text # (M,)}, one record per image
+        (M = N), in the order they finished."""
         paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
-        records = self.captioner.records(paths, recursive=False)
+        records = self.captioner.records_of(zip(paths, (pickle.loads(bytes(r)) for r in batch["read"])))
         if self.sidecars is not None:
             roots = [Path(os.fsdecode(bytes(r))) for r in batch["root"]]
             records = SidecarRun(self.sidecars, [Path(p) for p in paths], roots).write_behind(records)
@@ -153,10 +178,16 @@ class _Worker:
 
 
 def caption(
-    pool: Pool, images: Sequence[Path], roots: Sequence[Path], captioner: dict, sidecars: Sidecars | None = None
+    pool: Pool,
+    images: Sequence[Path],
+    roots: Sequence[Path],
+    captioner: dict,
+    sidecars: Sidecars | None = None,
+    verbose: bool = False,
 ) -> Iterator[dict]:
     """A record per image of ``images`` (found under the input folders ``roots``), as the
-    actors finish them. ``captioner``: the keyword arguments of each actor's ``Captioner``."""
+    actors finish them. ``captioner``: the keyword arguments of each actor's ``Captioner``;
+    ``verbose``: each reading task says on stderr which process read how many images."""
     if not images:
         return
     import ray.data
@@ -164,17 +195,31 @@ def caption(
 
     rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
     size = BATCHES_PER_TASK * captioner.get("batch_size", 1)
-    # A block per batch: each is one actor task, so batches spread over the actors, their records
-    # come back as each finishes, and a retry redoes one batch.
+    # A block per batch: each is one reading task and then one actor task, so batches spread
+    # over the actors, their records come back as each finishes, and a retry redoes one batch.
     blocks = -(-len(rows) // size)
-    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        _Worker,
-        batch_size=size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool.workers),
-        num_cpus=pool.cpus,
-        num_gpus=pool.gpus,
-        fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars},
+    dataset = (
+        ray.data.from_items(rows, override_num_blocks=blocks)
+        .map_batches(
+            _read,
+            batch_size=size,
+            batch_format="numpy",
+            fn_kwargs={"verbose": verbose},
+            # No CPU of their own: the actors may hold every CPU (a CPU cluster), and a task
+            # that asked for one would never start. Ray Data would also fuse tasks that ask
+            # for what the actors ask for into the actor stage: the actors would read again.
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=READERS_PER_WORKER * pool.workers),
+        )
+        .map_batches(
+            _Worker,
+            batch_size=size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool.workers),
+            num_cpus=pool.cpus,
+            num_gpus=pool.gpus,
+            fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars},
+        )
     )
     try:
         for row in dataset.iter_rows():
