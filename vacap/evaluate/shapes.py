@@ -142,7 +142,8 @@ def score_caption(caption: str, truth: Sequence[Shape], world: str = "shapes") -
     mentions = list(dict.fromkeys(extract_objects(caption)))
     wrong = [not any(_matches(*m, obj) for obj in truth) for m in mentions]
     hallucinated = [m for m, bad in zip(mentions, wrong) if bad]
-    causes = [hallucination_cause(m, truth, *world_priors(world)) for m in hallucinated]
+    priors = world_priors(world)
+    causes = [hallucination_cause(m, truth, *priors) for m in hallucinated]
     by_position = [0] * len(POSITIONS), [0] * len(POSITIONS)  # (mentions, hallucinated)
     for i, bad in enumerate(wrong):
         slot = min(i, len(POSITIONS) - 1)
