@@ -6,6 +6,10 @@ import os
 # a test that would reach a model hub fails at once instead of hanging on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The test models are tiny: one thread does their small ops at once, where two threads wait on
+# each other at every op, which costs more than the op (30x per decode step on a 2-core machine
+# shared with another job). Subprocesses inherit it; a value already set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
