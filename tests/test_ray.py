@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from vacap.demo import MODEL_DIR
 from vacap.demo.shapes import scenes
 from vacap.records import scan
 
@@ -194,6 +195,21 @@ def test_images_are_read_and_prepared_in_ray_tasks_not_in_the_actors(on_cluster)
     assert {pid for pid, _, _ in got} <= actors
     assert sum(count for _, count, _ in got) == IMAGES + 1
     assert sum(ready for _, _, ready in got) == IMAGES
+
+
+def test_a_processor_that_cannot_be_loaded_ends_the_run_with_exit_2(dataset, cluster, tmp_path):
+    """The reading tasks load the model's processor: where it cannot be loaded the run says
+    why, as for a model the actors cannot load, rather than ending in a Ray traceback."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    shutil.copy(MODEL_DIR / "config.json", broken)  # a checkpoint folder without its processor
+    output = tmp_path / "out.jsonl"
+    out = vacap("caption", dataset, "--model", broken, "--dtype", "fp32", "-o", output, "--ray", "--ray-address", cluster)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2, out.stderr
+    assert "the Ray reading tasks cannot load the model's processor" in said and "Traceback" not in said
+    assert f"cannot load model '{broken}'" in said
+    assert not output.exists() or not read_records(output)
 
 
 def test_a_killed_driver_is_resumed_with_nothing_lost_or_repeated(dataset, local, tmp_path):

@@ -144,6 +144,12 @@ def _preparer(model: str):
     return Preparer.load(model)
 
 
+def _load_preparer(model: str) -> None:
+    """A Ray task: load the model's ``Preparer`` in this worker, where the reading tasks after it
+    find it, or raise the ``ModelLoadError`` saying why it cannot be loaded."""
+    _preparer(model)
+
+
 def _read(batch: dict, model: str, prompt: str, verbose: bool) -> dict:
     """A Ray task: {"path", "root": file system bytes # (N,)} -> the same plus {"read": pickled
     ``prepare_read`` result # (N,)}, each image read, hashed, decoded and prepared for ``model``
@@ -218,6 +224,13 @@ def caption(
     import ray.data
     import ray.exceptions
 
+    model = captioner.get("model", DEFAULT_MODEL)
+    try:
+        # Once before the dataset starts: a reading task that failed to load it would end the
+        # run with Ray Data's traceback, not the loading error.
+        ray.get(ray.remote(num_cpus=0)(_load_preparer).remote(model))
+    except ray.exceptions.RayTaskError as exc:
+        raise RayUnavailable(f"the Ray reading tasks cannot load the model's processor: {_last_line(exc)}") from None
     rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
     size = BATCHES_PER_TASK * captioner.get("batch_size", 1)
     # A block per batch: each is one reading task and then one actor task, so batches spread
@@ -230,7 +243,7 @@ def caption(
             batch_size=size,
             batch_format="numpy",
             fn_kwargs={
-                "model": captioner.get("model", DEFAULT_MODEL),
+                "model": model,
                 "prompt": captioner.get("prompt", DEFAULT_PROMPT),
                 "verbose": verbose,
             },
