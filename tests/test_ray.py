@@ -204,7 +204,7 @@ def test_a_processor_that_cannot_be_loaded_ends_the_run_with_exit_2(dataset, clu
     broken.mkdir()
     shutil.copy(MODEL_DIR / "config.json", broken)  # a checkpoint folder without its processor
     output = tmp_path / "out.jsonl"
-    out = vacap("caption", dataset, "--model", broken, "--dtype", "fp32", "-o", output, "--ray", "--ray-address", cluster)
+    out = vacap("caption", dataset, "--model", broken, "-o", output, "--ray", "--ray-address", cluster)
     said = " ".join(out.stderr.split())
     assert out.returncode == 2, out.stderr
     assert "the Ray reading tasks cannot load the model's processor" in said and "Traceback" not in said
