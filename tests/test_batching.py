@@ -18,9 +18,9 @@ from test_cli import parse, vacap
 from vacap.cache import KVCache
 from vacap.captioner import Captioner
 from vacap.config import DecodeConfig
-from vacap.decode import Generated, batch_inputs, generate, generate_stream
+from vacap.decode import Generated, generate, generate_stream
 from vacap.methods import steering_for
-from vacap.model import load_model
+from vacap.model import Preparer, load_model
 
 MAX_NEW = 24
 PROMPT = DecodeConfig().prompt
@@ -117,16 +117,30 @@ def test_random_parts_are_drawn_per_image_so_a_batch_changes_no_caption(llama, s
     assert [g.tokens for g in batched] == alone(llama, config, PICTURES[:4])
 
 
-def test_batch_inputs_equal_the_processors_own_batch(tiny_model):
-    model = load_model(str(tiny_model("llava-next")), dtype="fp32", device="cpu")
-    together = model.prepare(IMAGES, PROMPT)
-    joined = batch_inputs(model, [model.prepare([image], PROMPT) for image in IMAGES])
+def test_collate_pads_anyres_tiles_as_the_processor_does(tiny_model):
+    preparer = Preparer.load(str(tiny_model("llava-next")))
+    alone = [preparer.prepare([image], PROMPT) for image in IMAGES]
+    assert len({inputs["pixel_values"].shape[1] for inputs in alone}) > 1, "no tile stack to pad"
+    together = preparer.prepare(IMAGES, PROMPT)
+    joined = preparer.collate(alone)
     assert joined.keys() == together.keys()
-    valid = together["attention_mask"].bool()
-    assert torch.equal(joined["attention_mask"], together["attention_mask"])
-    assert torch.equal(joined["input_ids"][valid], together["input_ids"][valid])
-    for name in joined.keys() - {"input_ids", "attention_mask"}:
+    for name in together:
         assert torch.equal(joined[name], together[name]), name
+
+
+def test_collate_of_prompts_of_different_lengths_is_the_processors_own_batch():
+    """The demo model's preparer, loaded without its weights: images prepared one by one, each
+    with a prompt of another length, collate into exactly the batch the processor makes."""
+    preparer = Preparer.load("demo")
+    prompts = ["Describe.", "Please describe this image in detail.", "What shapes are in this picture, and where?"]
+    alone = [preparer.prepare([image], prompt) for image, prompt in zip(IMAGES, prompts)]
+    assert len({inputs["input_ids"].shape[1] for inputs in alone}) == len(prompts)
+    together = preparer.prepare(IMAGES[: len(prompts)], prompts)
+    joined = preparer.collate(alone)
+    assert joined.keys() == together.keys()
+    for name in together:
+        assert torch.equal(joined[name], together[name]), name
+    assert (joined["attention_mask"] == 0).any(), "nothing was padded"
 
 
 def filled(cache: KVCache, layer: int, rows: int, n: int, base: float) -> None:

@@ -50,7 +50,7 @@ def test_loads_through_load_model():
     model = load_model(str(MODEL_DIR), dtype="fp32", device="cpu")
     assert type(model.hf).__name__ == "LlavaForConditionalGeneration"
     assert len(model.layers) >= 4  # VASparse works from layer 2 on
-    assert model.prompt_text("Please describe this image in detail.") == (
+    assert model.preparer.prompt_text("Please describe this image in detail.") == (
         "USER: <image>\nPlease describe this image in detail. ASSISTANT:"
     )
     inputs = model.prepare([_single_object_scene().image], "Please describe this image in detail.")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from vacap.demo import MODEL_DIR
 from vacap.demo.shapes import scenes
 from vacap.records import scan
 
@@ -30,7 +31,8 @@ IMAGES = 24  # about 5 s of captioning with one worker here: long enough to kill
 # checks for at the end: no process may hold one. Short, for the socket paths Ray makes in it.
 RAY_TMP = os.path.join(tempfile.gettempdir(), f"vacap-ray-{os.getpid()}")
 WORKER = re.compile(r"vacap: worker pid (\d+) loaded")
-READER = re.compile(r"vacap: reader pid (\d+) read (\d+) images")
+READER = re.compile(r"vacap: reader pid (\d+) read (\d+) images, prepared (\d+)")
+GOT = re.compile(r"vacap: worker pid (\d+) got (\d+) images, (\d+) prepared")
 
 
 def environment() -> dict:
@@ -177,15 +179,37 @@ def test_ray_records_and_caption_files_equal_a_local_runs(on_cluster, dataset, l
     assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join(out.stderr.split())
 
 
-def test_images_are_read_in_ray_tasks_not_in_the_actors(on_cluster):
-    """With -v each reading task says which process read how many images: every image, the
-    broken one too, was read by processes that are not the actors'."""
+def test_images_are_read_and_prepared_in_ray_tasks_not_in_the_actors(on_cluster):
+    """With -v each reading task says which process read and prepared how many images, and each
+    actor how many it got and how many of those came prepared: every image, the broken one too,
+    was read by processes that are not the actors', and every readable one reached the actors
+    as the model's inputs (an actor prepares only what comes unprepared)."""
     out, _, _ = on_cluster
-    reads = [(int(pid), int(count)) for pid, count in READER.findall(out.stderr)]
+    reads = [tuple(map(int, found)) for found in READER.findall(out.stderr)]
     actors = {int(pid) for pid in WORKER.findall(out.stderr)}
-    assert sum(count for _, count in reads) == IMAGES + 1
-    readers = {pid for pid, _ in reads}
+    assert sum(read for _, read, _ in reads) == IMAGES + 1
+    assert sum(ready for _, _, ready in reads) == IMAGES, "the broken file cannot be prepared"
+    readers = {pid for pid, _, _ in reads}
     assert len(actors) == 2 and readers and not readers & actors, (readers, actors)
+    got = [tuple(map(int, found)) for found in GOT.findall(out.stderr)]
+    assert {pid for pid, _, _ in got} <= actors
+    assert sum(count for _, count, _ in got) == IMAGES + 1
+    assert sum(ready for _, _, ready in got) == IMAGES
+
+
+def test_a_processor_that_cannot_be_loaded_ends_the_run_with_exit_2(dataset, cluster, tmp_path):
+    """The reading tasks load the model's processor: where it cannot be loaded the run says
+    why, as for a model the actors cannot load, rather than ending in a Ray traceback."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    shutil.copy(MODEL_DIR / "config.json", broken)  # a checkpoint folder without its processor
+    output = tmp_path / "out.jsonl"
+    out = vacap("caption", dataset, "--model", broken, "-o", output, "--ray", "--ray-address", cluster)
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 2, out.stderr
+    assert "the Ray reading tasks cannot load the model's processor" in said and "Traceback" not in said
+    assert f"cannot load model '{broken}'" in said
+    assert not output.exists() or not read_records(output)
 
 
 def test_a_killed_driver_is_resumed_with_nothing_lost_or_repeated(dataset, local, tmp_path):

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from vacap.config import DEFAULT_MODEL, DecodeConfig, OutputConfig
 from vacap.images import LoadedImage, discover, load_image, read_image
-from vacap.model import DTYPE_NAMES, load_model, resolve_device, resolve_dtype
+from vacap.model import DTYPE_NAMES, Preparer, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
 from vacap.text import fill_prompt, finish_caption
 
@@ -39,19 +39,50 @@ def record_params(
     return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant}
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image read and made ready for the model, perhaps in another process (a Ray task):
+    the file as read, without its pixels (``image.image`` is None: the inputs hold what the
+    model sees), and the model's inputs for it alone (``Preparer.prepare``'s, on the CPU, floats
+    in fp32), or ``error``, the reason its record gives when it could not be prepared."""
+
+    image: LoadedImage
+    inputs: dict | None = None
+    error: str | None = None
+
+
+def prepare_read(preparer: Preparer, path: str, read: LoadedImage | str, prompt: str) -> PreparedImage | str:
+    """What ``read_image(path)`` gave, prepared with the prompt template ``prompt`` (its
+    placeholders filled from ``path``) as a local run prepares it; a read error stays as it is."""
+    if isinstance(read, str):
+        return read
+    bare = dataclasses.replace(read, image=None)
+    try:
+        return PreparedImage(bare, preparer.prepare([read.image], fill_prompt(prompt, path)))
+    except (RuntimeError, ValueError) as exc:
+        return PreparedImage(bare, error=_failure(exc))
+
+
+def _failure(exc: Exception) -> str:
+    """An error record's reason for an image the model could not take."""
+    return f"captioning failed: {exc}"
+
+
 @dataclass
 class _Job:
     index: int  # place in the input order
     path: str
     image: LoadedImage | None = None
-    inputs: dict | None = None  # the processor's output for this image alone
+    inputs: dict | None = None  # the model's inputs for this image alone: prepared, then placed
     error: str | None = None
 
     @classmethod
-    def read(cls, index: int, path: str, read: LoadedImage | str) -> _Job:
-        """The job of an image ``read_image`` gave, or of its error."""
+    def read(cls, index: int, path: str, read: LoadedImage | PreparedImage | str) -> _Job:
+        """The job of an image ``read_image`` gave, of one ``prepare_read`` gave, or of an error."""
         if isinstance(read, str):
             return cls(index, path, error=read)
+        if isinstance(read, PreparedImage):
+            return cls(index, path, read.image, read.inputs, read.error)
         return cls(index, path, read)
 
 
@@ -174,10 +205,11 @@ class Captioner:
         for _, record in self._records(paths, skip, recursive):
             yield record
 
-    def records_of(self, images: Iterable[tuple[str, LoadedImage | str]]) -> Iterator[dict]:
+    def records_of(self, images: Iterable[tuple[str, LoadedImage | PreparedImage | str]]) -> Iterator[dict]:
         """Like ``records``, for images read elsewhere: ``(path, read_image(path))`` pairs, an
-        image or the reason it could not be read (which becomes its ``error`` record). Only the
-        preparing for the model and the decoding happen here (a Ray actor, say)."""
+        image or the reason it could not be read (which becomes its ``error`` record), or pairs
+        of images also prepared elsewhere (``prepare_read``, with this captioner's prompt), as a
+        Ray actor gets them. Only what is left (preparing, placing, decoding) happens here."""
         jobs = (_Job.read(index, path, read) for index, (path, read) in enumerate(images))
         for _, record in self._decoded(jobs):
             yield record
@@ -187,8 +219,8 @@ class Captioner:
         return self._decoded(self._read(paths, skip, recursive))
 
     def _decoded(self, jobs: Iterator[_Job]) -> Iterator[tuple[int, dict]]:
-        """``jobs`` (read, not prepared) -> (place in the input order, record), in completion order.
-        The jobs are read and prepared on a background thread, ahead of the model."""
+        """``jobs`` (read, maybe prepared) -> (place in the input order, record), in completion
+        order. The jobs are read, prepared and placed on a background thread, ahead of the model."""
         prefetch = _Prefetch(self._prepare(jobs), ahead=2 * self.batch_size + 1)
         started = time.perf_counter()
         try:
@@ -219,13 +251,17 @@ class Captioner:
                 yield job
 
     def _prepare(self, jobs: Iterable[_Job]) -> Iterator[_Job]:
-        """Each read image prepared for the model (its ``inputs``), or given the error why not."""
+        """Each read image prepared for the model unless that was done elsewhere, and placed on
+        its device (its ``inputs``), or given the error why not."""
         for job in jobs:
+            if job.error is None and job.inputs is None:
+                prepared = prepare_read(self.model.preparer, job.path, job.image, self.config.prompt)
+                job = _Job.read(job.index, job.path, prepared)
             if job.error is None:
                 try:
-                    job.inputs = self.model.prepare([job.image.image], fill_prompt(self.config.prompt, job.path))
+                    job.inputs = self.model.place(job.inputs)
                 except (RuntimeError, ValueError) as exc:
-                    job.error = f"captioning failed: {exc}"
+                    job.error = _failure(exc)
             yield job
 
     def _failed(self, job: _Job, error: str) -> tuple[int, dict]:
@@ -270,7 +306,7 @@ class Captioner:
                 if prefetch.failed:
                     raise
                 # The rows decoding together share the failure; the run goes on with the rest.
-                yield from (self._failed(job, f"captioning failed: {exc}") for job in in_flight.values())
+                yield from (self._failed(job, _failure(exc)) for job in in_flight.values())
         yield from (self._failed(job, job.error) for job in errors)
 
     def _static(self, prefetch: _Prefetch) -> Iterator[tuple[int, dict]]:
@@ -330,14 +366,12 @@ class Captioner:
         return results
 
     def _caption_batch(self, batch: Sequence[_Job]) -> Iterator[tuple[int, dict]]:
-        from vacap.decode import batch_inputs
-
         start = time.perf_counter()
         try:
-            inputs = batch_inputs(self.model, [job.inputs for job in batch])
+            inputs = self.model.preparer.collate([job.inputs for job in batch])
             texts = self._generate(inputs, [job.image.sha256 for job in batch])
         except (RuntimeError, ValueError) as exc:
-            yield from (self._failed(job, f"captioning failed: {exc}") for job in batch)
+            yield from (self._failed(job, _failure(exc)) for job in batch)
             return
         seconds = (time.perf_counter() - start) / len(batch)
         for job, (caption, tokens, stop, extra) in zip(batch, texts):

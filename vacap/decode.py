@@ -504,24 +504,6 @@ def generate(
     ]
 
 
-def batch_inputs(model: VisionLanguageModel, prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One batch from single prepared images, as ``model.prepare`` would have made it: token
-    rows left padded, anyres tile stacks (pixel_values # (1, tiles, 3, h, w)) padded with zeros."""
-    if len(prepared) == 1:  # the usual admission once rows free one at a time: nothing to pad
-        return prepared[0]
-    out = {}
-    for name in prepared[0]:
-        parts = [p[name] for p in prepared]
-        width = max(x.shape[1] if x.dim() > 1 else 0 for x in parts)
-        if name in ("input_ids", "attention_mask"):
-            fill = model.pad_id if name == "input_ids" else 0
-            parts = [torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill) for x in parts]
-        elif parts[0].dim() > 2:
-            parts = [torch.cat([x, x.new_zeros(1, width - x.shape[1], *x.shape[2:])], 1) for x in parts]
-        out[name] = torch.cat(parts)
-    return out
-
-
 @torch.no_grad()
 def generate_stream(
     model: VisionLanguageModel,
@@ -556,7 +538,7 @@ def generate_stream(
         group = list(itertools.islice(pending, len(free)))
         if group:
             started = time.perf_counter()
-            inputs = batch_inputs(model, [prepared for _, prepared in group])
+            inputs = model.preparer.collate([prepared for _, prepared in group])
             _check_window(model, inputs["input_ids"].shape[1], max_new)
             small, h, x, p = _prefill(model, inputs, new_steering(), 0)
             copies = small.batch // len(group)

@@ -45,7 +45,9 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class LoadedImage:
-    image: Image.Image  # what the model sees: RGB, EXIF orientation applied, thin pictures padded
+    # What the model sees: RGB, EXIF orientation applied, thin pictures padded. None once the
+    # image is prepared for the model (vacap.captioner.PreparedImage), whose inputs hold it.
+    image: Image.Image | None
     width: int
     height: int
     sha256: str  # of the file bytes, so a record identifies exactly what was captioned

@@ -111,13 +111,80 @@ def _check_supported(config) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Preparer:
+    """What turns decoded images and prompts into a checkpoint's inputs, without its weights:
+    the processor (resize, normalise, tokenise) and the prompt's chat template. ``load`` reads it
+    alone from the model name, cheaply, as Ray's reading tasks do; a loaded model prepares
+    through its own. Tensors stay on the CPU, floats in the processor's fp32."""
+
+    processor: object
+
+    def __post_init__(self) -> None:
+        # Batches are left padded, so that every row's prompt ends where decoding starts.
+        self.processor.tokenizer.padding_side = "left"
+
+    @classmethod
+    def load(cls, name: str) -> Preparer:
+        """The preparer of ``--model name`` (found as ``load_model`` finds it), without the weights."""
+        source, hub, offline = _locate(name)
+        try:
+            return cls(_load_processor(source, **hub))
+        except OSError as exc:
+            raise _load_error(name, exc, offline) from exc
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def _pad_id(self) -> int:
+        # A tokenizer without a pad token cannot pad a batch itself; its end token pads ours
+        # (masked out, so any id would do).
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def prompt_text(self, prompt: str) -> str:
+        """The user's prompt wrapped in the checkpoint's chat template, with one image."""
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return FALLBACK_TEMPLATE.format(prompt=prompt)
+
+    def prepare(self, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """The processor's outputs for a batch of B PIL images, left padded; one prompt for all
+        or one each. input_ids, attention_mask # (B, T); pixel_values # (B, 3, h, w), or
+        (B, tiles, 3, h, w) with image_sizes # (B, 2) for anyres checkpoints."""
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        texts = [self.prompt_text(p) for p in prompts]
+        return dict(self.processor(images=list(images), text=texts, return_tensors="pt", padding=True))
+
+    def collate(self, prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch from images prepared one by one, as ``prepare`` makes it for them together:
+        token rows left padded (input_ids with the tokenizer's pad token), anyres tile stacks
+        (pixel_values # (1, tiles, 3, h, w)) padded with zeros, all stacked along the rows."""
+        if len(prepared) == 1:  # the usual admission once rows free one at a time: nothing to pad
+            return prepared[0]
+        out = {}
+        for name in prepared[0]:
+            parts = [p[name] for p in prepared]
+            width = max(x.shape[1] if x.dim() > 1 else 0 for x in parts)
+            if name in ("input_ids", "attention_mask"):
+                fill = self._pad_id if name == "input_ids" else 0
+                parts = [torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill) for x in parts]
+            elif parts[0].dim() > 2:
+                parts = [torch.cat([x, x.new_zeros(1, width - x.shape[1], *x.shape[2:])], 1) for x in parts]
+            out[name] = torch.cat(parts)
+        return out
+
+
 @dataclass
 class VisionLanguageModel:
     """A loaded checkpoint, seen as the parts vacap's decode loop needs."""
 
     name: str
     hf: nn.Module
-    processor: object
+    preparer: Preparer
     device: torch.device
     dtype: torch.dtype
 
@@ -149,25 +216,23 @@ class VisionLanguageModel:
         self.notes_given: set[str] = set()
 
     @property
+    def processor(self):
+        return self.preparer.processor
+
+    @property
     def tokenizer(self):
-        return self.processor.tokenizer
+        return self.preparer.tokenizer
 
-    def prompt_text(self, prompt: str) -> str:
-        """The user's prompt wrapped in the checkpoint's chat template, with one image."""
-        if getattr(self.processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return FALLBACK_TEMPLATE.format(prompt=prompt)
-
-    def prepare(self, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """Processor outputs for a batch of PIL images, left padded; one prompt for all or one each."""
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        texts = [self.prompt_text(p) for p in prompts]
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    def place(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Prepared inputs (CPU, fp32) moved to the model's device, floats cast to its dtype."""
         return {
             name: value.to(self.device, self.dtype if value.is_floating_point() else None)
             for name, value in inputs.items()
         }
+
+    def prepare(self, images: Sequence, prompt: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """``Preparer.prepare``'s batch, placed for this model."""
+        return self.place(self.preparer.prepare(images, prompt))
 
     @torch.no_grad()
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +356,15 @@ def _load_error(name: str, exc: Exception, offline: str | None) -> ModelLoadErro
     )
 
 
+def _locate(name: str) -> tuple[str, dict, str | None]:
+    """(what transformers loads, the hub keywords to load it with, why the hub cannot be
+    reached or None) for ``--model name``."""
+    source, from_hub = _source(name)
+    offline = _hub_unreachable(source) if from_hub else None
+    # With no hub, read the cache only: a download attempt would be retried for half a minute.
+    return source, ({"local_files_only": True} if offline else {}), offline
+
+
 def _load_processor(source: str, **hub):
     from transformers import AutoProcessor
 
@@ -332,10 +406,7 @@ def load_model(
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source, from_hub = _source(name)
-    offline = _hub_unreachable(source) if from_hub else None
-    # With no hub, read the cache only: a download attempt would be retried for half a minute.
-    hub = {"local_files_only": True} if offline else {}
+    source, hub, offline = _locate(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **hub)
     except (OSError, ValueError) as exc:
@@ -348,7 +419,7 @@ def load_model(
         kwargs.update(quantization_config=quantization, device_map={"": torch_device})
     try:
         hf = model_class.from_pretrained(source, **kwargs)
-        processor = _load_processor(source, **hub)
+        preparer = Preparer(_load_processor(source, **hub))
     except OSError as exc:
         raise _load_error(name, exc, offline) from exc
     except (RuntimeError, ValueError) as exc:
@@ -358,5 +429,4 @@ def load_model(
     if quantization is None:
         hf.to(torch_device)
     hf.eval()
-    processor.tokenizer.padding_side = "left"
-    return VisionLanguageModel(name=name, hf=hf, processor=processor, device=torch_device, dtype=torch_dtype)
+    return VisionLanguageModel(name=name, hf=hf, preparer=preparer, device=torch_device, dtype=torch_dtype)

@@ -3,11 +3,13 @@
 The driver (the `vacap caption --ray` process) lists the images, skips those already done, and
 writes every record itself through the same ``RecordWriter`` as a local run. The images still
 to do become a Ray dataset of paths, worked on in two stages. Ray tasks read, hash and decode
-each batch of images (``read_image``, as a local run reads them; an unreadable one gets the
-reason its error record gives); a pool of actors, each holding one ``Captioner`` (the model loaded once per
-actor), prepares the decoded images with the model's processor and captions them
-(``Captioner.records_of``), and the records stream back to the driver as each batch finishes.
-Records therefore arrive batch by batch in completion order, not in the input order.
+each batch of images (``read_image``) and prepare them for the model with its processor
+(``prepare_read``, with a ``Preparer`` loaded once per task process), as a local run does; an
+image that cannot be read or prepared gets the reason its error record gives. A pool of actors,
+each holding one ``Captioner`` (the model loaded once per actor), moves the prepared inputs to
+its device and dtype and captions them (``Captioner.records_of``), and the records stream back
+to the driver as each batch finishes. Records therefore arrive batch by batch in completion
+order, not in the input order.
 
 Ray Data's actor pools restart a dead actor and retry the batch it held (their ``max_restarts``
 and ``max_task_retries`` default to -1, unlimited), so a worker that dies loses no image.
@@ -19,6 +21,7 @@ Ray is imported inside the functions: importing this module costs nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vacap.config import DEFAULT_MODEL, DEFAULT_PROMPT
 from vacap.sidecars import SidecarRun, Sidecars
 
 INSTALL = 'pip install "vacap[ray]"'
@@ -132,29 +136,48 @@ def worker_params(pool: Pool, config, output, *, dtype: str, device: str, quant:
         raise RayUnavailable(f"the Ray workers cannot run these settings: {_last_line(exc)}") from None
 
 
-def _read(batch: dict, verbose: bool) -> dict:
+@functools.cache
+def _preparer(model: str):
+    """The model's ``Preparer``, loaded once per process: Ray runs many tasks in one worker."""
+    from vacap.model import Preparer
+
+    return Preparer.load(model)
+
+
+def _load_preparer(model: str) -> None:
+    """A Ray task: load the model's ``Preparer`` in this worker, where the reading tasks after it
+    find it, or raise the ``ModelLoadError`` saying why it cannot be loaded."""
+    _preparer(model)
+
+
+def _read(batch: dict, model: str, prompt: str, verbose: bool) -> dict:
     """A Ray task: {"path", "root": file system bytes # (N,)} -> the same plus {"read": pickled
-    ``read_image`` result # (N,)}, each image read, hashed and decoded (or why it cannot be)."""
+    ``prepare_read`` result # (N,)}, each image read, hashed, decoded and prepared for ``model``
+    with the prompt template ``prompt`` (or why it cannot be)."""
     import numpy
 
+    from vacap.captioner import PreparedImage, prepare_read
     from vacap.images import read_image
 
+    preparer = _preparer(model)
     paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
-    # Pickled by hand: a column of bytes is plain Arrow, where decoded images (PIL) and error
-    # texts side by side would need Ray Data's fallback for arbitrary Python objects. An object
-    # array, since numpy would pad every item of a bytes array to the longest.
+    prepared = [prepare_read(preparer, path, read_image(path), prompt) for path in paths]
+    # Pickled by hand: a column of bytes is plain Arrow, where tensors and error texts side by
+    # side would need Ray Data's fallback for arbitrary Python objects. An object array, since
+    # numpy would pad every item of a bytes array to the longest.
     read = numpy.empty(len(paths), dtype=object)
-    read[:] = [pickle.dumps(read_image(path)) for path in paths]
+    read[:] = [pickle.dumps(item) for item in prepared]
     batch["read"] = read
     if verbose:
-        print(f"vacap: reader pid {os.getpid()} read {len(paths)} images", file=sys.stderr)
+        ready = sum(isinstance(item, PreparedImage) and item.error is None for item in prepared)
+        print(f"vacap: reader pid {os.getpid()} read {len(paths)} images, prepared {ready}", file=sys.stderr)
     return batch
 
 
 class _Worker:
-    """One actor: a Captioner loaded once, captioning the batches of read images it is given."""
+    """One actor: a Captioner loaded once, captioning the batches of prepared images it is given."""
 
-    def __init__(self, captioner: dict, sidecars: Sidecars | None) -> None:
+    def __init__(self, captioner: dict, sidecars: Sidecars | None, verbose: bool) -> None:
         from vacap.captioner import Captioner
 
         # Ray forwards an actor's stdout to the driver's stdout, which may be carrying the
@@ -162,6 +185,7 @@ class _Worker:
         sys.stdout = sys.stderr
         self.captioner = Captioner(**captioner)
         self.sidecars = sidecars
+        self.verbose = verbose
         device = self.captioner.model.device
         # On stderr, which Ray forwards to the driver: which process holds which model where.
         print(f"vacap: worker pid {os.getpid()} loaded {self.captioner.model_name} on {device}", file=sys.stderr)
@@ -169,8 +193,14 @@ class _Worker:
     def __call__(self, batch: dict) -> dict:
         """``_read``'s output # (N,) -> {"record": JSON text # (M,)}, one record per image
         (M = N), in the order they finished."""
+        from vacap.captioner import PreparedImage
+
         paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
-        records = self.captioner.records_of(zip(paths, (pickle.loads(bytes(r)) for r in batch["read"])))
+        reads = [pickle.loads(bytes(r)) for r in batch["read"]]
+        if self.verbose:
+            ready = sum(isinstance(read, PreparedImage) and read.inputs is not None for read in reads)
+            print(f"vacap: worker pid {os.getpid()} got {len(reads)} images, {ready} prepared", file=sys.stderr)
+        records = self.captioner.records_of(zip(paths, reads))
         if self.sidecars is not None:
             roots = [Path(os.fsdecode(bytes(r))) for r in batch["root"]]
             records = SidecarRun(self.sidecars, [Path(p) for p in paths], roots).write_behind(records)
@@ -187,12 +217,20 @@ def caption(
 ) -> Iterator[dict]:
     """A record per image of ``images`` (found under the input folders ``roots``), as the
     actors finish them. ``captioner``: the keyword arguments of each actor's ``Captioner``;
-    ``verbose``: each reading task says on stderr which process read how many images."""
+    ``verbose``: each reading task says on stderr which process read and prepared how many
+    images, and each actor how many it got and how many of those came prepared."""
     if not images:
         return
     import ray.data
     import ray.exceptions
 
+    model = captioner.get("model", DEFAULT_MODEL)
+    try:
+        # Once before the dataset starts: a reading task that failed to load it would end the
+        # run with Ray Data's traceback, not the loading error.
+        ray.get(ray.remote(num_cpus=0)(_load_preparer).remote(model))
+    except ray.exceptions.RayTaskError as exc:
+        raise RayUnavailable(f"the Ray reading tasks cannot load the model's processor: {_last_line(exc)}") from None
     rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
     size = BATCHES_PER_TASK * captioner.get("batch_size", 1)
     # A block per batch: each is one reading task and then one actor task, so batches spread
@@ -204,7 +242,11 @@ def caption(
             _read,
             batch_size=size,
             batch_format="numpy",
-            fn_kwargs={"verbose": verbose},
+            fn_kwargs={
+                "model": model,
+                "prompt": captioner.get("prompt", DEFAULT_PROMPT),
+                "verbose": verbose,
+            },
             # No CPU of their own: the actors may hold every CPU (a CPU cluster), and a task
             # that asked for one would never start. Ray Data would also fuse tasks that ask
             # for what the actors ask for into the actor stage: the actors would read again.
@@ -218,7 +260,7 @@ def caption(
             compute=ray.data.ActorPoolStrategy(size=pool.workers),
             num_cpus=pool.cpus,
             num_gpus=pool.gpus,
-            fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars},
+            fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars, "verbose": verbose},
         )
     )
     try:
