@@ -266,7 +266,7 @@ def _vacap(*args, columns: int = 250):
 
 
 def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
-    from vacap.compare import MECHANISMS_ALONE, settings_grid
+    from vacap.compare import MECHANISMS_ALONE, parse_sweeps, settings_grid
 
     for kwargs, flags in [
         (dict(sweeps={"sparsity": [0.3]}), "--sparsity"),
@@ -285,6 +285,12 @@ def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
         "vasparse lam=0 kv-budget=0.5": dict(method="vasparse", lam=0.0, kv_budget=0.5),
         "vasparse lam=2 kv-budget=0.5": dict(method="vasparse", lam=2.0, kv_budget=0.5),
     }
+    sweeps = parse_sweeps(contrast_layers="2,4", mask_rate="0.5")
+    assert sweeps == {"contrast_layers": [2, 4], "mask_rate": [0.5]}
+    assert all(type(n) is int for n in sweeps["contrast_layers"])
+    assert list(settings_grid(["vasparse"], sweeps)) == [
+        "vasparse contrast-layers=2 mask-rate=0.5", "vasparse contrast-layers=4 mask-rate=0.5"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", [["eval", "shapes"], ["compare", "sample_images/house.jpg"]])
@@ -329,3 +335,19 @@ def test_eval_shapes_sweeps_any_vasparse_setting_with_paired_intervals_against_g
             assert low <= difference <= high
     bad = _vacap("eval", "shapes", "--methods", "vasparse", "--kv-budget", "0,1")
     assert bad.returncode == 2 and "kv_budget must be in (0, 1]" in bad.stderr
+
+
+def test_eval_shapes_sweeps_the_contrast_branch_and_rejects_bad_values():
+    out = _vacap("eval", "shapes", "-n", "1", "--methods", "greedy,vasparse", "--contrast-layers", "2",
+                 "--mask-rate", "0.5,1", "--no-ablation", "--dtype", "fp32", "--json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert list(json.loads(out.stdout)["results"]) == [
+        "greedy", "vasparse contrast-layers=2 mask-rate=0.5", "vasparse contrast-layers=2 mask-rate=1"
+    ]  # fmt: skip
+    # A layer count that is not a whole number, and one the model does not have (checked on load).
+    for flags, message in [
+        (["--contrast-layers", "2,1.5"], "--contrast-layers: invalid literal for int()"),
+        (["--contrast-layers", "5"], "contrast_layers must be at most the model's 4 decoder layers"),
+    ]:
+        bad = _vacap("eval", "shapes", "-n", "1", "--methods", "vasparse", *flags)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr

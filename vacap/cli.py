@@ -486,6 +486,13 @@ Alphas = Annotated[Optional[str], typer.Option("--alpha", help="Comma-separated 
 Lams = Annotated[Optional[str], typer.Option("--lam", help="Comma-separated saliency weights for vasparse.")]
 SinkBetas = Annotated[Optional[str], typer.Option("--sink-beta", help="Comma-separated sink penalties for vasparse.")]
 KvBudgets = Annotated[Optional[str], typer.Option("--kv-budget", help="Comma-separated KV budgets for vasparse.")]
+ContrastLayerCounts = Annotated[
+    Optional[str],
+    typer.Option("--contrast-layers", help="Comma-separated decoder-layer counts of vasparse's contrast branch."),
+]
+MaskRates = Annotated[
+    Optional[str], typer.Option("--mask-rate", help="Comma-separated shares of image slots hidden in the contrast branch.")
+]
 
 
 @app.command()
@@ -847,6 +854,8 @@ def eval_shapes(
     lam: Lams = None,
     sink_beta: SinkBetas = None,
     kv_budget: KvBudgets = None,
+    contrast_layers: ContrastLayerCounts = None,
+    mask_rate: MaskRates = None,
     ablation: Annotated[
         Optional[bool],
         typer.Option(
@@ -866,8 +875,9 @@ def eval_shapes(
 ) -> None:
     """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
 
-    --sparsity, --alpha, --lam, --sink-beta, --kv-budget and --ablation add VASparse runs, so
-    they need vasparse in --methods; the ablation rows are on by default when it is there. The
+    --sparsity, --alpha, --lam, --sink-beta, --kv-budget, --contrast-layers, --mask-rate and
+    --ablation add VASparse runs (one per combination of the listed values), so they need
+    vasparse in --methods; the ablation rows are on by default when it is there. The
     second table gives each setting's CHAIR minus greedy's with a paired bootstrap interval.
     CHAIR_i is split into prior-driven and perceptual hallucinations by the world's train
     priors; --json also has CHAIR_i by position in the caption.
@@ -878,7 +888,10 @@ def eval_shapes(
 
     try:
         chosen = parse_list(methods, str, "--methods")
-        sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
+        sweeps = parse_sweeps(
+            sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget,
+            contrast_layers=contrast_layers, mask_rate=mask_rate,
+        )  # fmt: skip
         grid = settings_grid(chosen, sweeps, "vasparse" in chosen if ablation is None else ablation)
         for settings in grid.values():
             DecodeConfig(**settings)

@@ -38,12 +38,18 @@ SWEEP_FLAGS = {
     "lam": "--lam",
     "sink_beta": "--sink-beta",
     "kv_budget": "--kv-budget",
+    "contrast_layers": "--contrast-layers",
+    "mask_rate": "--mask-rate",
 }
+# A layer count is a whole number; every other swept setting is a float.
+_SWEEP_KINDS = {"contrast_layers": int}
 
 
 def parse_sweeps(**texts: str | None) -> dict[str, list[float]]:
     """Comma-separated flag values -> {setting: values}, for the settings given (SWEEP_FLAGS)."""
-    return {name: parse_list(text, float, SWEEP_FLAGS[name]) for name, text in texts.items() if text}
+    return {
+        name: parse_list(text, _SWEEP_KINDS.get(name, float), SWEEP_FLAGS[name]) for name, text in texts.items() if text
+    }
 
 
 def settings_grid(

@@ -93,7 +93,7 @@ EXTRA_WORDS = ("please", "describe", "this", "image", "in", "detail", "what", "p
 
 SEED = 0
 STEPS = 1500
-PRIORS_STEPS = 1000
+PRIORS_STEPS = 2000
 MINUTES = 45.0
 BATCH_SIZE = 32
 LEARNING_RATE = 1.5e-3
