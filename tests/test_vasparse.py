@@ -202,6 +202,17 @@ def test_sink_weights_softmax_over_valid(dtype):
             assert w[b, h].tolist() == pytest.approx([soft.get(i, 0.0) for i in range(T)], rel=1e-5)
 
 
+def test_step_sink_weights_equal_sink_weights_when_every_row_has_a_valid_slot():
+    g = gen(9)
+    B, H, T = 3, 4, 11
+    valid = torch.arange(T) >= torch.tensor([[0], [4], [T - 1]])  # left padding; one slot only
+    colsum = torch.rand(B, H, T, generator=g) * 6
+    colsum[1, :, :4] = 50.0  # large statistics on padding must not leak into the weights
+    step = vs.step_sink_weights(colsum, vs.invalid_bias(valid))
+    assert torch.equal(step, vs.sink_weights(colsum, valid))
+    assert (step[2, :, -1] == 1).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("query_axis", [False, True])
 def test_sink_penalty_matches_formula(dtype, query_axis):
@@ -554,7 +565,7 @@ def test_mask_image_slots_is_uniform_over_image_slots():
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
-def test_selection_bias_keeps_what_keep_mask_keeps(seed, sparsity):
+def test_selection_keep_keeps_what_keep_mask_keeps(seed, sparsity):
     """The loop's fused form equals the reference composition, padding and per-head saliency included."""
     g = torch.Generator().manual_seed(seed)
     B, H, T = 3, 4, 23
@@ -568,14 +579,13 @@ def test_selection_bias_keeps_what_keep_mask_keeps(seed, sparsity):
         logits[0] = 0.0  # every s zero: the logit term must vanish, not divide by zero
     phat = vs.scaled_saliency(saliency, valid)
     want = vs.keep_mask(vs.scores_with_scaled_saliency(logits, phat, lam, valid), sparsity, valid, current=T - 1)
-    bias = vs.selection_bias(logits, *vs.selection_parts(phat, lam, valid, sparsity, current=T - 1))
-    assert torch.equal(bias == 0, want)
-    assert torch.equal(bias != 0, bias == -math.inf)
+    keep = vs.selection_keep(logits, *vs.selection_parts(phat, lam, valid, sparsity, current=T - 1))
+    assert torch.equal(keep, want)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_both_top_k_paths_keep_the_k_largest(seed):
-    """The CPU's introselect and the device path (sorted top-k) each keep exactly k_b entries of
+    """The CPU's threshold path and the device path (sorted top-k) each keep exactly k_b entries of
     every (row, head), none smaller than one they drop; without ties they keep the same ones."""
     g = torch.Generator().manual_seed(seed)
     B, H, T = 4, 3, 37
@@ -583,7 +593,7 @@ def test_both_top_k_paths_keep_the_k_largest(seed):
     key[0, 0, 5] = math.inf
     key[1, :, :9] = -math.inf  # a padded row's invalid slots
     k = torch.tensor([1, 20, 37, 11])
-    masks = [vs._top_k_introselect(key, k), vs._top_k_sorted(key, k, 37)]
+    masks = [vs._top_k_threshold(key, k), vs._top_k_sorted(key, k, 37)]
     for keep in masks:
         assert torch.equal(keep.sum(-1), k[:, None].expand(B, H))
         lowest_kept = torch.where(keep, key, math.inf).amin(-1)
@@ -592,5 +602,14 @@ def test_both_top_k_paths_keep_the_k_largest(seed):
     assert torch.equal(masks[0], masks[1])
     # Exact ties at the k-th place: either path keeps k of them.
     tied = torch.zeros(1, 2, 8)
-    for keep in (vs._top_k_introselect(tied, torch.tensor([3])), vs._top_k_sorted(tied, torch.tensor([3]), 8)):
+    for keep in (vs._top_k_threshold(tied, torch.tensor([3])), vs._top_k_sorted(tied, torch.tensor([3]), 8)):
         assert torch.equal(keep.sum(-1), torch.tensor([[3, 3]]))
+    # Ties in some heads only, rows with different k: the tied heads are chosen again by index,
+    # the others keep their threshold choice.
+    key = torch.randn(3, 2, 9, generator=g)
+    key[0, 1] = torch.tensor([5.0, 2.0, 4.0, 2.0, 1.0, 2.0, 0.0, -1.0, 0.5])
+    k = torch.tensor([3, 3, 5])
+    keep = vs._top_k_threshold(key, k)
+    assert torch.equal(keep.sum(-1), k[:, None].expand(3, 2))
+    assert keep[0, 1, [0, 2]].all() and keep[0, 1, [1, 3, 5]].sum() == 1
+    assert torch.equal(keep[1:], vs._top_k_sorted(key, k, 5)[1:])

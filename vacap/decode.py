@@ -100,6 +100,8 @@ def query_chunks(t: int, T: int, batch: int, heads: int, size: int | None = None
 def chunk_mask(visible: torch.Tensor, chunk: Chunk) -> torch.Tensor:
     """visible # (B, T) slots any query may see -> # (B, 1, c, slots) bool: what each of the
     chunk's queries may see (a visible slot not after its own)."""
+    if chunk.stop - chunk.start == 1:  # one query, the chunk's last slot: nothing after it
+        return visible[:, None, None, : chunk.slots]
     own = torch.arange(chunk.slots - (chunk.stop - chunk.start), chunk.slots, device=visible.device)  # (c,)
     causal = torch.arange(chunk.slots, device=visible.device) <= own[:, None]  # (c, slots)
     return visible[:, None, None, : chunk.slots] & causal
@@ -309,7 +311,7 @@ def self_attention(
             logits = logits + bias[..., : chunk.slots]
         # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
         # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
-        logits = logits.masked_fill(~chunk_mask(visible, chunk), torch.finfo(logits.dtype).min)
+        logits = torch.where(chunk_mask(visible, chunk), logits, torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1)
         del logits  # one chunk-sized tensor fewer while the hooks and the product run
         steering.observe(index, probs, cache, valid[:, chunk.rows], chunk)

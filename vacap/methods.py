@@ -114,27 +114,34 @@ class VASparse(Steering):
                 # A copy: a view would keep the chunk's whole logits alive until compaction.
                 self._prompt_logits[layer] = logits[:, :, -1].clone()
             return logits
+        if not (self.sink or self.select):
+            return logits
         s = logits[:, :, 0]  # (B, H, T): one query per decode step
         valid = cache.valid[layer, :, : s.shape[-1]]
+        parts = self._step_parts(layer, valid)
         out = s
         if self.sink:
-            weights = vs.sink_weights(self._field("colsum", layer), valid)
+            weights = vs.step_sink_weights(self._field("colsum", layer), parts[0])
             out = vs.sink_penalty(s, weights, c.sink_beta)
         if self.select:
-            out = out + vs.selection_bias(s, *self._selection_parts(layer, valid))
+            out = torch.where(vs.selection_keep(s, *parts), out, -math.inf)
         return out.unsqueeze(2)
 
-    def _selection_parts(self, layer: int, valid: torch.Tensor):
-        """``vs.selection_parts`` for this layer; without a KV budget every layer of a step
-        holds the same slots, so they are made once per step."""
+    def _step_parts(self, layer: int, valid: torch.Tensor):
+        """``vs.selection_parts`` for this layer (only its ``invalid`` when selection is off);
+        without a KV budget every layer of a step holds the same slots, so they are made once
+        per step."""
         if self.budget or layer == self.config.start_layer:
             c = self.config
-            phat = self._phat(layer, valid)
-            parts = vs.selection_parts(phat, c.lam, valid, c.sparsity, valid.shape[-1] - 1)
+            if self.select:
+                phat = self._phat(layer, valid)
+                parts = vs.selection_parts(phat, c.lam, valid, c.sparsity, valid.shape[-1] - 1)
+            else:
+                parts = (vs.invalid_bias(valid),)
             if self.budget:
                 return parts
-            self._step_parts = parts
-        return self._step_parts
+            self._parts = parts
+        return self._parts
 
     def _phat(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
         """The scaled saliency Phat # (B, 1 or H, T); zeros when lam is 0 (the term then vanishes).
@@ -154,7 +161,11 @@ class VASparse(Steering):
         self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
     ) -> None:
         if self.sink and layer >= self.config.start_layer:
-            self._field("colsum", layer)[..., : chunk.slots].add_(_received(probs, query_valid))
+            colsum = self._field("colsum", layer)[..., : chunk.slots]
+            if probs.shape[2] == 1:  # a decode step: one pass instead of a product and a sum
+                colsum.addcmul_(probs[:, :, 0], query_valid.to(probs.dtype)[:, :, None])
+            else:
+                colsum.add_(_received(probs, query_valid))
         if self.saliency and layer == self.n_layers - 1:
             image = _per_query_head(self._field("image", layer)[..., : chunk.slots], self.n_heads) > 0.5
             # A padding query's row is filler (which chunk holds it changes it): its v stays 0.

@@ -140,9 +140,10 @@ def top_k_mask(key: Tensor, k: Tensor, k_max: int) -> Tensor:
     given input and device.
     """
     # The decode step runs this in every selection layer. On a CPU torch.topk costs about as much
-    # as sorting each row; numpy's introselect (argpartition) was 3-4x faster on 128 rows of 620
-    # slots. A CPU tensor's values already live on the host: reading them syncs nothing.
-    return _top_k_introselect(key, k) if key.device.type == "cpu" else _top_k_sorted(key, k, k_max)
+    # as sorting each row, and numpy's partition is cheaper still when it returns only the k-th
+    # value (see _top_k_threshold). A CPU tensor's values already live on the host: reading them
+    # syncs nothing.
+    return _top_k_threshold(key, k) if key.device.type == "cpu" else _top_k_sorted(key, k, k_max)
 
 
 def _top_k_sorted(key: Tensor, k: Tensor, k_max: int) -> Tensor:
@@ -151,37 +152,54 @@ def _top_k_sorted(key: Tensor, k: Tensor, k_max: int) -> Tensor:
     return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, top, picked)
 
 
-def _top_k_introselect(key: Tensor, k: Tensor) -> Tensor:
+def _top_k_threshold(key: Tensor, k: Tensor) -> Tensor:
+    """CPU top-k: each (row, head) keeps what is >= its k-th largest value (numpy's introselect).
+
+    Only a tie at the k-th value (or a NaN) keeps a number other than k; such rows are chosen
+    again by index. On 128 rows of 620 slots the values alone took 0.41 ms where the indices
+    (argpartition) and writing them into a mask took 1.06 ms.
+    """
     values, counts = key.numpy(), k.numpy()
     T = values.shape[-1]
-    keep = np.zeros(values.shape, dtype=bool)
-    for n in np.unique(counts):
-        rows = counts == n
-        picks = np.argpartition(values[rows], T - n, axis=-1)[..., T - n :]
-        part = np.zeros(picks.shape[:-1] + (T,), dtype=bool)
-        np.put_along_axis(part, picks, True, axis=-1)
-        keep[rows] = part
+    keep = np.empty(values.shape, dtype=bool)
+    groups = np.unique(counts)
+    for n in groups:
+        rows = slice(None) if len(groups) == 1 else counts == n
+        part = values[rows]
+        chosen = part >= np.partition(part, T - n, axis=-1)[..., T - n : T - n + 1]
+        tied = chosen.sum(-1) != n
+        if tied.any():
+            picks = np.argpartition(part[tied], T - n, axis=-1)[..., T - n :]
+            exact = np.zeros(picks.shape[:-1] + (T,), dtype=bool)
+            np.put_along_axis(exact, picks, True, axis=-1)
+            chosen[tied] = exact
+        keep[rows] = chosen
     return torch.from_numpy(keep)
 
 
+def invalid_bias(valid: Tensor) -> Tensor:
+    """valid # (B, T) bool -> # (B, 1, T) fp32: 0 on valid slots, -inf elsewhere (added, it masks)."""
+    return torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, -math.inf)[:, None]
+
+
 def selection_parts(phat: Tensor, lam: float, valid: Tensor, sparsity: float, current: int):
-    """What ``selection_bias`` needs that does not change between the layers of one step.
+    """What ``selection_keep`` needs that does not change between the layers of one step.
 
         phat      # (B, 1 or H, T) scaled saliency (``scaled_saliency``)
         valid     # (B, T) bool; current: the slot that is always kept
-        returns   invalid # (B, 1, T) fp32: 0 on valid slots, -inf elsewhere
+        returns   invalid # (B, 1, T) fp32: ``invalid_bias(valid)``
                   prior   # (B, 1 or H, T) fp32: lam * Phat + invalid, +inf on the current slot
                   k       # (B,) long: k_b = max(1, ceil((1 - sparsity) * n_b)) slots to keep
                   k_max   # int: the bound on k (``top_k_mask``)
     """
-    invalid = torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, -math.inf)[:, None]
+    invalid = invalid_bias(valid)
     prior = (lam * phat + invalid).index_fill(-1, torch.tensor([current], device=valid.device), math.inf)
     k = torch.ceil((1 - sparsity) * valid.sum(-1).double() - _COUNT_TOL).long().clamp_min(1)
     return invalid, prior, k, _k_bound(sparsity, valid.shape[-1])
 
 
-def selection_bias(logits: Tensor, invalid: Tensor, prior: Tensor, k: Tensor, k_max: int) -> Tensor:
-    """``keep_mask(selection_scores(...))`` as an additive mask, in a third of the operations.
+def selection_keep(logits: Tensor, invalid: Tensor, prior: Tensor, k: Tensor, k_max: int) -> Tensor:
+    """``keep_mask(selection_scores(...))`` in a third of the operations.
 
     The decode loop runs this in every selection layer of every step, so the parts that stay
     the same across a step's layers come ready from ``selection_parts``. The sort key equals
@@ -190,13 +208,15 @@ def selection_bias(logits: Tensor, invalid: Tensor, prior: Tensor, k: Tensor, k_
 
         logits    # (B, H, T) raw attention logits s
         invalid, prior, k, k_max  from ``selection_parts``
-        returns   # (B, H, T) fp32: 0 on the kept slots, -inf on the dropped ones
+        returns   # (B, H, T) bool: the kept slots
     """
-    s2 = logits.float().square() + invalid
+    s = logits.float()
+    # invalid + s * s: adding 0 or -inf rounds nothing, fused multiply-add or not, so this is
+    # s.square() + invalid bit for bit in one pass.
+    s2 = torch.addcmul(invalid, s, s)
     # Clamped, not tested: when every valid s is 0, 0 / tiny is the 0 that _unit_peak gives.
-    peak = s2.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    key = s2 / peak + prior
-    return torch.where(top_k_mask(key, k, k_max), 0.0, -math.inf)
+    peak = s2.amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+    return top_k_mask(torch.addcdiv(prior, s2, peak), k, k_max)  # prior + s2 / peak
 
 
 def sink_weights(colsum: Tensor, valid: Tensor) -> Tensor:
@@ -207,6 +227,17 @@ def sink_weights(colsum: Tensor, valid: Tensor) -> Tensor:
         returns   # (B, H, T) fp32, sums to 1 per (row, head), 0 on invalid slots
     """
     return _masked_softmax(colsum, _slots(valid, colsum.dim()))
+
+
+def step_sink_weights(colsum: Tensor, invalid: Tensor) -> Tensor:
+    """``sink_weights`` where every row holds a valid slot, as a decode step's rows do (the
+    current token's), in one pass fewer: no row's softmax can be all -inf, hence NaN.
+
+        colsum    # (B, H, T)
+        invalid   # (B, 1, T) ``invalid_bias(valid)``
+        returns   # (B, H, T) fp32, equal to sink_weights(colsum, valid)
+    """
+    return (colsum.float() + invalid).softmax(-1)
 
 
 def sink_penalty(logits: Tensor, weights: Tensor, beta: float) -> Tensor:
@@ -222,7 +253,7 @@ def sink_penalty(logits: Tensor, weights: Tensor, beta: float) -> Tensor:
     if logits.dim() == 4:
         weights = weights[:, :, None]  # (B, H, 1, T): one weight row for every query
     s = logits.float()
-    return ((1 + beta) * s - beta * weights * s).to(logits.dtype)
+    return torch.addcmul((1 + beta) * s, weights, s, value=-beta).to(logits.dtype)
 
 
 def saliency(v: Tensor, valid: Tensor) -> Tensor:
