@@ -60,6 +60,8 @@ SETTINGS = {
     "selection-only": dict(method="vasparse", alpha=0.0, sink_beta=0.0),
     "sink-only": dict(method="vasparse", sparsity=0.0, alpha=0.0),
     "contrast-only": dict(method="vasparse", sparsity=0.0, sink_beta=0.0),
+    # The setting issue 13 proposes for language-prior hallucinations (benchmarks/RESULTS.md).
+    "contrast-4": dict(method="vasparse", contrast_layers=4, mask_rate=0.5, alpha=1.0),
     "kv-budget-0.5": dict(method="vasparse", kv_budget=0.5),
     "vcd": dict(method="vcd"),
     "fastv": dict(method="fastv"),
