@@ -123,5 +123,6 @@ def main() -> None:
             f"{', '.join(f'{r:.2f}' for r in spread)} |"
         )
 
+
 if __name__ == "__main__":
     main()
