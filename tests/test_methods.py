@@ -51,12 +51,13 @@ class Spy:
     """Records what a method's hooks returned or saw at decode steps, per layer."""
 
     def __init__(self, steering):
-        self.logits, self.probs = {}, {}
+        self.raw, self.logits, self.probs = {}, {}, {}
         layer_logits, observe = steering.layer_logits, steering.observe
 
         def spy_logits(layer, logits, cache, chunk):
             out = layer_logits(layer, logits, cache, chunk)
             if not chunk.prefill:
+                self.raw.setdefault(layer, []).append(logits[:, :, 0].clone())
                 self.logits.setdefault(layer, []).append(out[:, :, 0].clone())
             return out
 
@@ -344,24 +345,30 @@ def test_identity_7_sink_column_sums_match_hf_and_grow_by_one_row(loaded):
         expected = (states.attentions[layer] * valid[:, None, :, None]).sum(2)
         torch.testing.assert_close(c[layer], expected, rtol=1e-4, atol=1e-5)
 
-    # One step: the current token's row, with the penalty and the selection the contract defines.
+    # One step: the current token's row, with the penalty and the selection the contract defines,
+    # in every layer (the loop makes every layer's sink factor in the first one). HF gives the
+    # raw logits s of the first such layer only: the later ones see what VASparse changed.
     steering = steering_for(model, DecodeConfig(max_new_tokens=2, **settings))
+    spy = Spy(steering)
     outputs = generate(model, inputs, steering, 2)
     full = extended(inputs, fed_tokens(outputs, 2, model.pad_id)[:, :1])
     full_valid = full["attention_mask"].bool()
     full_states = hf_states(hf, full)
     s = hf_layer_logits(hf, full_states.hidden_states[start], positions(full), start)[:, :, -1]
+    real = full_valid[:, None].expand_as(s)  # padding slots hold other filler in each
+    torch.testing.assert_close(spy.raw[start][0][real], s[real], rtol=1e-4, atol=1e-4)
     v = image_mass(full_states.attentions[-1], full["input_ids"] == model.image_token_id)
     v[:, -1] = 0  # the current token's v is recorded in the last layer, after this one selects
-    before = torch.nn.functional.pad((states.attentions[start] * valid[:, None, :, None]).sum(2), (0, 1))
-    w = torch.softmax(before.masked_fill(~full_valid[:, None], -math.inf), -1)
-    penalised = (1 + beta) * s - beta * w * s
-    keep = expected_keep(s, v, full_valid, sparsity, lam)
-    row = torch.softmax(penalised.masked_fill(~keep, -math.inf), -1)
-    # Growth from vacap's own prefill sums (the run above), not HF's: those match HF only to
-    # rounding, and a slot the step drops must grow by exactly 0.
-    grown = steering.cache.fields["colsum"][start, :, :, : T + 1] - torch.nn.functional.pad(c[start], (0, 1))
-    torch.testing.assert_close(grown, row, rtol=1e-4, atol=1e-5)
+    for layer in range(start, len(model.layers)):
+        s = s if layer == start else spy.raw[layer][0]
+        before = torch.nn.functional.pad(c[layer], (0, 1))
+        w = torch.softmax(before.masked_fill(~full_valid[:, None], -math.inf), -1)
+        penalised = (1 + beta) * s - beta * w * s
+        keep = expected_keep(s, v, full_valid, sparsity, lam)
+        row = torch.softmax(penalised.masked_fill(~keep, -math.inf), -1)
+        # A slot the step drops must grow by exactly 0.
+        grown = steering.cache.fields["colsum"][layer, :, :, : T + 1] - before
+        torch.testing.assert_close(grown, row, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.dtype

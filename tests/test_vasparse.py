@@ -211,6 +211,11 @@ def test_step_sink_weights_equal_sink_weights_when_every_row_has_a_valid_slot():
     step = vs.step_sink_weights(colsum, vs.invalid_bias(valid))
     assert torch.equal(step, vs.sink_weights(colsum, valid))
     assert (step[2, :, -1] == 1).all()
+    # Several layers' sums at once, as a decode step makes them: each layer as if alone.
+    layers = torch.rand(3, B, H, T, generator=g) * 6
+    together = vs.step_sink_weights(layers, vs.invalid_bias(valid))
+    for layer in range(3):
+        assert torch.equal(together[layer], vs.step_sink_weights(layers[layer], vs.invalid_bias(valid)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -613,3 +618,8 @@ def test_both_top_k_paths_keep_the_k_largest(seed):
     assert torch.equal(keep.sum(-1), k[:, None].expand(3, 2))
     assert keep[0, 1, [0, 2]].all() and keep[0, 1, [1, 3, 5]].sum() == 1
     assert torch.equal(keep[1:], vs._top_k_sorted(key, k, 5)[1:])
+    # A NaN (a broken model's logit) still leaves exactly k per head, whatever k is.
+    key = torch.randn(2, 3, 10, generator=g)
+    key[0, 0, 4] = key[1, 2, :3] = math.nan
+    for n in (1, 2, 5, 10):
+        assert (vs._top_k_threshold(key, torch.tensor([n, n])).sum(-1) == n).all()

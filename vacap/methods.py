@@ -93,10 +93,14 @@ class VASparse(Steering):
             hidden[b, slots[pick[0]]] = True
         return hidden
 
-    def _field(self, name: str, layer: int) -> torch.Tensor:
-        """A field's live slots for a layer # (B, heads, T)."""
+    def _field(self, name: str, layer: int, layers: bool = False) -> torch.Tensor:
+        """A field's live slots for a layer # (B, heads, T), or for it and every later layer
+        # (L', B, heads, T) (``layers``, only where all layers hold the same slots)."""
         value = self.cache.fields[name]
-        return value[0 if value.shape[0] == 1 else layer, :, :, : self.cache.length[layer]]
+        T = self.cache.length[layer]
+        if layers:
+            return value[layer:, :, :, :T]
+        return value[0 if value.shape[0] == 1 else layer, :, :, :T]
 
     def needs_attention(self, layer: int, prefill: bool) -> bool:
         # P needs the image mass each token paid in the last layer; from start_layer on, the sink
@@ -118,30 +122,34 @@ class VASparse(Steering):
             return logits
         s = logits[:, :, 0]  # (B, H, T): one query per decode step
         valid = cache.valid[layer, :, : s.shape[-1]]
-        parts = self._step_parts(layer, valid)
-        out = s
-        if self.sink:
-            weights = vs.step_sink_weights(self._field("colsum", layer), parts[0])
-            out = vs.sink_penalty(s, weights, c.sink_beta)
+        parts, factor = self._step_parts(layer, valid)
+        out = vs.penalise(s, factor) if self.sink else s
         if self.select:
             out = torch.where(vs.selection_keep(s, *parts), out, -math.inf)
         return out.unsqueeze(2)
 
     def _step_parts(self, layer: int, valid: torch.Tensor):
-        """``vs.selection_parts`` for this layer (only its ``invalid`` when selection is off);
-        without a KV budget every layer of a step holds the same slots, so they are made once
-        per step."""
-        if self.budget or layer == self.config.start_layer:
-            c = self.config
+        """-> ``vs.selection_parts`` for this layer (None without selection) and its sink factor
+        # (B, H, T) (None without the sink). Without a KV budget every layer of a step holds the
+        same slots, and the column sums were written by earlier steps, so both are made once per
+        step for every layer, in the step's first one."""
+        c = self.config
+        if self.budget or layer == c.start_layer:
+            parts = None
             if self.select:
                 phat = self._phat(layer, valid)
                 parts = vs.selection_parts(phat, c.lam, valid, c.sparsity, valid.shape[-1] - 1)
-            else:
-                parts = (vs.invalid_bias(valid),)
+            factor = None
+            if self.sink:
+                invalid = parts[0] if parts else vs.invalid_bias(valid)
+                # Every later layer at once: # (L', B, H, T). Their slot for this step's token is
+                # not written yet, and its column sum is 0 until it is, as it is when they run.
+                colsum = self._field("colsum", layer) if self.budget else self._field("colsum", layer, layers=True)
+                factor = vs.sink_factor(vs.step_sink_weights(colsum, invalid), c.sink_beta)
             if self.budget:
-                return parts
-            self._parts = parts
-        return self._parts
+                return parts, factor
+            self._parts, self._factors = parts, factor
+        return self._parts, None if self._factors is None else self._factors[layer - c.start_layer]
 
     def _phat(self, layer: int, valid: torch.Tensor) -> torch.Tensor:
         """The scaled saliency Phat # (B, 1 or H, T); zeros when lam is 0 (the term then vanishes).

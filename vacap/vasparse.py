@@ -155,26 +155,42 @@ def _top_k_sorted(key: Tensor, k: Tensor, k_max: int) -> Tensor:
 def _top_k_threshold(key: Tensor, k: Tensor) -> Tensor:
     """CPU top-k: each (row, head) keeps what is >= its k-th largest value (numpy's introselect).
 
-    Only a tie at the k-th value (or a NaN) keeps a number other than k; such rows are chosen
-    again by index. On 128 rows of 620 slots the values alone took 0.41 ms where the indices
-    (argpartition) and writing them into a mask took 1.06 ms.
+    On 128 rows of 620 slots the values alone took 0.41 ms where the indices (argpartition) and
+    writing them into a mask took 1.06 ms.
     """
     values, counts = key.numpy(), k.numpy()
-    T = values.shape[-1]
+    # The rows of a batch nearly always share one k, and np.unique costs a third of a 16-row
+    # partition: the decode step at batch 1 pays this in every selection layer.
+    if (counts == counts[0]).all():
+        return torch.from_numpy(_keep_largest(values, int(counts[0])))
     keep = np.empty(values.shape, dtype=bool)
-    groups = np.unique(counts)
-    for n in groups:
-        rows = slice(None) if len(groups) == 1 else counts == n
-        part = values[rows]
-        chosen = part >= np.partition(part, T - n, axis=-1)[..., T - n : T - n + 1]
-        tied = chosen.sum(-1) != n
-        if tied.any():
-            picks = np.argpartition(part[tied], T - n, axis=-1)[..., T - n :]
-            exact = np.zeros(picks.shape[:-1] + (T,), dtype=bool)
-            np.put_along_axis(exact, picks, True, axis=-1)
-            chosen[tied] = exact
-        keep[rows] = chosen
+    for n in np.unique(counts):
+        keep[counts == n] = _keep_largest(values[counts == n], int(n))
     return torch.from_numpy(keep)
+
+
+def _keep_largest(values: np.ndarray, n: int) -> np.ndarray:
+    """values # (..., T) float -> # (..., T) bool: the n largest of every row (NaN counts as largest).
+
+    Only a tie at the n-th value, or a NaN, keeps a number other than n by threshold; such rows
+    are chosen again by index.
+    """
+    pivot = values.shape[-1] - n
+    ordered = np.partition(values, pivot, axis=-1)
+    kth = ordered[..., pivot : pivot + 1]
+    chosen = values >= kth
+    # The partition leaves only values <= the n-th below it, so the count is wrong exactly where
+    # one of them equals it (a tie) or where a NaN, which it sorts last, was dropped. Reading
+    # that off the partition is cheaper than counting the chosen slots.
+    wrong = np.isnan(ordered[..., -1])
+    if pivot > 0:
+        wrong |= ordered[..., :pivot].max(-1) == kth[..., 0]
+    if wrong.any():
+        picks = np.argpartition(values[wrong], pivot, axis=-1)[..., pivot:]
+        exact = np.zeros(picks.shape[:-1] + values.shape[-1:], dtype=bool)
+        np.put_along_axis(exact, picks, True, axis=-1)
+        chosen[wrong] = exact
+    return chosen
 
 
 def invalid_bias(valid: Tensor) -> Tensor:
@@ -233,27 +249,44 @@ def step_sink_weights(colsum: Tensor, invalid: Tensor) -> Tensor:
     """``sink_weights`` where every row holds a valid slot, as a decode step's rows do (the
     current token's), in one pass fewer: no row's softmax can be all -inf, hence NaN.
 
-        colsum    # (B, H, T)
+        colsum    # (B, H, T), or (L, B, H, T) for L layers that hold the same slots
         invalid   # (B, 1, T) ``invalid_bias(valid)``
-        returns   # (B, H, T) fp32, equal to sink_weights(colsum, valid)
+        returns   # colsum's shape, fp32, equal to sink_weights(colsum, valid) (per layer)
     """
     return (colsum.float() + invalid).softmax(-1)
 
 
+def sink_factor(weights: Tensor, beta: float) -> Tensor:
+    """Eq. 5 with s factored out: s' = (1 + beta) * s - beta * w * s = s * f, f = (1 + beta) - beta * w.
+
+        weights   # (..., T) sink weights w from sink_weights
+        returns   # same shape, fp32, in [1, 1 + beta]
+
+    A decode step makes every layer's factor in one call, since they read only column sums that
+    earlier steps wrote; each layer then pays one product (``sink_penalty``).
+    """
+    return torch.rsub(weights.float(), 1 + beta, alpha=beta)
+
+
 def sink_penalty(logits: Tensor, weights: Tensor, beta: float) -> Tensor:
-    """Penalised logits s' = (1 + beta) * s - beta * w * s (Eq. 5).
+    """Penalised logits s' = (1 + beta) * s - beta * w * s (Eq. 5), as s * ``sink_factor``.
 
         logits    # (B, H, T) or (B, H, Tq, T) attention logits s
         weights   # (B, H, T) sink weights w from sink_weights
         returns   # same shape and dtype as logits (computed in fp32)
 
-    Apply it BEFORE adding any -inf mask: beta * w * (-inf) is NaN, even where w is 0. With beta 0
-    the result equals the input bit for bit, but the caller skips the call altogether.
+    The factor is at least 1, so masked logits (-inf) stay masked. With beta 0 the result equals
+    the input bit for bit, but the caller skips the call altogether.
     """
+    return penalise(logits, sink_factor(weights, beta))
+
+
+def penalise(logits: Tensor, factor: Tensor) -> Tensor:
+    """logits # (B, H, T) or (B, H, Tq, T), factor # (B, H, T) from ``sink_factor`` -> s * factor,
+    in fp32, returned in the logits' dtype."""
     if logits.dim() == 4:
-        weights = weights[:, :, None]  # (B, H, 1, T): one weight row for every query
-    s = logits.float()
-    return torch.addcmul((1 + beta) * s, weights, s, value=-beta).to(logits.dtype)
+        factor = factor[:, :, None]  # (B, H, 1, T): one factor row for every query
+    return (logits.float() * factor).to(logits.dtype)
 
 
 def saliency(v: Tensor, valid: Tensor) -> Tensor:
