@@ -58,7 +58,7 @@ from transformers import (
 )
 
 ARCHITECTURES = ("llava-llama", "llava-mistral", "llava-qwen2", "llava-next", "llava-onevision")
-SIZES = ("tiny", "mid", "long", "short")
+SIZES = ("tiny", "mid", "long", "short", "wide")
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -170,6 +170,10 @@ _MID_TEXT = Dims(hidden=1024, layers=24, heads=16, intermediate=2816)
 # tiles and sequence length, half its width and a third of its depth (~27M text parameters),
 # so that 2 CPU cores prefill a batch of 4 such prompts in seconds.
 _LONG_TEXT = Dims(hidden=512, layers=8, heads=8, intermediate=1408)
+# For what a decode step costs at real width: the layers of a 7B LLaVA (LLaVA-1.5-7B's hidden
+# size, heads and MLP), but 6 of its 32, so that 2 CPU cores and 24 GiB hold it (~1.2B text
+# parameters, 4.9 GB in fp32). Per-layer costs compare with a 7B model's; whole steps do not.
+_WIDE_TEXT = Dims(hidden=4096, layers=6, heads=32, intermediate=11008)
 
 # Two layers so that vision_feature_layer=-2 selects a real hidden state.
 _TINY_VISION = Dims(hidden=32, layers=2, heads=2, intermediate=64)
@@ -195,7 +199,7 @@ def build_tiny_model(
     (576 base + 2304 tile + 48 row-newline tokens), as LLaVA-NeXT's up to 2880 do.
     ``size="short"`` is the mid text model on the tiny 32-px images (16 image tokens): decode
     steps rather than prefills take its time, as on a GPU, where a prompt of 600 tokens costs a
-    few steps.
+    few steps. ``size="wide"`` has 6 layers of LLaVA-1.5-7B's width on the mid model's images.
     Returns ``out_dir`` as a ``Path``.
     """
     if arch not in ARCHITECTURES:
@@ -208,6 +212,8 @@ def build_tiny_model(
         text_dims = _MID_TEXT
     elif size == "long":
         text_dims = _LONG_TEXT
+    elif size == "wide":
+        text_dims = _WIDE_TEXT
     else:
         text_dims = _QUANT_TEXT if quantizable else _TINY_TEXT
     vision_dims = _QUANT_VISION if quantizable else _TINY_VISION
