@@ -220,12 +220,12 @@ def test_step_sink_weights_equal_sink_weights_when_every_row_has_a_valid_slot():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("query_axis", [False, True])
-def test_sink_penalty_matches_formula(dtype, query_axis):
+def test_sink_factor_penalty_matches_formula(dtype, query_axis):
     g = gen(5)
     B, H, T, beta = 2, 3, 5, 0.3
     logits = torch.randn(B, H, T, generator=g).to(dtype)
     w = torch.rand(B, H, T, generator=g).softmax(-1)
-    out = vs.sink_penalty(logits[:, :, None] if query_axis else logits, w, beta)
+    out = vs.penalise(logits[:, :, None] if query_axis else logits, vs.sink_factor(w, beta))
     assert out.dtype == dtype
     out = out[:, :, 0] if query_axis else out
     tol = 1e-6 if dtype == torch.float32 else 1e-2
@@ -235,10 +235,10 @@ def test_sink_penalty_matches_formula(dtype, query_axis):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sink_penalty_beta_zero_is_bitwise_identity(dtype):
+def test_sink_factor_penalty_beta_zero_is_bitwise_identity(dtype):
     logits = torch.randn(2, 3, 7, generator=gen(6)).to(dtype)
     w = torch.rand(2, 3, 7, generator=gen(7))
-    assert torch.equal(vs.sink_penalty(logits, w, 0.0), logits)
+    assert torch.equal(vs.penalise(logits, vs.sink_factor(w, 0.0)), logits)
 
 
 def test_penalty_then_mask_then_softmax_has_no_nan():
@@ -249,7 +249,7 @@ def test_penalty_then_mask_then_softmax_has_no_nan():
     w = vs.sink_weights(torch.rand(B, H, T, generator=g), valid)
     delta = vs.selection_scores(logits, torch.rand(B, T, generator=g), 1.0, valid)
     keep = vs.keep_mask(delta, 0.5, valid, T - 1)
-    probs = vs.sink_penalty(logits, w, 0.5).masked_fill(~keep, -math.inf).softmax(-1)
+    probs = vs.penalise(logits, vs.sink_factor(w, 0.5)).masked_fill(~keep, -math.inf).softmax(-1)
     assert not probs.isnan().any()
     assert torch.allclose(probs.sum(-1), torch.ones(B, H))
     assert (probs[~keep] == 0).all()

@@ -263,27 +263,21 @@ def sink_factor(weights: Tensor, beta: float) -> Tensor:
         returns   # same shape, fp32, in [1, 1 + beta]
 
     A decode step makes every layer's factor in one call, since they read only column sums that
-    earlier steps wrote; each layer then pays one product (``sink_penalty``).
+    earlier steps wrote; each layer then pays one product (``penalise``).
     """
     return torch.rsub(weights.float(), 1 + beta, alpha=beta)
 
 
-def sink_penalty(logits: Tensor, weights: Tensor, beta: float) -> Tensor:
+def penalise(logits: Tensor, factor: Tensor) -> Tensor:
     """Penalised logits s' = (1 + beta) * s - beta * w * s (Eq. 5), as s * ``sink_factor``.
 
         logits    # (B, H, T) or (B, H, Tq, T) attention logits s
-        weights   # (B, H, T) sink weights w from sink_weights
+        factor    # (B, H, T) from sink_factor
         returns   # same shape and dtype as logits (computed in fp32)
 
     The factor is at least 1, so masked logits (-inf) stay masked. With beta 0 the result equals
     the input bit for bit, but the caller skips the call altogether.
     """
-    return penalise(logits, sink_factor(weights, beta))
-
-
-def penalise(logits: Tensor, factor: Tensor) -> Tensor:
-    """logits # (B, H, T) or (B, H, Tq, T), factor # (B, H, T) from ``sink_factor`` -> s * factor,
-    in fp32, returned in the logits' dtype."""
     if logits.dim() == 4:
         factor = factor[:, :, None]  # (B, H, 1, T): one factor row for every query
     return (logits.float() * factor).to(logits.dtype)
