@@ -3,6 +3,7 @@
     python benchmarks/steps.py                                # mid model, batch 8, 32 steps, 3 pairs
     python benchmarks/steps.py --batch 1 --settings vasparse,selection-only --pairs 5
     python benchmarks/steps.py --turns step --steps 40            # settings alternate every step
+    python benchmarks/steps.py --size wide --turns step --steps 30  # 6 layers of a 7B model's width
 
 ``speed.py`` derives ms per step from two whole calls (N tokens minus one token), so a second
 of noise in either prefill moves a step by tens of ms at batch 8. Here the clock starts when the
@@ -33,7 +34,7 @@ from speed import SETTINGS, load, prepare
 from vacap.config import DecodeConfig
 from vacap.decode import _prefill, forward, generate
 from vacap.methods import steering_for
-from vacap.tiny_models import build_tiny_model
+from vacap.tiny_models import SIZES, build_tiny_model
 
 
 def step_ms(model, inputs: dict, settings: dict, steps: int) -> float:
@@ -86,7 +87,7 @@ def step_turns(model, inputs: dict, names: list[str], steps: int) -> dict[str, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="mid")
+    parser.add_argument("--size", default="mid", choices=SIZES)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=3)
