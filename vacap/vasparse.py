@@ -159,8 +159,8 @@ def _top_k_threshold(key: Tensor, k: Tensor) -> Tensor:
     writing them into a mask took 1.06 ms.
     """
     values, counts = key.numpy(), k.numpy()
-    # The rows of a batch nearly always share one k, and np.unique costs a third of a 16-row
-    # partition: the decode step at batch 1 pays this in every selection layer.
+    # The rows of a batch nearly always share one k. In a profile of batch-1 steps, np.unique
+    # took half as long as the partition of the 16 rows, in every selection layer.
     if (counts == counts[0]).all():
         return torch.from_numpy(_keep_largest(values, int(counts[0])))
     keep = np.empty(values.shape, dtype=bool)
