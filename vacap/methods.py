@@ -93,14 +93,10 @@ class VASparse(Steering):
             hidden[b, slots[pick[0]]] = True
         return hidden
 
-    def _field(self, name: str, layer: int, layers: bool = False) -> torch.Tensor:
-        """A field's live slots for a layer # (B, heads, T), or for it and every later layer
-        # (L', B, heads, T) (``layers``, only where all layers hold the same slots)."""
+    def _field(self, name: str, layer: int) -> torch.Tensor:
+        """A field's live slots for a layer # (B, heads, T)."""
         value = self.cache.fields[name]
-        T = self.cache.length[layer]
-        if layers:
-            return value[layer:, :, :, :T]
-        return value[0 if value.shape[0] == 1 else layer, :, :, :T]
+        return value[0 if value.shape[0] == 1 else layer, :, :, : self.cache.length[layer]]
 
     def needs_attention(self, layer: int, prefill: bool) -> bool:
         # P needs the image mass each token paid in the last layer; from start_layer on, the sink
@@ -142,9 +138,11 @@ class VASparse(Steering):
             factor = None
             if self.sink:
                 invalid = parts[0] if parts else vs.invalid_bias(valid)
-                # Every later layer at once: # (L', B, H, T). Their slot for this step's token is
-                # not written yet, and its column sum is 0 until it is, as it is when they run.
-                colsum = self._field("colsum", layer) if self.budget else self._field("colsum", layer, layers=True)
+                colsum = self._field("colsum", layer)
+                if not self.budget:
+                    # Every later layer at once: # (L', B, H, T). Their slot for this step's token
+                    # is not written yet; its column sum is 0 until it is, as when they run.
+                    colsum = self.cache.fields["colsum"][layer:, :, :, : colsum.shape[-1]]
                 factor = vs.sink_factor(vs.step_sink_weights(colsum, invalid), c.sink_beta)
             if self.budget:
                 return parts, factor
