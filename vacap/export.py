@@ -16,13 +16,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vacap.records import NotRecords, scan, settings_key
-from vacap.sidecars import sidecar_path, write_atomic
+from vacap.files import temporary_name, write_atomic
+from vacap.sidecars import sidecar_path
 
 FORMATS = ("hf-metadata", "csv", "parquet", "txt")
 # Columns of the csv and parquet exports, with their parquet types.
@@ -274,8 +274,7 @@ def _write_parquet(rows: list[dict], target: Path) -> None:
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS.items()])
     table = pa.Table.from_pylist(rows, schema=schema)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    temporary = target.parent / temporary_name(target.name, target.parent)
     try:
         pa.parquet.write_table(table, temporary)
         os.replace(temporary, target)
@@ -353,8 +352,7 @@ def _copy(source: Path, target: Path) -> None:
     if target.is_file() and _same_bytes(source, target):
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    temporary = target.parent / temporary_name(target.name, target.parent)
     try:
         shutil.copy2(source, temporary)
         os.replace(temporary, target)

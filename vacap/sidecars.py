@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import collections
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from vacap.files import write_atomic
 from vacap.records import path_fields
 
 SUFFIXES = ("txt", "caption")
@@ -38,31 +38,6 @@ def sidecar_path(image: Path, suffix: str, root: Path | None = None, mirror: Pat
     except ValueError:
         relative = Path()
     return mirror / relative / name
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` as UTF-8 to ``path`` so that a reader, or a run killed at any moment, sees
-    either the old file or the whole new one: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private; a caption file should get the mode any new file would.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def join_captions(existing: str, caption: str, where: str) -> str:
