@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from vacap.demo.shapes import scenes
+from vacap.demo.worlds import scenes
 
 
 def parser(description: str, images: int) -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ from PIL import Image
 
 from vacap.captioner import Captioner
 from vacap.decode import generate
-from vacap.demo.shapes import scenes
+from vacap.demo.worlds import scenes
 from vacap.images import load_image
 from vacap.methods import steering_for
 from vacap.tiny_models import build_tiny_model

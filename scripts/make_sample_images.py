@@ -115,7 +115,7 @@ SCENE_SEED = 7
 
 
 def main(output: Path) -> None:
-    from vacap.demo.shapes import scenes
+    from vacap.demo.worlds import scenes
 
     output.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)

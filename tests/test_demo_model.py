@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR
-from vacap.demo.shapes import scenes
+from vacap.demo.worlds import scenes
 from vacap.evaluate.shapes import extract_objects
 
 needs_demo_model = pytest.mark.skipif(

@@ -17,7 +17,8 @@ from vacap.demo.priors import (
     WEAKNESSES,
     position,
 )
-from vacap.demo.shapes import COLOURS, SHAPES, SIZE, Shape, _background_image, _mask, scenes
+from vacap.demo.shapes import COLOURS, SHAPES, SIZE, Shape, _background_image, _mask
+from vacap.demo.worlds import scenes
 from vacap.evaluate.shapes import extract_objects, hallucination_cause, score_caption, summarize
 
 # --- generator -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from vacap.demo import MODEL_DIR
-from vacap.demo.shapes import scenes
+from vacap.demo.worlds import scenes
 from vacap.records import scan
 
 VACAP = [sys.executable, "-m", "vacap.cli"]

@@ -22,8 +22,8 @@ from vacap.demo.shapes import (
     Shape,
     make_scene,
     render,
-    scenes,
 )
+from vacap.demo.worlds import scenes
 from vacap.evaluate.shapes import extract_objects, format_table, score_caption, summarize
 
 # --- generator -------------------------------------------------------------------------------

@@ -52,8 +52,6 @@ SIZE = 96
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
 MIN_OBJECT, MAX_OBJECT = 24, 36  # object bounding-box side, pixels
 SPLITS = ("train", "test")
-# "shapes": this module's world (the `demo` model's); "priors": vacap.demo.priors (`demo-priors`).
-WORLDS = ("shapes", "priors")
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -351,19 +349,3 @@ def make_scene(rng: random.Random, split: str, size: int = SIZE) -> Scene:
     boxes = _layout(rng, len(kinds), size)
     objects = [Shape(k, c, x, y, side) for k, c, (x, y, side) in zip(kinds, colours, boxes)]
     return Scene(render(objects, background, size), objects, caption_for(objects, rng), background)
-
-
-def scenes(n: int, seed: int, split: str, size: int = SIZE, world: str = "shapes") -> list[Scene]:
-    """``n`` scenes of ``split`` of ``world`` (:data:`WORLDS`); the same arguments give the same
-    scenes, pixel for pixel."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    if world not in WORLDS:
-        raise ValueError(f"unknown world {world!r}; expected one of {', '.join(WORLDS)}")
-    if world == "priors":
-        from vacap.demo.priors import make_scene as make_priors_scene
-
-        rng = random.Random(f"vacap-priors:{split}:{seed}")
-        return [make_priors_scene(rng, split, size) for _ in range(n)]
-    rng = random.Random(f"vacap-shapes:{split}:{seed}")
-    return [make_scene(rng, split, size) for _ in range(n)]

@@ -68,7 +68,8 @@ from transformers import (
 
 from vacap.config import DEFAULT_PROMPT
 from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR, priors
-from vacap.demo.shapes import COLOURS, NUMBERS, SHAPES, SIZE, WORLDS, Scene, make_scene, scenes
+from vacap.demo.shapes import COLOURS, NUMBERS, SHAPES, SIZE, Scene, make_scene
+from vacap.demo.worlds import WORLDS, scenes
 from vacap.tiny_models import CHAT_TEMPLATE, Dims, llava_tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -113,7 +114,7 @@ TEXT = Dims(hidden=128, layers=4, heads=4, intermediate=384)
 
 @dataclass(frozen=True)
 class Recipe:
-    """What differs between the models of the two worlds (:data:`vacap.demo.shapes.WORLDS`)."""
+    """What differs between the models of the two worlds (:data:`vacap.demo.worlds.WORLDS`)."""
 
     vision: Dims
     text: Dims

@@ -60,7 +60,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from vacap.demo.shapes import COLOUR_PRIORS, CO_OCCURRENCE, COLOURS, SHAPES, Shape, scenes
+from vacap.demo.shapes import COLOUR_PRIORS, CO_OCCURRENCE, COLOURS, SHAPES, Shape
+from vacap.demo.worlds import scenes
 
 # word -> canonical shape; plurals and a few synonyms.
 SHAPE_WORDS: dict[str, str] = {
