@@ -404,6 +404,8 @@ def test_copy_images_never_write_through_a_link_in_the_folder(tmp_path):
     to.mkdir()
     for name in ("sub", "a.png", "b.png"):
         (to / name).symlink_to(elsewhere / name)
+    (elsewhere / "staged").mkdir()
+    (to / ".vacap-export").symlink_to(elsewhere / "staged")  # where vacap stages: the link is removed
     record = {"status": "ok", "model": "demo", "method": "greedy", "params": {"prompt": "p"}}
     lines = [{**record, "path": str(source / name), "caption": name} for name in ("a.png", "b.png", "sub/c.png")]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
@@ -412,7 +414,8 @@ def test_copy_images_never_write_through_a_link_in_the_folder(tmp_path):
     assert f"left out: 1 files that cannot be written: {source / 'sub/c.png'} (" in out.stderr
     assert "would be written outside" in out.stderr
     assert list((elsewhere / "sub").iterdir()) == [elsewhere / "sub" / "c.png"]
-    assert (elsewhere / "b.png").read_bytes() == b"not yours"
+    assert (elsewhere / "b.png").read_bytes() == b"not yours" and list((elsewhere / "staged").iterdir()) == []
+    assert not os.path.lexists(to / ".vacap-export")
     for name in ("a.png", "b.png"):
         assert not (to / name).is_symlink() and (to / name).read_bytes() == name.encode()
     assert [line["file_name"] for line in parse(to / "metadata.jsonl")] == ["a.png", "b.png"]
@@ -436,3 +439,26 @@ def test_file_names_at_the_length_limit(tmp_path):
     assert out.returncode == 0 and "2 images copied" in out.stderr
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == sorted([long_name, longer, "metadata.jsonl"])
     assert leftovers(tmp_path) == []
+
+
+def test_an_export_into_a_folder_another_export_holds_is_refused(tmp_path):
+    """While another process holds the folder's lock (an export running), an export into it
+    exits 2 saying so, and leaves that export's staging folder alone."""
+    import fcntl
+
+    record = {"path": "a.png", "status": "ok", "caption": "c", "model": "demo", "params": {}}
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    staged = tmp_path / "out" / ".vacap-export" / "new"
+    staged.mkdir(parents=True)
+    (staged / "a.txt").write_text("being written", encoding="utf-8")
+    fd = os.open(tmp_path / "out", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        out = vacap("export", "r.jsonl", "--format", "txt", "--to", "out", cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert out.returncode == 2 and "another vacap export is writing into out" in out.stderr
+    assert (staged / "a.txt").read_text(encoding="utf-8") == "being written"
+    out = vacap("export", "r.jsonl", "--format", "txt", "--to", "out", cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "c"
+    assert leftovers(tmp_path / "out") == []
