@@ -641,7 +641,14 @@ def export(
         result = exporting.export(selection, format, to, copy_images=copy_images)
     except exporting.ExportError as exc:
         raise _usage(exc) from exc
-    copied = f", {result.copied} images copied" if result.copied else ""
+    except OSError as exc:
+        typer.echo(f"error: cannot write the export into {to}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if result.finished:
+        typer.echo(f"finished first the export a stopped run had left ready in {to}", err=True)
+    copied = ""
+    if copy_images:
+        copied = f", {result.copied} images copied, {result.identical} already there with the same bytes"
     typer.echo(f"exported {result.written} captions to {result.where}{copied}", err=True)
     left_out = {
         "images with only error records": selection.errors,
@@ -651,11 +658,16 @@ def export(
     for what, count in left_out.items():
         if count:
             typer.echo(f"left out: {count} {what}", err=True)
-    for what, paths in (("images not found", result.missing), ("images whose caption files clash", result.clashes)):
+    problems = (
+        ("images not found", result.missing),
+        ("images whose caption files clash", result.clashes),
+        ("files that cannot be written", result.unwritable),
+    )
+    for what, paths in problems:
         if paths:
             more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
             typer.echo(f"left out: {len(paths)} {what}: {', '.join(paths[:5])}{more}", err=True)
-    raise typer.Exit(1 if result.missing or result.clashes else 0)
+    raise typer.Exit(1 if any(paths for _, paths in problems) else 0)
 
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]

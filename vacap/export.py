@@ -5,13 +5,19 @@ The last ``ok`` record of each image wins (a retried or re-captioned image has s
 with only ``error`` records are left out and counted. A file holding captions made with more
 than one set of settings (a ``compare`` output, or a run resumed with other flags) is refused
 unless one set is chosen: mixing them would pick each image's caption by which run came last.
-No torch import: exporting needs no model.
+
+An export is made whole or not at all (see "writing an export whole" below), every file it writes
+lies inside ``--to`` after links are resolved, and csv cells are escaped against formula injection
+(see ``csv_cell``). No torch import: exporting needs no model.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
@@ -20,8 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vacap.files import OutsideError, contained, sync_folder
 from vacap.records import NotRecords, scan, settings_key
-from vacap.files import temporary_name, write_atomic
 from vacap.sidecars import sidecar_path
 
 FORMATS = ("hf-metadata", "csv", "parquet", "txt")
@@ -44,6 +50,10 @@ COLUMNS = {
 }
 SHORT_KEY = 12  # hex digits of the settings fingerprint shown to users and accepted by --settings
 PARQUET_INSTALL = "parquet export needs pyarrow; install it with: pip install 'vacap[parquet]' (or pip install pyarrow)"
+# A csv cell starting with one of these is read as a formula by spreadsheets (OWASP, CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+STAGING = ".vacap-export"  # hidden folder inside --to where an export is assembled (see _staged)
+METADATA = "metadata.jsonl"
 
 
 class ExportError(ValueError):
@@ -65,7 +75,10 @@ class Result:
     written: int = 0
     missing: list[str] = field(default_factory=list)  # images that are not on disk (hf-metadata)
     clashes: list[str] = field(default_factory=list)  # images whose caption file another image claims
+    unwritable: list[str] = field(default_factory=list)  # "path (why)" of images whose file cannot be written
     copied: int = 0
+    identical: int = 0  # images --copy-images found already in place, byte for byte
+    finished: bool = False  # a ready export that a stopped run had left was moved into place first
     where: Path | None = None  # the file written, or the folder of the caption files
 
 
@@ -211,8 +224,9 @@ def _readable(path: Path) -> str:
 
 
 def export(selection: Selection, fmt: str, to: Path, *, copy_images: bool = False) -> Result:
-    """Write ``selection`` under the folder ``to`` in format ``fmt``; ``ExportError`` when it
-    cannot be done as asked (nothing is written then)."""
+    """Write ``selection`` under the folder ``to`` in format ``fmt``, whole or not at all;
+    ``ExportError`` when it cannot be done as asked (nothing is written then), ``OSError`` when
+    writing fails (the previous export is left as it was)."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "parquet":
@@ -221,22 +235,29 @@ def export(selection: Selection, fmt: str, to: Path, *, copy_images: bool = Fals
         raise ExportError(f"--to {to} is a file; give a folder (it is created when missing)")
     if copy_images and fmt != "hf-metadata":
         raise ExportError("--copy-images goes with --format hf-metadata only")
-    if fmt == "hf-metadata":
-        return _hf_metadata(selection.records, to, copy_images)
-    if fmt == "txt":
-        return _txt(selection.records, to)
-    rows = [row(record) for record in selection.records]
-    if fmt == "csv":
-        target = to / "captions.csv"
-        buffer = io.StringIO(newline="")
-        writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(target, buffer.getvalue())
-    else:
-        target = to / "captions.parquet"
-        _write_parquet(rows, target)
-    return Result(written=len(rows), where=target)
+    places = _hf_places(selection.records, to, copy_images) if fmt == "hf-metadata" else None
+    to.mkdir(parents=True, exist_ok=True)
+    result = Result()
+    with _staged(to, result) as stage:
+        if places is not None:
+            _hf_metadata(places, stage, result)
+        elif fmt == "txt":
+            _txt(selection.records, stage, result)
+        else:
+            rows = [row(record) for record in selection.records]
+            if fmt == "csv":
+                result.where = to / "captions.csv"
+                buffer = io.StringIO(newline="")
+                # \r\n ends rows (RFC 4180), and makes the writer quote a field holding a lone \r.
+                writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\r\n")
+                writer.writeheader()
+                writer.writerows({name: csv_cell(value) for name, value in r.items()} for r in rows)
+                stage.write(Path("captions.csv"), buffer.getvalue().encode("utf-8"))
+            else:
+                result.where = to / "captions.parquet"
+                _write_parquet(rows, stage.place(Path("captions.parquet")))
+            result.written = len(rows)
+    return result
 
 
 def row(record: dict) -> dict:
@@ -260,6 +281,15 @@ def row(record: dict) -> dict:
     }
 
 
+def csv_cell(value):
+    """A csv value that no spreadsheet runs as a formula: text starting with =, +, -, @, tab or
+    carriage return gets a leading single quote, as OWASP advises (a caption a model wrote, or
+    a file name, is untrusted text). Only csv is escaped; parquet and jsonl keep the text as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _pyarrow():
     try:
         import pyarrow
@@ -269,72 +299,92 @@ def _pyarrow():
     return pyarrow
 
 
-def _write_parquet(rows: list[dict], target: Path) -> None:
+def _write_parquet(rows: list[dict], path: Path) -> None:
     pa = _pyarrow()
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS.items()])
-    table = pa.Table.from_pylist(rows, schema=schema)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / temporary_name(target.name, target.parent)
-    try:
-        pa.parquet.write_table(table, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    pa.parquet.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def _txt(records: list[dict], to: Path) -> Result:
+def _txt(records: list[dict], stage: Stage, result: Result) -> None:
     """``<stem>.txt`` per image in ``to``, mirroring the images' tree. Two images whose caption
-    files would be the same file (``a.png`` and ``a.jpg`` side by side) are both left out."""
-    layout = relative_layout([source_path(r) for r in records])
-    targets = [sidecar_path(to / relative, "txt") for relative in layout]
+    files would be the same file (``a.png`` and ``a.jpg`` side by side) are both left out; so is
+    a record whose path names no file (``/``)."""
+    result.where = stage.to
+    named = []
+    for record in records:
+        if _absolute(source_path(record)).name:
+            named.append(record)
+        else:
+            result.unwritable.append(f"{record['path']} (names no file)")
+    layout = relative_layout([source_path(r) for r in named])
+    targets = [sidecar_path(relative, "txt") for relative in layout]
     claims = Counter(targets)
-    result = Result(where=to)
-    for record, target in zip(records, targets):
+    for record, target in zip(named, targets):
         if claims[target] > 1:
             result.clashes.append(record["path"])
-            continue
-        write_atomic(target, record["caption"])
-        result.written += 1
-    return result
+        elif stage.try_write(target, record["caption"].encode("utf-8"), record["path"]):
+            result.written += 1
 
 
-def _hf_metadata(records: list[dict], to: Path, copy_images: bool) -> Result:
-    """``to/metadata.jsonl`` with ``file_name`` (relative to ``to``) and ``text`` per image, the
-    layout of Hugging Face's ``imagefolder`` loader, whose file names may not leave the folder:
-    images outside ``to`` are copied in with ``copy_images``, and refused without it."""
-    result = Result()
-    present = []
+@dataclass
+class Places:
+    """Where each image of an hf-metadata export is, relative to ``to``, and which are copied."""
+
+    to: Path
+    present: list[dict]  # records whose image is on disk, in export order
+    places: dict[int, Path]  # id(record) -> its file_name
+    copies: list[dict]  # records whose image is copied in
+    missing: list[str]
+
+
+def _hf_places(records: list[dict], to: Path, copy_images: bool) -> Places:
+    """The imagefolder layout: file names relative to ``to``, which Hugging Face's loader does
+    not let leave the folder, so images outside ``to`` are copied in with ``copy_images`` and
+    refused (``ExportError``, before anything is written) without it."""
+    present, missing = [], []
     for record in records:
         if source_path(record).is_file():
             present.append(record)
         else:
-            result.missing.append(record["path"])
+            missing.append(record["path"])
     outside = [r for r in present if _inside(source_path(r), to) is None]
-    copied = {id(r) for r in outside}
     if outside and not copy_images:
         raise ExportError(
             f"{len(outside)} of the {len(present)} images are not inside {to} (the first: {outside[0]['path']}), "
             "and an imagefolder's file_name cannot point outside its folder; pass --copy-images to copy "
             "them into it, or export to a folder that holds the images"
         )
-    places: dict[int, Path] = {id(r): _inside(source_path(r), to) for r in present if id(r) not in copied}
+    copied = {id(r) for r in outside}
+    places = {id(r): _inside(source_path(r), to) for r in present if id(r) not in copied}
     taken = set(places.values())
     for record, relative in zip(outside, relative_layout([source_path(r) for r in outside])):
         place = _unclaimed(relative, taken)
         taken.add(place)
         places[id(record)] = place
-        _copy(source_path(record), to / place)
-        result.copied += 1
+    return Places(to=to, present=present, places=places, copies=outside, missing=missing)
+
+
+def _hf_metadata(layout: Places, stage: Stage, result: Result) -> None:
+    """``to/metadata.jsonl`` with ``file_name`` and ``text`` per image, the images outside ``to``
+    copied in first; one already there with the same bytes is left as it is."""
+    result.missing = layout.missing
+    failed = set()
+    for record in layout.copies:
+        copied = stage.try_copy(layout.places[id(record)], source_path(record), record["path"])
+        if copied is None:
+            failed.add(id(record))
+        elif copied:
+            result.copied += 1
+        else:
+            result.identical += 1
     lines = [
-        json.dumps({"file_name": _readable(places[id(r)]), "text": r["caption"]}, ensure_ascii=False) + "\n"
-        for r in present
+        json.dumps({"file_name": _readable(layout.places[id(r)]), "text": r["caption"]}, ensure_ascii=False) + "\n"
+        for r in layout.present
+        if id(r) not in failed
     ]
-    target = to / "metadata.jsonl"
-    write_atomic(target, "".join(lines))
+    stage.write(Path(METADATA), "".join(lines).encode("utf-8"))
     result.written = len(lines)
-    result.where = target
-    return result
+    result.where = layout.to / METADATA
 
 
 def _unclaimed(relative: Path, taken: set[Path]) -> Path:
@@ -346,28 +396,183 @@ def _unclaimed(relative: Path, taken: set[Path]) -> Path:
     return place
 
 
-def _copy(source: Path, target: Path) -> None:
-    """Copy with metadata through a temporary name, so a stopped export leaves no half image;
-    an identical file already there is left as it is."""
-    if target.is_file() and _same_bytes(source, target):
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / temporary_name(target.name, target.parent)
+def _same_bytes(source: Path, existing: Path) -> bool:
+    """Whether the regular file ``existing`` (a link there is not followed: it is replaced) holds
+    the bytes of ``source``."""
     try:
-        shutil.copy2(source, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
+        fd = os.open(existing, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block = fa.read(1 << 20)
-            if block != fb.read(1 << 20):
+    with open(fd, "rb") as fb:
+        if os.fstat(fb.fileno()).st_size != os.stat(source).st_size:
+            return False
+        with open(source, "rb") as fa:
+            while True:
+                block = fa.read(1 << 20)
+                if block != fb.read(1 << 20):
+                    return False
+                if not block:
+                    return True
+
+
+# --- writing an export whole ---------------------------------------------------------------------
+#
+# An export is many files (caption files, copied images, metadata.jsonl) that may have to go into a
+# folder holding other things, the images themselves, so it cannot be made in a folder of its own
+# and renamed over the old one. Instead every new file is written under to/.vacap-export/new; the
+# rename of that folder to .vacap-export/ready is the moment the export is made; the files are then
+# moved into place (renames in one file system), metadata.jsonl last, and the staging folder is
+# removed. A run stopped before that rename leaves the previous export as it was, and the next
+# export into the folder removes what it staged; a run stopped after it leaves a ready folder that
+# the next export into the folder moves into place before anything else. While images are moved in
+# over different ones, the old metadata.jsonl is gone, so it never names an image it does not
+# describe. Hidden names keep the staging folder out of image discovery and of imagefolder loading;
+# a lock on the folder keeps two exports into it apart.
+
+
+class Stage:
+    """The new files of one export, under ``to/.vacap-export/new`` at their relative paths."""
+
+    def __init__(self, to: Path, failures: list[str]):
+        self.to = to
+        self.new = to / STAGING / "new"
+        self.failures = failures  # "image (why)" of each file that could not be staged
+
+    def place(self, relative: Path) -> Path:
+        """Where the file ``relative`` is staged; ``OutsideError`` when its final place would not
+        be inside ``to`` once links are resolved (a link in ``to`` to a folder elsewhere), or
+        would be in the staging folder."""
+        contained(self.to / relative, self.to)
+        if relative.parts[:1] == (STAGING,):
+            raise OutsideError(f"{relative} would be written into vacap's staging folder {self.to / STAGING}")
+        staged = self.new / relative
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        return staged
+
+    def write(self, relative: Path, data: bytes) -> None:
+        fd = os.open(self.place(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def try_write(self, relative: Path, data: bytes, image: str) -> bool:
+        def write():
+            self.write(relative, data)
+            return True
+
+        return self._trying(write, image) is not None
+
+    def try_copy(self, relative: Path, source: Path, image: str) -> bool | None:
+        """Stage a copy of the image ``source`` unless the file in place has its bytes already.
+        -> True when staged, False when already there, None when it cannot be written."""
+
+        def copy():
+            staged = self.place(relative)
+            if _same_bytes(source, self.to / relative):
                 return False
-            if not block:
-                return True
+            shutil.copy2(source, staged)
+            return True
+
+        return self._trying(copy, image)
+
+    def _trying(self, write, image: str):
+        """``write()`` for one image's file, or None when the file cannot be written (a name too
+        long, a place outside ``to``): that image is left out of the export, with why."""
+        try:
+            return write()
+        except (OSError, OutsideError) as exc:
+            self.failures.append(f"{image} ({_why(exc)})")
+            return None
+
+
+@contextlib.contextmanager
+def _staged(to: Path, result: Result):
+    """A ``Stage`` for ``to``; the staged files are moved into place when the block ends, and
+    removed when it raises. Finishes or removes what a stopped run left first."""
+    with _locked(to):
+        staging = to / STAGING
+        result.finished = _finish(to, result.unwritable)
+        stage = Stage(to, result.unwritable)
+        stage.new.mkdir(parents=True)
+        try:
+            yield stage
+        except BaseException:
+            _remove(staging)
+            raise
+        # One flush of all that was staged before the rename that makes the export count, so a
+        # power cut cannot leave a ready export of empty files; an fsync per file costs ms each.
+        os.sync()
+        os.rename(stage.new, staging / "ready")
+        sync_folder(staging)
+        _finish(to, result.unwritable)
+
+
+def _finish(to: Path, failures: list[str]) -> bool:
+    """Move a ready export under ``to/.vacap-export`` into place and remove the staging folder
+    (an unfinished one is only removed); a file that cannot be moved in goes to ``failures``.
+    -> whether there was a ready export."""
+    staging = to / STAGING
+    ready = staging / "ready"
+    found = ready.is_dir() and not ready.is_symlink()
+    if found:
+        moves = []  # (folder relative to ready, its file names), metadata.jsonl alone at the end
+        for folder, _, names in os.walk(ready):
+            relative = os.path.relpath(folder, ready)
+            names = sorted(name for name in names if (relative, name) != (".", METADATA))
+            if names:
+                moves.append((relative, names))
+        if os.path.isfile(ready / METADATA):
+            if any(os.path.lexists(to / folder / name) for folder, names in moves for name in names):
+                (to / METADATA).unlink(missing_ok=True)
+                sync_folder(to)
+            moves.append((".", [METADATA]))
+        for folder, names in moves:
+            try:
+                place = contained(to / folder / names[0], to).parent
+                place.mkdir(parents=True, exist_ok=True)
+            except (OSError, OutsideError) as exc:
+                failures.extend(f"{Path(folder, name)} ({_why(exc)})" for name in names)
+                continue
+            for name in names:
+                try:
+                    os.replace(ready / folder / name, place / name)
+                except OSError as exc:
+                    failures.append(f"{Path(folder, name)} ({_why(exc)})")
+            sync_folder(place)
+    _remove(staging)
+    return found
+
+
+def _why(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _remove(staging: Path) -> None:
+    """Remove the staging folder; a link or file put in its place is removed, not followed."""
+    if staging.is_symlink() or (os.path.lexists(staging) and not staging.is_dir()):
+        staging.unlink()
+    elif staging.exists():
+        shutil.rmtree(staging)
+    sync_folder(staging.parent)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on ``folder`` (flock, dropped by the kernel if the process dies),
+    so a second export into it cannot take the staging folder of one still running."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another vacap export is writing into {folder}; wait for it to finish") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)
+
