@@ -136,6 +136,8 @@ def test_eval_shapes_world_priors_reports_the_cause_split_with_intervals():
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+    # The progress bar (on stderr, so the JSON stays parseable) counted every caption.
+    assert "2 settings x 4 scenes" in out.stderr and "100%" in out.stderr
     report = json.loads(out.stdout)
     assert (report["model"], report["world"], report["baseline"]) == ("demo-priors", "priors", "greedy")
     greedy, vasparse = report["results"]["greedy"], report["results"]["vasparse"]

@@ -908,11 +908,21 @@ def eval_shapes(
         for settings in grid.values():
             DecodeConfig(**settings)
         model = model or ("demo-priors" if world == "priors" else "demo")
-        rows = run_benchmark(
-            model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device, world=world
-        )
-    except (ValueError, ModelLoadError) as exc:
+    except ValueError as exc:
         raise _usage(exc) from exc
+    from rich.console import Console
+    from rich.progress import Progress
+
+    # Every setting captions every scene: hundreds of captions per setting, minutes in all.
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task(f"{len(grid)} settings x {scenes} scenes", total=len(grid) * scenes)
+        try:
+            rows = run_benchmark(
+                model, grid, n=scenes, seed=seed, batch_size=batch_size, dtype=dtype, device=device, world=world,
+                on_record=lambda: progress.advance(task),
+            )  # fmt: skip
+        except (ValueError, ModelLoadError) as exc:
+            raise _usage(exc) from exc
     baseline = "greedy" if "greedy" in grid else rows[0]["setting"]
     differences = compare_to_baseline(rows, baseline)
     hidden = ("setting", "texts", "scores")

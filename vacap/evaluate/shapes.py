@@ -58,7 +58,7 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from vacap.demo.shapes import COLOUR_PRIORS, CO_OCCURRENCE, COLOURS, SHAPES, Shape
 from vacap.demo.worlds import scenes
@@ -207,6 +207,7 @@ def run_benchmark(
     dtype: str = "fp32",
     device: str = "auto",
     world: str = "shapes",
+    on_record: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Caption ``n`` seeded test scenes of ``world`` with each named setting; one row of figures
     per setting.
@@ -222,6 +223,7 @@ def run_benchmark(
     / the records' decode seconds), ``texts`` (the captions of the ``ok`` records, in scene
     order, for inspection) and ``scores`` (the :func:`score_caption` of every scene, None where
     its record is not ``ok``), which :func:`compare_to_baseline` pairs between settings.
+    ``on_record()`` is called as each caption ends (a progress bar's tick).
     """
     from vacap.captioner import Captioner
 
@@ -236,7 +238,12 @@ def run_benchmark(
         base = Captioner(model, dtype=dtype, device=device, batch_size=batch_size)
         for name, setting in settings.items():
             captioner = base.with_settings(**setting)
-            records = captioner.caption(paths)
+            by_path = {}
+            for record in captioner.records([str(path) for path in paths]):
+                by_path[record["path"]] = record
+                if on_record is not None:
+                    on_record()
+            records = [by_path[str(path)] for path in paths]
             ok = [(r, scene) for r, scene in zip(records, shown) if r["status"] == "ok"]
             scores = [
                 score_caption(r["caption"], scene.objects, world) if r["status"] == "ok" else None
