@@ -97,16 +97,23 @@ class SidecarRun:
         self._targets: dict[str, Path] = {}
         self._named: dict[str, Path] = {}  # each target as the user's paths spell it, for messages
         self._outside: list[tuple[Path, Path]] = []  # (image, its caption file), a link leading out of the mirror
+        resolved: dict[Path, Path | None] = {}  # a target's folder -> it resolved, None when outside; once each
         for file, root in zip(files, roots):
             target = self._named[str(file)] = sidecar_path(file, sidecars.suffix, root, sidecars.mirror)
             if sidecars.mirror is not None:
                 # The mirror's links resolved, as the write will meet them. A caption file beside
                 # its image needs no check: it goes where the image is, in whichever real folder
                 # a link to the image's folder leads to.
-                try:
-                    target = contained(target, sidecars.mirror)
-                except OutsideError:
+                if target.parent not in resolved:
+                    try:
+                        resolved[target.parent] = contained(target, sidecars.mirror).parent
+                    except OutsideError:
+                        resolved[target.parent] = None
+                folder = resolved[target.parent]
+                if folder is None:
                     self._outside.append((file, target))
+                else:
+                    target = folder / target.name
             self._targets[str(file)] = target
 
     def refusal(self) -> str | None:
@@ -128,8 +135,11 @@ class SidecarRun:
                 "out of the folder it writes into: remove the link, or give another --sidecar-dir"
             )
         groups: dict[Path, list[str]] = collections.defaultdict(list)  # the file, then its images
+        folders: dict[Path, Path] = {}
         for image, target in self._targets.items():
-            groups[_identity(target)].append(image)
+            if target.parent not in folders:
+                folders[target.parent] = _identity(target.parent)
+            groups[folders[target.parent] / target.name].append(image)
         clashes = [images for images in groups.values() if len(images) > 1]
         if clashes:
             lines = [f"{_shown(self._named[images[0]])}: {', '.join(map(_shown, images))}" for images in clashes]
@@ -201,12 +211,12 @@ def _shown(path: str | Path) -> str:
     return path_fields(path)[0]
 
 
-def _identity(target: Path) -> Path:
-    """The file ``target`` names, its folder's links resolved: two paths to one file are one."""
+def _identity(folder: Path) -> Path:
+    """``folder`` with its links resolved: two paths to one folder are one."""
     try:
-        return target.parent.resolve() / target.name
+        return folder.resolve()
     except (OSError, RuntimeError):
-        return target.absolute()
+        return folder.absolute()
 
 
 def _count(lines: list, what: str) -> str:
