@@ -181,6 +181,24 @@ def test_several_settings_are_refused_until_one_is_chosen(run, tmp_path):
     assert captions == sorted(r["caption"] for r in other)
 
 
+def test_settings_asks_for_at_least_four_hex_digits(tmp_path):
+    records = [
+        {"path": "a.png", "status": "ok", "error": None, "model": "demo", "method": "greedy", "params": {"p": p},
+         "caption": f"caption {p}"} for p in ("one", "two")
+    ]  # fmt: skip
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    key = settings_key("demo", records[0]["params"])
+    short = vacap("export", "r.jsonl", "--format", "csv", "--to", "out", "--settings", key[:3], cwd=tmp_path)
+    assert short.returncode == 2 and not (tmp_path / "out").exists()
+    assert f"--settings '{key[:3]}' is too short for a fingerprint: give at least 4 of its hex digits" in " ".join(
+        short.stderr.replace("│", " ").split()
+    )
+    chosen = vacap("export", "r.jsonl", "--format", "csv", "--to", "out", "--settings", key[:4], cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    with open(tmp_path / "out" / "captions.csv", newline="", encoding="utf-8") as f:
+        assert [row["caption"] for row in csv.DictReader(f)] == ["caption one"]
+
+
 def test_txt_leaves_out_images_whose_caption_files_clash(tmp_path):
     record = {"status": "ok", "error": None, "model": "demo", "method": "greedy", "params": {"prompt": "p"}}
     lines = [

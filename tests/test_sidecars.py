@@ -187,3 +187,88 @@ def test_a_kill_mid_run_leaves_only_whole_caption_files(first_run, tmp_path):
     resumed = vacap(*args[3:])
     assert resumed.returncode == 0, resumed.stderr
     assert caption_files(tmp_path) == expected
+
+
+def test_images_that_would_share_a_caption_file_are_refused_before_the_model_loads(tmp_path):
+    # Seven stems with a .png and a .jpg each: a.png and a.jpg both map to a.txt beside them.
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(7):
+        shutil.copy(SAMPLES / "scene_1.png", folder / f"s{i}.png")
+        shutil.copy(SAMPLES / "house.jpg", folder / f"s{i}.jpg")
+    shutil.copy(SAMPLES / "scene_2.png", folder / "alone.png")
+    out = vacap("caption", "pics", *DEMO, "--sidecar", "txt", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "Loading" not in out.stderr and "captioning" not in out.stderr
+    assert "7 caption files would be shared by more than one image" in summary(out)
+    assert "pics/s0.txt: pics/s0.jpg, pics/s0.png" in out.stderr and "and 2 more" in out.stderr
+    assert "--exclude" in out.stderr and "rename" in out.stderr
+    assert not list(tmp_path.rglob("*.txt"))
+
+
+def test_same_names_under_two_roots_share_the_mirror_and_are_refused(tmp_path):
+    for root in ("r1", "r2"):
+        make_dataset(tmp_path / root, ["a.png"])
+    out = vacap("caption", "r1", "r2", *DEMO, "--sidecar-dir", "caps", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "1 caption file would be shared by more than one image" in summary(out)
+    assert "caps/a.txt: r1/a.png, r2/a.png" in out.stderr and "Loading" not in out.stderr
+    assert not (tmp_path / "caps").exists()
+
+
+def test_a_sidecar_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path):
+    make_dataset(tmp_path / "data", ["a.png"])
+    (tmp_path / "caps").write_text("not a folder\n", encoding="utf-8")
+    for given, why in (("caps", "is a file"), ("caps/sub", "lies under caps, which is a file")):
+        out = vacap("caption", "data", *DEMO, "--sidecar-dir", given, cwd=tmp_path)
+        assert out.returncode == 2, out.stderr
+        assert f"--sidecar-dir {given} {why}, not a folder" in summary(out) and "Loading" not in out.stderr
+    assert (tmp_path / "caps").read_text(encoding="utf-8") == "not a folder\n"
+
+
+def test_a_link_in_the_sidecar_dir_that_leads_out_of_it_is_refused(tmp_path):
+    make_dataset(tmp_path / "data", ["a.png", "sub/b.png"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "caps").mkdir()
+    (tmp_path / "caps" / "sub").symlink_to(outside)
+    out = vacap("caption", "data", *DEMO, "--sidecar-dir", "caps", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "1 caption file would be written outside --sidecar-dir caps" in summary(out)
+    assert "caps/sub/b.txt (for data/sub/b.png)" in out.stderr and "Loading" not in out.stderr
+    assert not list(outside.iterdir()) and not (tmp_path / "caps" / "a.txt").exists()
+
+
+def test_paths_with_dotdot_and_links_inside_the_mirror_stay_inside_sidecar_dir(tmp_path):
+    work = tmp_path / "work"
+    make_dataset(work / "imgs", ["a.png"])
+    make_dataset(work / "more", ["sub/b.png"])
+    make_dataset(work / "data", ["sub/deep/c.jpg"])
+    make_dataset(tmp_path / "imgs", ["e.webp"])
+    (work / "w").mkdir()
+    (work / "caps" / "elsewhere").mkdir(parents=True)
+    (work / "caps" / "sub").symlink_to(work / "caps" / "elsewhere")  # a link that stays inside is followed
+    # Named with a ``..``: relative (its own folder is its root), absolute under the current folder
+    # (its path from there climbs out and back in: w/../more/sub) and absolute leading out of it.
+    named = ["w/../imgs/a.png", f"{work}/w/../more/sub/b.png", f"{work}/w/../../imgs/e.webp"]
+    out = vacap("caption", *named, "data", *DEMO, "--sidecar-dir", "caps", cwd=work)
+    assert out.returncode == 0 and "4 ok" in summary(out), out.stderr
+    written = [os.path.relpath(os.path.join(folder, name), tmp_path) for folder, _, names in os.walk(tmp_path)
+               for name in names if name.endswith(".txt")]  # fmt: skip
+    assert sorted(written) == ["work/caps/a.txt", "work/caps/e.txt", "work/caps/elsewhere/deep/c.txt",
+                               "work/caps/more/sub/b.txt"]  # fmt: skip
+
+
+def test_a_caption_file_beside_an_image_goes_where_the_image_is_even_through_a_linked_folder(tmp_path):
+    make_dataset(tmp_path / "data", ["a.png"])
+    shutil.copy(SAMPLES / "house.jpg", tmp_path / "data" / "a.jpg")
+    (tmp_path / "linked").symlink_to(tmp_path / "data")
+    # The link is only another way to the same folder: linked/a.png and data/a.jpg share data/a.txt.
+    clash = vacap("caption", "linked/a.png", "data/a.jpg", *DEMO, "--sidecar", "txt", cwd=tmp_path)
+    assert clash.returncode == 2 and "linked/a.txt: linked/a.png, data/a.jpg" in clash.stderr, clash.stderr
+    out = vacap("caption", "linked", *DEMO, "--sidecar", "txt", "--exclude", "*.jpg", "-o", "-", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (record,) = parse(out.stdout)
+    assert record["path"] == "linked/a.png"
+    assert (tmp_path / "data" / "a.txt").read_text("utf-8") == record["caption"] + "\n"
+    assert (tmp_path / "linked").is_symlink() and sorted(os.listdir(tmp_path)) == ["data", "linked"]

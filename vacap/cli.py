@@ -291,12 +291,16 @@ def caption(
     from vacap.records import make_record, settings_key
     from vacap.sidecars import SidecarRun, Sidecars
 
+    console = Console(stderr=True)
     run = None
     if files:
         run = SidecarRun(Sidecars(sidecar or "txt", sidecar_dir, existing), listing.files, listing.roots)
+        refusal = run.refusal()
+        if refusal is not None:
+            console.print(f"error: {refusal}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
         if output is None:
             output = Path(os.devnull)  # the caption files are the output; `-o -` streams records too
-    console = Console(stderr=True)
     with _open_output(console, output, overwrite=overwrite, resume=True) as writer:
         if not images and not listing.problems:
             console.print("no images to caption")

@@ -149,6 +149,12 @@ def _choose(records: list[dict], ok_keys: Counter, wanted: str) -> str:
     matches = {key for key in ok_keys if len(wanted) >= 4 and key.startswith(wanted.lower())}
     if not matches:
         matches = {record_key(r) for r in records if _is_ok(r) and wanted in (r.get("setting"), r.get("method"))}
+    if not matches and len(wanted) < 4 and all(c in "0123456789abcdefABCDEF" for c in wanted):
+        # Three hex digits are too few to tell fingerprints apart, so they are not taken as one.
+        raise ExportError(
+            f"--settings {wanted!r} is too short for a fingerprint: give at least 4 of its hex digits (the settings "
+            f"column), or a compare setting label or a method; the records hold:\n{describe(records, ok_keys)}"
+        )
     if len(matches) == 1:
         return matches.pop()
     how = "matches no settings" if not matches else f"matches {len(matches)} settings"

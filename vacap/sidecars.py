@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from vacap.files import write_atomic
+from vacap.files import OutsideError, contained, write_atomic
 from vacap.records import path_fields
 
 SUFFIXES = ("txt", "caption")
@@ -33,11 +33,25 @@ def sidecar_path(image: Path, suffix: str, root: Path | None = None, mirror: Pat
     name = f"{image.stem}.{suffix}"
     if mirror is None:
         return image.with_name(name)
+    return mirror / _place(image.parent, root) / name
+
+
+def _place(folder: Path, root: Path | None) -> Path:
+    """Where ``folder`` lies inside ``root``, as a path without ``..``: as the two are written
+    when that is one, else with both resolved (``/data/w/../imgs`` under ``/data`` is ``imgs``:
+    joined to the mirror as written, it would climb out of it); nowhere (``.``) when outside."""
+    if root is None:
+        return Path()
     try:
-        relative = image.parent.relative_to(root) if root is not None else Path()
+        relative = folder.relative_to(root)
+        if ".." not in relative.parts:
+            return relative
     except ValueError:
-        relative = Path()
-    return mirror / relative / name
+        pass
+    try:
+        return folder.resolve().relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
+        return Path()
 
 
 def join_captions(existing: str, caption: str, where: str) -> str:
@@ -80,9 +94,62 @@ class SidecarRun:
 
     def __init__(self, sidecars: Sidecars, files: Sequence[Path], roots: Sequence[Path]) -> None:
         self.sidecars = sidecars
-        self._targets = {
-            str(file): sidecar_path(file, sidecars.suffix, root, sidecars.mirror) for file, root in zip(files, roots)
-        }
+        self._targets: dict[str, Path] = {}
+        self._named: dict[str, Path] = {}  # each target as the user's paths spell it, for messages
+        self._outside: list[tuple[Path, Path]] = []  # (image, its caption file), a link leading out of the mirror
+        resolved: dict[Path, Path | None] = {}  # a target's folder -> it resolved, None when outside; once each
+        for file, root in zip(files, roots):
+            target = self._named[str(file)] = sidecar_path(file, sidecars.suffix, root, sidecars.mirror)
+            if sidecars.mirror is not None:
+                # The mirror's links resolved, as the write will meet them. A caption file beside
+                # its image needs no check: it goes where the image is, in whichever real folder
+                # a link to the image's folder leads to.
+                if target.parent not in resolved:
+                    try:
+                        resolved[target.parent] = contained(target, sidecars.mirror).parent
+                    except OutsideError:
+                        resolved[target.parent] = None
+                folder = resolved[target.parent]
+                if folder is None:
+                    self._outside.append((file, target))
+                else:
+                    target = folder / target.name
+            self._targets[str(file)] = target
+
+    def refusal(self) -> str | None:
+        """Why this run must not start, None when it may: a --sidecar-dir that is no folder, a
+        caption file that a link in it leads out of it, or one caption file for two images (the
+        second caption would replace the first, and both records say ok). Checked before the model
+        loads, so that nothing is captioned for files that cannot hold the captions."""
+        mirror = self.sidecars.mirror
+        if mirror is not None:
+            existing = next((folder for folder in (mirror, *mirror.parents) if os.path.exists(folder)), None)
+            if existing is not None and not os.path.isdir(existing):
+                what = "is a file" if existing == mirror else f"lies under {_shown(existing)}, which is a file"
+                return f"--sidecar-dir {_shown(mirror)} {what}, not a folder; give a folder (created when missing)"
+        if self._outside:
+            lines = [f"{_shown(target)} (for {_shown(image)})" for image, target in self._outside]
+            return (
+                f"{_count(lines, 'caption file')} would be written outside --sidecar-dir {_shown(mirror)}, "
+                f"through a symbolic link in it:\n{_listed(lines)}\nvacap does not write through links that lead "
+                "out of the folder it writes into: remove the link, or give another --sidecar-dir"
+            )
+        groups: dict[Path, list[str]] = collections.defaultdict(list)  # the file, then its images
+        folders: dict[Path, Path] = {}
+        for image, target in self._targets.items():
+            if target.parent not in folders:
+                folders[target.parent] = _identity(target.parent)
+            groups[folders[target.parent] / target.name].append(image)
+        clashes = [images for images in groups.values() if len(images) > 1]
+        if clashes:
+            lines = [f"{_shown(self._named[images[0]])}: {', '.join(map(_shown, images))}" for images in clashes]
+            return (
+                f"{_count(lines, 'caption file')} would be shared by more than one image, each caption replacing "
+                f"the one before:\n{_listed(lines)}\nGive each image a caption file of its own: "
+                "rename one of each group (another stem), leave it out with --exclude, or, with --sidecar-dir, "
+                "caption the clashing input folders in separate runs into separate folders"
+            )
+        return None
 
     def target(self, image: str | Path) -> Path:
         return self._targets[str(image)]
@@ -137,6 +204,29 @@ class SidecarRun:
             why = f"caption file {path_fields(target)[0]} is not UTF-8 text, so nothing is joined to it; left as it was"
             return {**record, "status": "error", "error": why}
         return record
+
+
+def _shown(path: str | Path) -> str:
+    """A path as messages print it (a name that is not UTF-8 with \\xNN for its bad bytes)."""
+    return path_fields(path)[0]
+
+
+def _identity(folder: Path) -> Path:
+    """``folder`` with its links resolved: two paths to one folder are one."""
+    try:
+        return folder.resolve()
+    except (OSError, RuntimeError):
+        return folder.absolute()
+
+
+def _count(lines: list, what: str) -> str:
+    return f"{len(lines)} {what}{'s' if len(lines) > 1 else ''}"
+
+
+def _listed(lines: list[str], most: int = 5) -> str:
+    """The first ``most`` lines, indented, and how many more there are."""
+    more = [f"  and {len(lines) - most} more"] if len(lines) > most else []
+    return "\n".join([f"  {line}" for line in lines[:most]] + more)
 
 
 def _given_path(record: dict) -> str:
