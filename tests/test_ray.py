@@ -35,13 +35,15 @@ READER = re.compile(r"vacap: reader pid (\d+) read (\d+) images, prepared (\d+)"
 GOT = re.compile(r"vacap: worker pid (\d+) got (\d+) images, (\d+) prepared")
 
 
+# Joining the test's cluster failed here with Ray's token authentication on (the default of
+# Ray 2.60), even from a bare ray.init on the same machine; the tests run without it.
+# Ray folds log lines of several processes that differ only in their numbers into one
+# "[repeated Nx across cluster]": the tests count such lines, each with its pid.
+RAY_ENV = {"RAY_TMPDIR": RAY_TMP, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+
+
 def environment() -> dict:
-    # Joining the test's cluster failed here with Ray's token authentication on (the default of
-    # Ray 2.60), even from a bare ray.init on the same machine; the tests run without it.
-    # Ray folds log lines of several processes that differ only in their numbers into one
-    # "[repeated Nx across cluster]": the tests count such lines, each with its pid.
-    env = {"COLUMNS": "250", "RAY_TMPDIR": RAY_TMP, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
-    return {**os.environ, **env}
+    return {**os.environ, "COLUMNS": "250", **RAY_ENV}
 
 
 def vacap(*args) -> subprocess.CompletedProcess:
@@ -256,6 +258,67 @@ def test_a_killed_worker_is_replaced_and_its_images_retried(dataset, local, tmp_
     assert comparable(read_records(output)) == local[0]
     loaded = [int(pid) for pid in WORKER.findall("".join(lines))]
     assert len(set(loaded) - {victim}) == 1, "no actor replaced the killed one"
+
+
+def process_state(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: [state, parent pid, ...]."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return process_state(pid)[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_lost_node_is_replaced_and_its_images_retried(dataset, local, tmp_path):
+    """A cluster of a head node and two worker nodes of one CPU each, which the two actors fill,
+    one on each: removing the node of one mid-run takes its actor, the batches queued to it and
+    the blocks in its object store. The run still records every image once, as a local run
+    captions it: Ray Data restarts the actor (on the other node once its actor is done), retries
+    its batches there and rebuilds the lost blocks from their reading tasks."""
+    from ray.cluster_utils import Cluster
+
+    output = tmp_path / "ray.jsonl"
+    node = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in RAY_ENV.items():  # the node processes take them from this one
+            patch.setenv(name, value)
+        # The head has no CPU: the driver joins it (Ray prefers the head on a shared host), and
+        # the actors can only be on the worker nodes, so removing one cannot end the driver.
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 0, "include_dashboard": False})
+        run = None
+        try:
+            workers = [cluster.add_node(**node) for _ in range(2)]
+            cluster.wait_for_nodes()
+            raylets = {n.all_processes["raylet"][0].process.pid: n for n in workers}
+            args = ["caption", dataset, *DEMO, "-o", output, "--ray", "--ray-address", cluster.address]
+            run = started(*args, "--workers", "2", "-v")
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
+            reader.start()
+            wait_until(lambda: output.exists() and len(read_records(output)) >= 1, 240, "the first records")
+            wait_until(lambda: WORKER.search("".join(lines)), 60, "an actor's pid")
+            victim = int(WORKER.findall("".join(lines))[0])
+            host = victim
+            while host not in raylets:  # an actor is a child of its node's raylet
+                host = int(process_state(host)[1])
+            at_removal = len(read_records(output))
+            cluster.remove_node(raylets[host])
+            run.wait(timeout=300)
+        finally:
+            if run is not None:
+                run.kill()
+                run.wait()
+            cluster.shutdown()
+    reader.join()
+    assert at_removal < IMAGES + 1, "the run ended before a node was removed"
+    assert not alive(victim), "the actor lived on after its node was removed"
+    assert run.returncode == 1, "".join(lines)
+    records = read_records(output)
+    assert len(records) == IMAGES + 1 and comparable(records) == local[0]
+    assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join("".join(lines).split())
 
 
 def test_ray_flags_need_ray_and_ray_installed(dataset, tmp_path):

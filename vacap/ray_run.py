@@ -252,11 +252,21 @@ def caption(
             # for what the actors ask for into the actor stage: the actors would read again.
             num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=READERS_PER_WORKER * pool.workers),
+            # Retried without limit, wherever there is room: a reading task on a lost node runs
+            # again elsewhere, and so does one whose output blocks were lost with a node's
+            # object store before an actor took them.
+            max_retries=-1,
         )
         .map_batches(
             _Worker,
             batch_size=size,
             batch_format="numpy",
+            # A dead actor (its process killed, or its node lost) is started again, on another
+            # node once there is room, and the batches it held are retried on it: the run loses
+            # no image. Ray Data's defaults in the Ray we test; set here because "every image
+            # recorded once" rests on them.
+            max_restarts=-1,
+            max_task_retries=-1,
             compute=ray.data.ActorPoolStrategy(size=pool.workers),
             num_cpus=pool.cpus,
             num_gpus=pool.gpus,
