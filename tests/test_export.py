@@ -107,7 +107,7 @@ def test_txt_mirrors_the_image_tree(run, tmp_path):
     assert written == ["scene_1.txt", "shapes_square.txt", "sub/scene_3.txt"]
     for path, record in last_ok.items():
         sidecar = tmp_path / Path(path).relative_to("imgs").with_suffix(".txt")
-        assert sidecar.read_bytes() == record["caption"].encode("utf-8")
+        assert sidecar.read_bytes() == (record["caption"] + "\n").encode("utf-8")  # as a caption file ends
 
 
 def test_hf_metadata_refuses_images_outside_the_folder(run, tmp_path):
@@ -178,7 +178,7 @@ def test_several_settings_are_refused_until_one_is_chosen(run, tmp_path):
     assert chosen.returncode == 0, chosen.stderr
     assert "left out: 6 records of other settings" in chosen.stderr  # 4 ok and 2 error records of the first
     captions = sorted(p.read_text(encoding="utf-8") for p in (tmp_path / "b").rglob("*.txt"))
-    assert captions == sorted(r["caption"] for r in other)
+    assert captions == sorted(r["caption"] + "\n" for r in other)
 
 
 def test_settings_asks_for_at_least_four_hex_digits(tmp_path):
@@ -211,7 +211,7 @@ def test_txt_leaves_out_images_whose_caption_files_clash(tmp_path):
     assert out.returncode == 1
     assert "left out: 2 images whose caption files clash: pics/a.png, pics/a.jpg" in out.stderr
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.txt"]
-    assert (tmp_path / "out" / "b.txt").read_text(encoding="utf-8") == lines[2]["caption"]
+    assert (tmp_path / "out" / "b.txt").read_text(encoding="utf-8") == lines[2]["caption"] + "\n"
     # The same records through csv: quoting keeps the comma, quotes and newline in one field.
     assert vacap("export", "r.jsonl", "--format", "csv", "--to", "out", cwd=tmp_path).returncode == 0
     with open(tmp_path / "out" / "captions.csv", newline="", encoding="utf-8") as f:
@@ -301,7 +301,7 @@ def whole_version(work: Path, fmt: str, to: Path) -> str | None:
         return None
     captions = {p.name: p.read_text(encoding="utf-8") for p in to.glob("*.txt")}
     for version in VERSIONS:
-        if captions == {f"img_{i:03}.txt": f"caption {i} {version}" for i in range(IMAGES)}:
+        if captions == {f"img_{i:03}.txt": f"caption {i} {version}\n" for i in range(IMAGES)}:
             return version
     return None
 
@@ -404,7 +404,7 @@ def test_a_record_naming_no_file_writes_nothing_outside(tmp_path):
         out = vacap("export", "r.jsonl", "--format", "txt", "--to", to, cwd=tmp_path)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert "left out: 1 files that cannot be written: / (names no file)" in out.stderr
-        assert (tmp_path / to / "a.txt").read_text(encoding="utf-8") == "a"
+        assert (tmp_path / to / "a.txt").read_text(encoding="utf-8") == "a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out", "r.jsonl"]
 
 
@@ -478,5 +478,5 @@ def test_an_export_into_a_folder_another_export_holds_is_refused(tmp_path):
     assert out.returncode == 2 and "another vacap export is writing into out" in out.stderr
     assert (staged / "a.txt").read_text(encoding="utf-8") == "being written"
     out = vacap("export", "r.jsonl", "--format", "txt", "--to", "out", cwd=tmp_path)
-    assert out.returncode == 0 and (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "c"
+    assert out.returncode == 0 and (tmp_path / "out" / "a.txt").read_text(encoding="utf-8") == "c\n"
     assert leftovers(tmp_path / "out") == []

@@ -328,7 +328,7 @@ def _txt(records: list[dict], stage: Stage, result: Result) -> None:
     for record, target in zip(named, targets):
         if claims[target] > 1:
             result.clashes.append(record["path"])
-        elif stage.try_write(target, record["caption"].encode("utf-8"), record["path"]):
+        elif stage.try_write(target, (record["caption"] + "\n").encode("utf-8"), record["path"]):
             result.written += 1
 
 
