@@ -189,11 +189,14 @@ class Captioner:
         *,
         skip: Callable[[str, str, str], bool] | None = None,
         recursive: bool = True,
+        folders: bool = True,
     ) -> Iterator[dict]:
         """Yield a record per image as soon as its caption is done, so in completion order.
 
         A folder stands for the images in it, found as ``vacap caption`` finds them (a folder
-        that cannot be searched yields an ``error`` record). ``skip(path, sha256, settings)``
+        that cannot be searched yields an ``error`` record); with ``folders`` False every path
+        is one image, as in a list already found, and a folder among them (a file replaced by
+        one since) yields an ``error`` record. ``skip(path, sha256, settings)``
         returning True drops an image (resume); it yields nothing for it, and is called from the
         background thread that reads the images. Unreadable images yield an ``error`` record
         without stopping the run.
@@ -202,7 +205,7 @@ class Captioner:
         so a short caption may overtake a long one started before it. With diagnostics or
         ``compile``, batches are static (each batch's records together, in input order).
         """
-        for _, record in self._records(paths, skip, recursive):
+        for _, record in self._records(paths, skip, recursive, folders):
             yield record
 
     def records_of(self, images: Iterable[tuple[str, LoadedImage | PreparedImage | str]]) -> Iterator[dict]:
@@ -214,9 +217,9 @@ class Captioner:
         for _, record in self._decoded(jobs):
             yield record
 
-    def _records(self, paths, skip, recursive) -> Iterator[tuple[int, dict]]:
+    def _records(self, paths, skip, recursive, folders=True) -> Iterator[tuple[int, dict]]:
         """(place in the input order, record), in completion order."""
-        return self._decoded(self._read(paths, skip, recursive))
+        return self._decoded(self._read(paths, skip, recursive, folders))
 
     def _decoded(self, jobs: Iterator[_Job]) -> Iterator[tuple[int, dict]]:
         """``jobs`` (read, maybe prepared) -> (place in the input order, record), in completion
@@ -234,12 +237,13 @@ class Captioner:
             prefetch.close()
             self.image_wait = (prefetch.waited, time.perf_counter() - started)
 
-    def _read(self, paths, skip, recursive) -> Iterator[_Job]:
-        """Every image read, hashed and decoded (or its error), in order; folders expanded."""
+    def _read(self, paths, skip, recursive, folders) -> Iterator[_Job]:
+        """Every image read, hashed and decoded (or its error), in order; folders expanded
+        when ``folders``."""
         index = itertools.count()
         for given in paths:
             files: Iterable = [given]
-            if os.path.isdir(given):
+            if folders and os.path.isdir(given):
                 listing = discover([given], recursive=recursive)
                 for folder, reason in listing.problems:
                     yield _Job(next(index), str(folder), error=reason)
