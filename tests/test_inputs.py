@@ -136,6 +136,49 @@ def test_link_loops_and_a_huge_file_get_error_records(tmp_path):
     assert f"{40 << 30} bytes" in records[".png"]["error"]
 
 
+@pytest.fixture(scope="module")
+def odd_names(tmp_path_factory) -> Path:
+    """A plain name, names holding the demo model's special tokens, and one that is not UTF-8."""
+    folder = tmp_path_factory.mktemp("names")
+    image = (SAMPLES / "scene_1.png").read_bytes()
+    for name in (b"plain.png", b"<image>.png", b"<s><pad><unk> <image>.png", b"caf\xe9.png"):
+        (folder / os.fsdecode(name)).write_bytes(image)
+    return folder
+
+
+def test_names_with_special_tokens_add_no_token_to_the_prompt(odd_names):
+    from vacap.captioner import prepare_read
+    from vacap.images import read_image
+    from vacap.model import Preparer
+
+    preparer = Preparer.load("demo")
+    tokenizer = preparer.tokenizer
+    # The unknown token stands for any word the demo's small vocabulary lacks, a name's included.
+    special = {*tokenizer.all_special_ids, *tokenizer.get_added_vocab().values()} - {tokenizer.unk_token_id}
+
+    def specials(name: str) -> list[int]:
+        path = str(odd_names / name)
+        ids = prepare_read(preparer, path, read_image(path), "Describe {stem} ({filename}).").inputs["input_ids"]
+        return sorted(i for i in ids[0].tolist() if i in special)
+
+    # The image token once per image slot and the template's own tokens, whatever the name holds.
+    expected = specials("plain.png")
+    assert expected.count(preparer.processor.image_token_id) > 0
+    for name in ("<image>.png", "<s><pad><unk> <image>.png", os.fsdecode(b"caf\xe9.png")):
+        assert specials(name) == expected, name
+
+
+def test_odd_names_in_a_prompt_caption_and_resume(odd_names, tmp_path):
+    output = tmp_path / "out.jsonl"
+    args = [odd_names, "-o", output, *DEMO, "--prompt", "Describe {stem} ({filename}) in {folder}."]
+    out = caption(*args)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    again = caption(*args)  # the resume reads every name back, and finds all of them done
+    assert again.returncode == 0 and "all 4 images already captioned" in again.stderr, again.stderr
+
+
 def test_a_listed_file_replaced_by_a_folder_before_it_is_read_gets_an_error_record(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

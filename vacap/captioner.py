@@ -53,12 +53,13 @@ class PreparedImage:
 
 def prepare_read(preparer: Preparer, path: str, read: LoadedImage | str, prompt: str) -> PreparedImage | str:
     """What ``read_image(path)`` gave, prepared with the prompt template ``prompt`` (its
-    placeholders filled from ``path``) as a local run prepares it; a read error stays as it is."""
+    placeholders filled from ``path``, as plain text) as a local run prepares it; a read error
+    stays as it is."""
     if isinstance(read, str):
         return read
     bare = dataclasses.replace(read, image=None)
     try:
-        return PreparedImage(bare, preparer.prepare([read.image], fill_prompt(prompt, path)))
+        return PreparedImage(bare, preparer.prepare([read.image], fill_prompt(prompt, path, preparer.reserved)))
     except (RuntimeError, ValueError) as exc:
         return PreparedImage(bare, error=_failure(exc))
 

@@ -9,6 +9,7 @@ image features come from the checkpoint's own vision tower and projector through
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -143,6 +144,15 @@ class Preparer:
         # (masked out, so any id would do).
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
+
+    @functools.cached_property
+    def reserved(self) -> frozenset[str]:
+        """The strings that text taken from file names must not contain: the tokenizer's special
+        and added tokens, and the processor's image and video tokens, which it expands itself."""
+        tokenizer = self.tokenizer
+        strings = {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}
+        strings |= {getattr(self.processor, name, None) for name in ("image_token", "video_token")}
+        return frozenset(s for s in strings if isinstance(s, str) and s)
 
     def prompt_text(self, prompt: str) -> str:
         """The user's prompt wrapped in the checkpoint's chat template, with one image."""
