@@ -179,6 +179,41 @@ def test_odd_names_in_a_prompt_caption_and_resume(odd_names, tmp_path):
     assert again.returncode == 0 and "all 4 images already captioned" in again.stderr, again.stderr
 
 
+def test_a_prompt_longer_than_the_context_is_refused_with_the_numbers(tmp_path):
+    from transformers import AutoConfig
+
+    from vacap.demo import MODEL_DIR
+
+    context = AutoConfig.from_pretrained(MODEL_DIR).text_config.max_position_embeddings
+    good = tmp_path / "good.png"
+    good.write_bytes((SAMPLES / "scene_1.png").read_bytes())
+    out = caption(good, *DEMO, "--prompt", "word " * context)
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    message = " ".join(out.stderr.split())
+    assert "prompt too long for the model" in message and f"context of {context} tokens" in message
+    assert "3 new tokens (--max-new-tokens)" in message
+
+
+def test_a_name_that_makes_one_prompt_too_long_gets_an_error_record(tmp_path):
+    from transformers import AutoConfig
+
+    from vacap.demo import MODEL_DIR
+
+    context = AutoConfig.from_pretrained(MODEL_DIR).text_config.max_position_embeddings
+    good, wordy = tmp_path / "good.png", tmp_path / ("w " * 120 + ".png")
+    for path in (good, wordy):
+        path.write_bytes((SAMPLES / "scene_1.png").read_bytes())
+    # The template leaves room for a short name, not for 120 more words.
+    room = context - 64 - 3 - 60
+    out = caption(good, wordy, *DEMO, "--prompt", "word " * room + "{stem}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    records = records_of(out)
+    assert records["good.png"]["status"] == "ok"
+    assert records[wordy.name]["status"] == "error"
+    assert records[wordy.name]["error"].startswith("prompt too long for the model: ")
+    assert records[wordy.name]["error"].endswith(f"more than the model's context of {context} tokens")
+
+
 def test_a_listed_file_replaced_by_a_folder_before_it_is_read_gets_an_error_record(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

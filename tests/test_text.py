@@ -9,6 +9,7 @@ import pytest
 
 from vacap.config import DecodeConfig, OutputConfig
 from vacap.text import (
+    bare_prompt,
     drop_incomplete,
     fill_prompt,
     finish_caption,
@@ -93,6 +94,7 @@ def test_names_fill_prompts_as_plain_text():
     # Bytes that are not UTF-8 (lone surrogates in Python's file names) cannot be tokenized.
     undecodable = os.fsdecode(b"caf\xe9")
     assert fill_prompt("{filename}", Path(f"{undecodable}.png")) == "caf\ufffd.png"
+    assert bare_prompt("Describe {stem} from {folder}, {{literally}}.") == "Describe  from , {literally}."
 
 
 def test_output_params_list_only_the_shaping_in_use():

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from PIL import Image
+
 from vacap.config import DEFAULT_MODEL, DecodeConfig, OutputConfig
 from vacap.images import LoadedImage, discover, load_image, read_image
 from vacap.model import DTYPE_NAMES, Preparer, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
-from vacap.text import fill_prompt, finish_caption
+from vacap.text import bare_prompt, fill_prompt, finish_caption
 
 
 def record_params(
@@ -171,6 +173,27 @@ class Captioner:
         self.config.check_layers(len(self.model.layers))
         self.params = record_params(self.config, output=self.output, **self._precision)
         self.settings = settings_key(self.model_name, self.params)
+        # A template too long for the model fails every image: refused before any runs, with the
+        # prompt measured as the shortest it can be (empty placeholders, a small square image).
+        small = Image.new("RGB", (64, 64), "white")
+        too_long = self._too_long(self.model.preparer.prepare([small], bare_prompt(self.config.prompt)), "at least ")
+        if too_long:
+            raise ValueError(f"{too_long}; shorten the prompt or lower --max-new-tokens")
+
+    def _too_long(self, inputs: dict, least: str = "") -> str | None:
+        """Why a prompt prepared for one image does not fit the model's context with
+        ``max_new_tokens`` after it, or None when it fits."""
+        context = self.model.context_length
+        ids = inputs["input_ids"][0]
+        total = len(ids) + self.config.max_new_tokens
+        if context is None or total <= context:
+            return None
+        image = int((ids == self.model.image_token_id).sum())
+        return (
+            f"prompt too long for the model: {least}{len(ids) - image} prompt tokens + {image} image tokens + "
+            f"{self.config.max_new_tokens} new tokens (--max-new-tokens) = {total}, more than the model's "
+            f"context of {context} tokens"
+        )
 
     def with_settings(self, **changes) -> Captioner:
         """The same loaded model under other decode settings (no reload)."""
@@ -262,6 +285,8 @@ class Captioner:
             if job.error is None and job.inputs is None:
                 prepared = prepare_read(self.model.preparer, job.path, job.image, self.config.prompt)
                 job = _Job.read(job.index, job.path, prepared)
+            if job.error is None:
+                job.error = self._too_long(job.inputs)
             if job.error is None:
                 try:
                     job.inputs = self.model.place(job.inputs)

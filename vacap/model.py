@@ -212,6 +212,9 @@ class VisionLanguageModel:
         self.scaling: float = self.layers[0].self_attn.scaling
         self.image_token_id: int = self.hf.config.image_token_id
         self.sliding_window: int | None = _sliding_window(text)
+        # The longest sequence (prompt, image tokens and caption) the model was made for;
+        # beyond it positions are ones it never saw, and the caption is garbage.
+        self.context_length: int | None = getattr(text, "max_position_embeddings", None)
         eos = self.hf.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id

@@ -63,6 +63,11 @@ def fill_prompt(template: str, path: str | Path, reserved: Collection[str] = ())
     return template.format(**{name: plain_text(value, reserved) for name, value in values.items()})
 
 
+def bare_prompt(template: str) -> str:
+    """The template with its placeholders filled with nothing: the least a prompt can take."""
+    return template.format(**dict.fromkeys(PLACEHOLDERS, ""))
+
+
 def plain_text(text: str, reserved: Collection[str] = ()) -> str:
     """``text`` as valid UTF-8 (undecodable file-name bytes, kept by Python as lone surrogates,
     become U+FFFD) in which no ``reserved`` string occurs (each is broken by a zero-width space)."""
