@@ -6,7 +6,17 @@ import pytest
 from helpers import deep_folder
 from PIL import Image, ImageChops
 
-from vacap.images import IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageError, Listing, discover, file_sha256, load_image
+from vacap.images import (
+    IMAGE_EXTENSIONS,
+    MAX_ASPECT_RATIO,
+    MAX_FILE_BYTES,
+    ImageError,
+    Listing,
+    discover,
+    file_sha256,
+    load_image,
+    read_image,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 
@@ -104,6 +114,27 @@ def test_special_files_named_like_images_are_kept_for_an_error_record(tmp_path):
     assert discover([tmp_path / "dangling.jpg"]).files == [tmp_path / "dangling.jpg"]
     with pytest.raises(ImageError, match="broken symbolic link"):
         load_image(tmp_path / "dangling.jpg")
+
+
+def test_symbolic_link_loops_are_kept_and_fail_to_load_with_the_reason(tmp_path):
+    touch(tmp_path / "good.png")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    (tmp_path / "self.png").symlink_to("self.png")
+    listing = discover([tmp_path, tmp_path / "self.png", tmp_path / "a.png" / "inside.png"])
+    names = ["a.png", "b.png", "good.png", "self.png", "a.png/inside.png"]
+    assert rel(listing.files, tmp_path) == names and listing.problems == []
+    for name in ("a.png", "self.png", "a.png/inside.png"):
+        with pytest.raises(ImageError, match=r"^symbolic link loop"):
+            load_image(tmp_path / name)
+
+
+def test_a_path_through_a_file_is_missing(tmp_path):
+    # Not there at all (ENOTDIR, as ENOENT): a typo the user hears about before any work.
+    touch(tmp_path / "a.png")
+    with pytest.raises(FileNotFoundError, match="a.png/b.png"):
+        discover([tmp_path / "a.png" / "b.png"])
+    assert discover([], listed=[tmp_path / "a.png" / "b.png"]).files == [tmp_path / "a.png" / "b.png"]
 
 
 def test_image_extensions_are_lowercase_with_dot():
@@ -317,6 +348,19 @@ def test_decompression_bomb(tmp_path, monkeypatch, side):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageError, match="too large"):
         load_image(path)
+
+
+def test_a_file_larger_than_any_image_is_refused_without_reading_it(tmp_path):
+    # Sparse: 40 GB on paper, nothing on disk. Read whole, it raised MemoryError.
+    huge = tmp_path / ".png"
+    with open(huge, "wb") as f:
+        f.truncate(40 << 30)
+    reason = read_image(str(huge))
+    assert reason == (
+        f"file too large to be an image: {40 << 30} bytes, more than the {MAX_FILE_BYTES} bytes "
+        f"({MAX_FILE_BYTES >> 30} GiB) vacap reads"
+    )
+    assert MAX_FILE_BYTES > 2 * Image.MAX_IMAGE_PIXELS * 8, "a 16-bit RGBA picture Pillow decodes fits"
 
 
 def test_sha256_is_of_the_file_bytes(tmp_path):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from vacap.config import DecodeConfig, OutputConfig
-from vacap.text import drop_incomplete, fill_prompt, finish_caption, prompt_problem, strip_boilerplate
+from vacap.text import (
+    bare_prompt,
+    drop_incomplete,
+    fill_prompt,
+    finish_caption,
+    plain_text,
+    prompt_problem,
+    strip_boilerplate,
+)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +80,21 @@ def test_prompt_templates():
     assert "literal braces" in prompt_problem("Describe {stem")
     with pytest.raises(ValueError, match=r"unknown placeholder \{colour\}"):
         DecodeConfig(prompt="What {colour} is it?")
+
+
+def test_names_fill_prompts_as_plain_text():
+    reserved = {"<image>", "<s>", "</s>", "s>x"}
+    # The template's own tokens stay; those in the name are broken by a zero-width space.
+    image = Path("/data/<s>/<image><image>.png")
+    assert fill_prompt("<image> {stem} in {folder}", image, reserved) == (
+        "<image> <\u200bimage><\u200bimage> in <\u200bs>"
+    )
+    # A break can leave another reserved string whole ("s>x" after "<s>"): none is left.
+    assert plain_text("<s>x", reserved) == "<\u200bs\u200b>x"
+    # Bytes that are not UTF-8 (lone surrogates in Python's file names) cannot be tokenized.
+    undecodable = os.fsdecode(b"caf\xe9")
+    assert fill_prompt("{filename}", Path(f"{undecodable}.png")) == "caf\ufffd.png"
+    assert bare_prompt("Describe {stem} from {folder}, {{literally}}.") == "Describe  from , {literally}."
 
 
 def test_output_params_list_only_the_shaping_in_use():

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from PIL import Image
+
 from vacap.config import DEFAULT_MODEL, DecodeConfig, OutputConfig
 from vacap.images import LoadedImage, discover, load_image, read_image
 from vacap.model import DTYPE_NAMES, Preparer, load_model, resolve_device, resolve_dtype
 from vacap.records import make_record, settings_key
-from vacap.text import fill_prompt, finish_caption
+from vacap.text import bare_prompt, fill_prompt, finish_caption
 
 
 def record_params(
@@ -53,12 +55,13 @@ class PreparedImage:
 
 def prepare_read(preparer: Preparer, path: str, read: LoadedImage | str, prompt: str) -> PreparedImage | str:
     """What ``read_image(path)`` gave, prepared with the prompt template ``prompt`` (its
-    placeholders filled from ``path``) as a local run prepares it; a read error stays as it is."""
+    placeholders filled from ``path``, as plain text) as a local run prepares it; a read error
+    stays as it is."""
     if isinstance(read, str):
         return read
     bare = dataclasses.replace(read, image=None)
     try:
-        return PreparedImage(bare, preparer.prepare([read.image], fill_prompt(prompt, path)))
+        return PreparedImage(bare, preparer.prepare([read.image], fill_prompt(prompt, path, preparer.reserved)))
     except (RuntimeError, ValueError) as exc:
         return PreparedImage(bare, error=_failure(exc))
 
@@ -170,6 +173,27 @@ class Captioner:
         self.config.check_layers(len(self.model.layers))
         self.params = record_params(self.config, output=self.output, **self._precision)
         self.settings = settings_key(self.model_name, self.params)
+        # A template too long for the model fails every image: refused before any runs, with the
+        # prompt measured as the shortest it can be (empty placeholders, a small square image).
+        small = Image.new("RGB", (64, 64), "white")
+        too_long = self._too_long(self.model.preparer.prepare([small], bare_prompt(self.config.prompt)), "at least ")
+        if too_long:
+            raise ValueError(f"{too_long}; shorten the prompt or lower --max-new-tokens")
+
+    def _too_long(self, inputs: dict, least: str = "") -> str | None:
+        """Why a prompt prepared for one image does not fit the model's context with
+        ``max_new_tokens`` after it, or None when it fits."""
+        context = self.model.context_length
+        ids = inputs["input_ids"][0]
+        total = len(ids) + self.config.max_new_tokens
+        if context is None or total <= context:
+            return None
+        image = int((ids == self.model.image_token_id).sum())
+        return (
+            f"prompt too long for the model: {least}{len(ids) - image} prompt tokens + {image} image tokens + "
+            f"{self.config.max_new_tokens} new tokens (--max-new-tokens) = {total}, more than the model's "
+            f"context of {context} tokens"
+        )
 
     def with_settings(self, **changes) -> Captioner:
         """The same loaded model under other decode settings (no reload)."""
@@ -189,11 +213,14 @@ class Captioner:
         *,
         skip: Callable[[str, str, str], bool] | None = None,
         recursive: bool = True,
+        folders: bool = True,
     ) -> Iterator[dict]:
         """Yield a record per image as soon as its caption is done, so in completion order.
 
         A folder stands for the images in it, found as ``vacap caption`` finds them (a folder
-        that cannot be searched yields an ``error`` record). ``skip(path, sha256, settings)``
+        that cannot be searched yields an ``error`` record); with ``folders`` False every path
+        is one image, as in a list already found, and a folder among them (a file replaced by
+        one since) yields an ``error`` record. ``skip(path, sha256, settings)``
         returning True drops an image (resume); it yields nothing for it, and is called from the
         background thread that reads the images. Unreadable images yield an ``error`` record
         without stopping the run.
@@ -202,7 +229,7 @@ class Captioner:
         so a short caption may overtake a long one started before it. With diagnostics or
         ``compile``, batches are static (each batch's records together, in input order).
         """
-        for _, record in self._records(paths, skip, recursive):
+        for _, record in self._records(paths, skip, recursive, folders):
             yield record
 
     def records_of(self, images: Iterable[tuple[str, LoadedImage | PreparedImage | str]]) -> Iterator[dict]:
@@ -214,9 +241,9 @@ class Captioner:
         for _, record in self._decoded(jobs):
             yield record
 
-    def _records(self, paths, skip, recursive) -> Iterator[tuple[int, dict]]:
+    def _records(self, paths, skip, recursive, folders=True) -> Iterator[tuple[int, dict]]:
         """(place in the input order, record), in completion order."""
-        return self._decoded(self._read(paths, skip, recursive))
+        return self._decoded(self._read(paths, skip, recursive, folders))
 
     def _decoded(self, jobs: Iterator[_Job]) -> Iterator[tuple[int, dict]]:
         """``jobs`` (read, maybe prepared) -> (place in the input order, record), in completion
@@ -234,12 +261,13 @@ class Captioner:
             prefetch.close()
             self.image_wait = (prefetch.waited, time.perf_counter() - started)
 
-    def _read(self, paths, skip, recursive) -> Iterator[_Job]:
-        """Every image read, hashed and decoded (or its error), in order; folders expanded."""
+    def _read(self, paths, skip, recursive, folders) -> Iterator[_Job]:
+        """Every image read, hashed and decoded (or its error), in order; folders expanded
+        when ``folders``."""
         index = itertools.count()
         for given in paths:
             files: Iterable = [given]
-            if os.path.isdir(given):
+            if folders and os.path.isdir(given):
                 listing = discover([given], recursive=recursive)
                 for folder, reason in listing.problems:
                     yield _Job(next(index), str(folder), error=reason)
@@ -257,6 +285,8 @@ class Captioner:
             if job.error is None and job.inputs is None:
                 prepared = prepare_read(self.model.preparer, job.path, job.image, self.config.prompt)
                 job = _Job.read(job.index, job.path, prepared)
+            if job.error is None:
+                job.error = self._too_long(job.inputs)
             if job.error is None:
                 try:
                     job.inputs = self.model.place(job.inputs)

@@ -36,7 +36,9 @@ def _check_device(value: str) -> str:
 
 
 # Options shared by the commands that load a model.
-Paths = Annotated[List[Path], typer.Argument(help="Image files and folders.")]
+# readable=False: click would refuse a path it cannot read, ending the run; vacap gives it an
+# error record and goes on with the rest.
+Paths = Annotated[List[Path], typer.Argument(help="Image files and folders.", readable=False)]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL file to write; stdout when omitted.")]
 Model = Annotated[str, typer.Option(help="Hugging Face id or local folder.")]
 Prompt = Annotated[str, typer.Option(help="Instruction given with each image.")]
@@ -133,7 +135,9 @@ def _captioner(console, **arguments):
 
 
 # The caption command's dataset options: caption files, caption shaping, choosing inputs.
-OptionalPaths = Annotated[Optional[List[Path]], typer.Argument(help="Image files and folders.", show_default=False)]
+OptionalPaths = Annotated[
+    Optional[List[Path]], typer.Argument(help="Image files and folders.", show_default=False, readable=False)
+]
 PromptFile = Annotated[
     Optional[Path],
     typer.Option(help="Read the prompt from this UTF-8 file; {filename}, {stem} and {folder} are filled per image."),
@@ -347,7 +351,7 @@ def caption(
                     progress.skipped()
                 return done
 
-            records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
+            records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip, folders=False))
         # Each caption file before its record: an ok record means the file is there (under Ray
         # the actors write the files, before they return the batch's records).
         if run is not None and pool is None:
@@ -571,7 +575,7 @@ def compare(
             for label, settings in grid.items():
                 captioner = base.with_settings(**settings)
                 problems = (captioner.error_record(str(path), reason) for path, reason in listing.problems)
-                for record in itertools.chain(problems, captioner.records(images)):
+                for record in itertools.chain(problems, captioner.records(images, folders=False)):
                     record["setting"] = label
                     written.append(record)
                     yield record

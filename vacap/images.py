@@ -6,6 +6,7 @@ can write an error record for that file and carry on with the rest of the folder
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -37,6 +38,11 @@ _KINDS = {
 # long side is brought down to _THIN_MAX_SIDE, which keeps the padded canvas small too.
 MAX_ASPECT_RATIO = 10
 _THIN_MAX_SIDE = 4096
+# The largest file read as an image. Pillow refuses pictures over twice Image.MAX_IMAGE_PIXELS
+# (179 million pixels), which even stored uncompressed at 8 bytes a pixel (16-bit RGBA) take
+# 1.4 GB; a larger file cannot be an image vacap would use, and reading it whole could take all
+# memory (a 4 GB file took 4.6 GB).
+MAX_FILE_BYTES = 2 << 30
 
 
 class ImageError(Exception):
@@ -80,8 +86,10 @@ def discover(paths: Sequence[str | Path], recursive: bool = True, listed: Sequen
     named like an image is kept, so that loading it gives an error record instead of silence.
     Each argument's files are sorted, arguments keep their order, and a file reached twice (same
     resolved path) is kept the first time only. A named path that does not exist raises
-    ``FileNotFoundError``; ``listed`` paths (from a list file, after ``paths``) are searched the
-    same way, except that one that does not exist is kept, to become an error record.
+    ``FileNotFoundError``; one that exists but cannot be looked at (a symbolic link loop, a
+    folder above it that cannot be searched) is kept, to become an error record. ``listed``
+    paths (from a list file, after ``paths``) are searched the same way, except that one that
+    does not exist is kept too.
     """
     found: list[Path] = []
     roots: list[Path] = []
@@ -101,7 +109,7 @@ def discover(paths: Sequence[str | Path], recursive: bool = True, listed: Sequen
 def _identity(path: Path) -> Path:
     try:
         return path.resolve()
-    except OSError:  # a path longer than the system allows cannot be resolved
+    except (OSError, RuntimeError):  # too long a path; a link loop (RuntimeError before Python 3.13)
         return path.absolute()
 
 
@@ -110,14 +118,15 @@ def _expand(
 ) -> list[tuple[Path, Path]]:
     """-> (file, its input root) for each file ``path`` stands for."""
     try:
-        exists, is_dir = path.exists(), path.is_dir()
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        if missing_ok or os.path.lexists(path):  # a broken link: loading names the problem
+            return [(path, _file_root(path))]
+        raise FileNotFoundError(f"no such file or directory: {path}") from None
     except OSError:
-        # Too long a name, say: loading it will fail with the system's own reason.
+        # It is there but cannot be looked at (a link loop, too long a name, no permission on
+        # a folder above it): loading it gives an error record with the system's own reason.
         return [(path, _file_root(path))]
-    if not exists:
-        if path.is_symlink() or missing_ok:
-            return [(path, _file_root(path))]  # loading names the problem (a broken link...)
-        raise FileNotFoundError(f"no such file or directory: {path}")
     if not is_dir:
         return [(path, _file_root(path))]
     files = (path / rel for rel in _image_files_under(path, recursive, problems))
@@ -270,11 +279,14 @@ def load_image(path: Path) -> LoadedImage:
     when the picture is extremely thin (see :func:`bound_aspect`).
     """
     with _open_regular(Path(path)) as f:
-        # Read once: the hash and the decoded pixels then come from the very same bytes.
+        _check_size(os.fstat(f.fileno()).st_size)
+        # Read once: the hash and the decoded pixels then come from the very same bytes. One
+        # byte past the limit tells a file that grew since its size was looked at.
         try:
-            data = f.read()
+            data = f.read(MAX_FILE_BYTES + 1)
         except OSError as e:
             raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    _check_size(len(data))
     if not data:
         raise ImageError("empty file")
     image = _decode(data)
@@ -284,6 +296,14 @@ def load_image(path: Path) -> LoadedImage:
         height=image.height,
         sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise ImageError(
+            f"file too large to be an image: {size} bytes, more than the {MAX_FILE_BYTES} bytes "
+            f"({MAX_FILE_BYTES >> 30} GiB) vacap reads"
+        )
 
 
 def read_image(path: str) -> LoadedImage | str:
@@ -306,6 +326,8 @@ def _open_regular(path: Path) -> io.BufferedReader:
     except PermissionError:
         raise ImageError("permission denied") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError("symbolic link loop (too many levels of symbolic links)") from None
         raise ImageError(f"cannot read file: {e.strerror or e}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):

@@ -9,6 +9,7 @@ image features come from the checkpoint's own vision tower and projector through
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -144,6 +145,15 @@ class Preparer:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
+    @functools.cached_property
+    def reserved(self) -> frozenset[str]:
+        """The strings that text taken from file names must not contain: the tokenizer's special
+        and added tokens, and the processor's image and video tokens, which it expands itself."""
+        tokenizer = self.tokenizer
+        strings = {*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}
+        strings |= {getattr(self.processor, name, None) for name in ("image_token", "video_token")}
+        return frozenset(s for s in strings if isinstance(s, str) and s)
+
     def prompt_text(self, prompt: str) -> str:
         """The user's prompt wrapped in the checkpoint's chat template, with one image."""
         if getattr(self.processor, "chat_template", None):
@@ -202,6 +212,9 @@ class VisionLanguageModel:
         self.scaling: float = self.layers[0].self_attn.scaling
         self.image_token_id: int = self.hf.config.image_token_id
         self.sliding_window: int | None = _sliding_window(text)
+        # The longest sequence (prompt, image tokens and caption) the model was made for;
+        # beyond it positions are ones it never saw, and the caption is garbage.
+        self.context_length: int | None = getattr(text, "max_position_embeddings", None)
         eos = self.hf.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Collection
 from pathlib import Path
 
 PLACEHOLDERS = ("filename", "stem", "folder")
+# Put inside a reserved string (such as "<image>") found in a name filled into a prompt, so that
+# the name reads the same but can no longer become that token.
+_BREAK = "\u200b"  # zero-width space
 
 # Chat markup a caption can begin or end with when a model repeats its template: role tags such
 # as "ASSISTANT:" or "### Assistant:", special tokens written out ("<s>", "<|im_start|>"),
@@ -45,12 +49,39 @@ def prompt_problem(template: str) -> str | None:
     return None
 
 
-def fill_prompt(template: str, path: str | Path) -> str:
+def fill_prompt(template: str, path: str | Path, reserved: Collection[str] = ()) -> str:
     """The prompt for one image: ``{filename}`` is its file name, ``{stem}`` the name without its
-    extension, ``{folder}`` the name of the folder holding it."""
+    extension, ``{folder}`` the name of the folder holding it.
+
+    What is filled in is plain text: bytes of a name that are not UTF-8 become U+FFFD, and each
+    ``reserved`` string in it (the model's special tokens, its image token) gets a zero-width
+    space after its first character, so that a file named ``<image>.png`` adds no image token.
+    The template itself is kept as written."""
     path = Path(path)
     folder = path.absolute().parent.name
-    return template.format(filename=path.name, stem=path.stem, folder=folder)
+    values = {"filename": path.name, "stem": path.stem, "folder": folder}
+    return template.format(**{name: plain_text(value, reserved) for name, value in values.items()})
+
+
+def bare_prompt(template: str) -> str:
+    """The template with its placeholders filled with nothing: the least a prompt can take."""
+    return template.format(**dict.fromkeys(PLACEHOLDERS, ""))
+
+
+def plain_text(text: str, reserved: Collection[str] = ()) -> str:
+    """``text`` as valid UTF-8 (undecodable file-name bytes, kept by Python as lone surrogates,
+    become U+FFFD) in which no ``reserved`` string occurs (each is broken by a zero-width space)."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    reserved = sorted({r for r in reserved if len(r) > 1 and _BREAK not in r}, key=len, reverse=True)
+    if not reserved:
+        return text
+    pattern = re.compile("|".join(map(re.escape, reserved)))
+    # Matches are found without overlap, so a break can leave another reserved string whole
+    # ("<s>" and "s>x" in "<s>x"): repeat until none is left. Each pass adds a break inside
+    # every match, which removes that occurrence and creates none, so this ends.
+    while pattern.search(text):
+        text = pattern.sub(lambda match: match[0][0] + _BREAK + match[0][1:], text)
+    return text
 
 
 def strip_boilerplate(caption: str) -> str:
