@@ -127,15 +127,15 @@ def check_round(mode: str, data: Path, files: Path, output: Path) -> Counter:
 
 def check_stop(signum: int | None, code: int, err: str, written: int, output: Path) -> None:
     """A run stopped by ``signum`` exited as it should: SIGINT and SIGTERM, once the output is
-    open, saying how many records it wrote and that the same command resumes; before that (the
-    interpreter starting) as Python does by default."""
+    open, saying how many records it wrote and that the same command resumes; before that, as
+    the interpreter does by default (killed by the signal; SIGINT, once Python handles it, as a
+    KeyboardInterrupt)."""
     said = " ".join(err.split())
-    name = signal.Signals(signum).name if signum else None
     if signum in (signal.SIGINT, signal.SIGTERM) and code == 128 + signum:
-        assert f"stopped by {name}: {written} records written to {output} and " in said, said
+        assert f"stopped by {signal.Signals(signum).name}: {written} records written to {output} and " in said, said
         assert "run the same command again to resume from them" in said, said
-    elif signum == signal.SIGINT:
-        assert code == 1 and ("KeyboardInterrupt" in said or "Aborted!" in said), said
+    elif signum == signal.SIGINT and code == 1:
+        assert "KeyboardInterrupt" in said or "Aborted!" in said, said
     else:
         assert signum is not None and code == -signum, (code, said)
 

@@ -299,7 +299,8 @@ def caption(
         if output is None:
             output = Path(os.devnull)  # the caption files are the output; `-o -` streams records too
     console = Console(stderr=True)
-    with _open_output(console, output, overwrite=overwrite, resume=True) as writer, _stops(console, writer, run):
+    writer = _open_output(console, output, overwrite=overwrite, resume=True)
+    with writer, _Stops(console, writer, run) as stops:
         if not images and not listing.problems:
             console.print("no images to caption")
             raise typer.Exit(0)
@@ -346,6 +347,7 @@ def caption(
                 return done
 
             records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip))
+        stops.captioning = True
         with progress:
             if pool is None:
                 _write_records(console, writer, progress, records, run)
@@ -504,27 +506,45 @@ def _logged(records, writer):
 
 
 class _Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a caption run (args[0]: the signal's number)."""
+    """SIGINT or SIGTERM while images are captioned (args[0]: the signal's number)."""
 
 
-@contextlib.contextmanager
-def _stops(console, writer, run):
-    """SIGINT and SIGTERM end the run where it is (an image half decoded is simply not recorded),
-    saying what it wrote and how to go on, with exit 128 + the signal's number."""
+class _Stops:
+    """SIGINT and SIGTERM end a caption run at once, saying what it wrote and how to go on, with
+    exit 128 + the signal's number. Stopping loses nothing: each caption file follows its record,
+    so a run stopped anywhere is resumed as one killed there would be.
 
-    def stop(signum, frame):
-        raise _Stopped(signum)
+    While images are captioned (``captioning``) the signal is raised as ``_Stopped`` where the run
+    is, so the caption files of the records already written are written on the way out. Before
+    that (the model loading, imports under way that an exception would leave half done) the run
+    says what it wrote and exits on the spot."""
 
-    handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except _Stopped as stopped:
-        signum = stopped.args[0]
-        console.print(_stopped_message(signum, writer, run), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(128 + signum) from None
-    finally:
-        for signum, handler in handlers.items():
+    def __init__(self, console, writer, run) -> None:
+        self.console, self.writer, self.run = console, writer, run
+        self.captioning = False
+        self._handlers = {}
+
+    def __enter__(self) -> _Stops:
+        self._handlers = {signum: signal.signal(signum, self._stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
+        if isinstance(exc, _Stopped):
+            self._say(exc.args[0])
+            raise typer.Exit(128 + exc.args[0]) from None
+
+    def _stop(self, signum: int, frame) -> None:
+        if self.captioning:
+            raise _Stopped(signum)
+        self._say(signum)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def _say(self, signum: int) -> None:
+        message = _stopped_message(signum, self.writer, self.run)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _stopped_message(signum: int, writer, run) -> str:
