@@ -108,13 +108,12 @@ class SidecarRun:
             return list(images)
         return [image for image in images if not os.path.lexists(self.target(image))]
 
-    def sweep(self) -> int:
+    def sweep(self) -> None:
         """Remove the temporary files a killed run left beside this run's caption files (their
-        hidden ``.<name>.<hex>.tmp`` names); -> how many."""
+        hidden ``.<name>.<hex>.tmp`` names)."""
         names: dict[Path, set[str]] = collections.defaultdict(set)
         for target in self._targets.values():
             names[target.parent].add(target.name)
-        removed = 0
         for folder, mine in names.items():
             try:
                 entries = list(os.scandir(folder))
@@ -125,10 +124,8 @@ class SidecarRun:
                 if match and entry.is_file(follow_symlinks=False) and any(n.startswith(match[1]) for n in mine):
                     try:
                         os.unlink(entry.path)
-                        removed += 1
                     except OSError:
-                        pass
-        return removed
+                        pass  # gone already, or not ours to remove: harmless either way
 
     def restore(self, image: Path, done: dict) -> bool:
         """Bring the caption file of an image that resume found done (``done``: its ok record's
@@ -138,8 +135,9 @@ class SidecarRun:
         target = self.target(image)
         planned = done.get("caption_file")
         if not isinstance(planned, dict) or planned.get("path") != path_fields(target)[0]:
-            # A record of a run that wrote no caption file here (another --sidecar-dir, an earlier
-            # vacap): a missing file gets the caption alone, an existing one is this run's to skip.
+            # A record that names no caption file here (a run with another --sidecar-dir, or by a
+            # vacap that wrote no caption_file): a missing file gets the caption alone, one that is
+            # there is left as it is.
             if os.path.lexists(target):
                 return True
             if done.get("caption") is None:
