@@ -9,7 +9,9 @@ JSONL and every caption file removed before each run, so nothing resumes). After
 run of each, the two take turns round by round, so machine load hits them alike. The table gives
 the median seconds of the whole command (start-up and model load included) and of captioning
 alone (the figure the run's summary prints), each way, and the ratio with caption files to
-without. Every round checks that each caption file holds its record's caption.
+without. Every round checks that each caption file holds its record's caption. Each record is
+written before its caption file; the JSONL's flush to disk and the file are written on a thread
+of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def run(folder: Path, output: Path, common: list[str], sidecars: bool) -> tuple[
     if sidecars:
         for line in output.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            if Path(record["path"]).with_suffix(".txt").read_text(encoding="utf-8") != record["caption"] + "\n":
+            text = Path(record["path"]).with_suffix(".txt").read_text(encoding="utf-8")
+            if text != record["caption"] + "\n" or text != record["caption_file"]["text"]:
                 raise SystemExit(f"{record['path']}: the caption file does not hold the record's caption")
     return wall, captioning
 

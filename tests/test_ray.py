@@ -175,7 +175,7 @@ def test_ray_records_and_caption_files_equal_a_local_runs(on_cluster, dataset, l
     assert out.stdout == ""
     assert len(written) == len(records) and comparable(written) == records
     assert len(records) == IMAGES + 1 and records[str(dataset / "broken.png")][0] == "error"
-    assert txt == files, "the actors wrote the same caption files"
+    assert txt == files, "the driver wrote the same caption files from the actors' records"
     # both actors loaded the model, and the driver's progress counted every record
     assert len(set(WORKER.findall(out.stderr))) == 2
     assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join(out.stderr.split())

@@ -3,6 +3,7 @@ with the demo model, the files and JSONL read back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,10 +32,10 @@ LAYOUT = {
 PREFIX, SUFFIX = "ohwx, ", ", photo"
 
 
-def vacap(*args, cwd=None, **run) -> subprocess.CompletedProcess:
+def vacap(*args, cwd=None, timeout=300, **run) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "250"}
     command = [*VACAP, *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd, **run)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, **run)
 
 
 def parse(text: str) -> list[dict]:
@@ -272,3 +273,86 @@ def test_a_caption_file_beside_an_image_goes_where_the_image_is_even_through_a_l
     assert record["path"] == "linked/a.png"
     assert (tmp_path / "data" / "a.txt").read_text("utf-8") == record["caption"] + "\n"
     assert (tmp_path / "linked").is_symlink() and sorted(os.listdir(tmp_path)) == ["data", "linked"]
+
+
+def test_append_leaves_a_linked_or_fifo_caption_file_untouched_with_an_error_record(tmp_path):
+    """A caption file that is a link to a private file, or a FIFO, is neither read through (the
+    secret copied into a new world-readable caption file) nor waited on (a run hung forever)."""
+    folder = make_dataset(tmp_path / "data", ["a.png", "sub/b.png", "e.webp"])
+    secret = tmp_path / "secret"
+    secret.write_text("private key\n", encoding="utf-8")
+    secret.chmod(0o600)
+    (folder / "a.txt").symlink_to(secret)
+    os.mkfifo(folder / "sub" / "b.txt")
+    (folder / "e.txt").write_text("tag1, tag2,\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    out = vacap("caption", folder, *DEMO, "--sidecar", "txt", "--existing", "append", "-o", output, timeout=120)
+    assert out.returncode == 1 and "1 ok, 2 error" in summary(out), out.stderr
+    records = {Path(r["path"]).name: r for r in parse(output.read_text("utf-8"))}
+    assert "a.txt cannot be read: it is a symbolic link" in records["a.png"]["error"]
+    assert "b.txt cannot be read: it is not a regular file" in records["b.png"]["error"]
+    assert all("caption_file" not in records[name] for name in ("a.png", "b.png"))
+    assert os.readlink(folder / "a.txt") == str(secret) and secret.read_text("utf-8") == "private key\n"
+    assert (folder / "sub" / "b.txt").is_fifo()
+    assert (folder / "e.txt").read_text("utf-8") == f"tag1, tag2, {records['e.webp']['caption']}\n"
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret]
+    assert not [p for p in files if b"private key" in p.read_bytes()], "the secret was copied"
+
+
+def test_resume_writes_an_append_its_run_stopped_before_once_and_leaves_edited_files(tmp_path):
+    """The record of an appended caption holds the file's whole text and the hash of what was
+    there before. A run stopped between a record and its file leaves the old content: the resume
+    writes the record's text, so the caption is added once. A file changed since is left, and
+    the run says so."""
+    folder = make_dataset(tmp_path / "data", ["a.png", "sub/b.png", "e.webp"])
+    for name in ("a.txt", "sub/b.txt", "e.txt"):
+        (folder / name).write_text("tag1, tag2,\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    args = ["caption", folder, *DEMO, "--sidecar", "txt", "--existing", "append", "-o", output]
+    out = vacap(*args)
+    assert out.returncode == 0, out.stderr
+    records = {Path(r["path"]).name: r for r in parse(output.read_text("utf-8"))}
+    before = hashlib.sha256(b"tag1, tag2,\n").hexdigest()
+    for image, name in (("a.png", "a.txt"), ("b.png", "sub/b.txt"), ("e.webp", "e.txt")):
+        text = f"tag1, tag2, {records[image]['caption']}\n"
+        assert records[image]["caption_file"] == {"path": str(folder / name), "text": text, "before": before}
+        assert (folder / name).read_text("utf-8") == text
+    (folder / "a.txt").write_text("tag1, tag2,\n", encoding="utf-8")  # as if stopped before the file
+    (folder / "sub" / "b.txt").unlink()
+    (folder / "e.txt").write_text("edited by hand\n", encoding="utf-8")
+    jsonl = output.read_bytes()
+    out = vacap(*args)
+    assert out.returncode == 0, out.stderr
+    assert "all 3 images already captioned" in out.stderr and output.read_bytes() == jsonl
+    assert (folder / "a.txt").read_text("utf-8") == records["a.png"]["caption_file"]["text"]
+    assert (folder / "sub" / "b.txt").read_text("utf-8") == records["b.png"]["caption_file"]["text"]
+    assert (folder / "e.txt").read_text("utf-8") == "edited by hand\n"
+    said = summary(out)
+    assert "1 caption file holds neither what its record says was written nor what was there before" in said
+    assert f"left as it is: {folder / 'e.txt'}" in said
+
+
+def test_a_mirror_folder_turned_into_a_link_during_the_run_is_not_written_through(tmp_path):
+    """The mirror is checked where each file is written, not only when the run was planned: a
+    folder of it replaced by a link that leads out gets the image an error record."""
+    from vacap.records import RecordWriter, make_record
+    from vacap.sidecars import SidecarRun, Sidecars
+
+    data = make_dataset(tmp_path / "data", ["a.png", "sub/b.png"])
+    caps, outside = tmp_path / "caps", tmp_path / "outside"
+    (caps / "sub").mkdir(parents=True)
+    outside.mkdir()
+    files = [data / "a.png", data / "sub" / "b.png"]
+    run = SidecarRun(Sidecars("txt", caps), files, [data, data])
+    assert run.refusal() is None
+    (caps / "sub").rmdir()
+    (caps / "sub").symlink_to(outside)
+    with RecordWriter(tmp_path / "out.jsonl") as log:
+        made = [make_record(path=f, status="ok", caption=f"caption {f.stem}", model="m", method="greedy", params={})
+                for f in files]  # fmt: skip
+        results = {Path(r["path"]).name: r for r in run.logged(made, log)}
+    assert results["a.png"]["status"] == "ok" and (caps / "a.txt").read_text("utf-8") == "caption a\n"
+    assert results["b.png"]["status"] == "error" and "outside" in results["b.png"]["error"]
+    assert list(outside.iterdir()) == []
+    written = parse((tmp_path / "out.jsonl").read_text("utf-8"))
+    assert [(Path(r["path"]).name, r["status"]) for r in written] == [("a.png", "ok"), ("b.png", "ok"), ("b.png", "error")]

@@ -5,10 +5,12 @@ torch and transformers are imported inside the commands, so `vacap --help` start
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, List, Literal, Optional
@@ -305,7 +307,8 @@ def caption(
             raise typer.Exit(2)
         if output is None:
             output = Path(os.devnull)  # the caption files are the output; `-o -` streams records too
-    with _open_output(console, output, overwrite=overwrite, resume=True) as writer:
+    writer = _open_output(console, output, overwrite=overwrite, resume=True)
+    with writer, _Stops(console, writer, run) as stops:
         if not images and not listing.problems:
             console.print("no images to caption")
             raise typer.Exit(0)
@@ -325,6 +328,9 @@ def caption(
         ]
         uncaptioned = run.unwritten(images) if run else images
         todo = _still_to_do(uncaptioned, writer, settings_key(model, params), run)
+        if run is not None:
+            run.sweep()
+            _say_edited(console, run.edited)
         if not todo and not problems:
             files_too = " or with a caption file" if len(uncaptioned) < len(images) else ""
             console.print(f"all {len(images)} images already captioned with these settings{files_too}")
@@ -337,10 +343,7 @@ def caption(
         records = iter(problems)
         loading = dict(model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, output=shaping)
         if todo and pool is not None:
-            root = dict(zip(map(str, listing.files), listing.roots))
-            sidecars = run.sidecars if run is not None else None
-            chosen = [root[str(image)] for image in todo]
-            captioned = ray_run.caption(pool, todo, chosen, {**loading, **settings}, sidecars, verbose=verbose)
+            captioned = ray_run.caption(pool, todo, {**loading, **settings}, verbose=verbose)
             records = itertools.chain(problems, captioned)
         elif todo:  # folders that could not be listed alone need no model
             captioner = _captioner(console, **loading, **settings)
@@ -352,15 +355,12 @@ def caption(
                 return done
 
             records = itertools.chain(problems, captioner.records((str(p) for p in todo), skip=skip, folders=False))
-        # Each caption file before its record: an ok record means the file is there (under Ray
-        # the actors write the files, before they return the batch's records).
-        if run is not None and pool is None:
-            records = run.write_behind(records)
+        stops.captioning = True
         with progress:
             if pool is None:
-                _write_records(console, writer, progress, records)
+                _write_records(console, writer, progress, records, run)
             else:  # the actors start as the first records are asked for
-                _ray_step(console, _write_records, console, writer, progress, records)
+                _ray_step(console, _write_records, console, writer, progress, records, run)
     progress.print_summary()
     raise typer.Exit(1 if progress.counts["error"] else 0)
 
@@ -454,7 +454,8 @@ def _record_params(console, config: DecodeConfig, output: OutputConfig, **precis
 
 def _still_to_do(images: List[Path], writer, key: str, run=None) -> list[Path]:
     """The images without an ok record for their current bytes under these settings. With
-    caption files (``run``), a done image whose caption file is missing gets it from its record.
+    caption files (``run``), a done image's caption file is brought to what its record says
+    (written when it is missing or the run stopped before writing it).
 
     Only an image whose path has such a record is hashed; the rest are read once, when captioned.
     """
@@ -474,18 +475,100 @@ def _still_to_do(images: List[Path], writer, key: str, run=None) -> list[Path]:
     return todo
 
 
-def _write_records(console, writer, progress, records) -> None:
-    """Write and count each record; an output that fails mid-run ends the run with exit 1."""
+def _say_edited(console, edited: list[str]) -> None:
+    """Say once which caption files resume left as they are, since they were changed after their run."""
+    if edited:
+        more = f" and {len(edited) - 3} more" if len(edited) > 3 else ""
+        one = len(edited) == 1
+        files, records = ("file holds", "its record says") if one else ("files hold", "their records say")
+        left = "it is" if one else "they are"
+        console.print(
+            f"{len(edited)} caption {files} neither what {records} was written nor what was there before "
+            f"(changed since?); left as {left}: {', '.join(edited[:3])}{more}",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+
+
+def _write_records(console, writer, progress, records, run=None) -> None:
+    """Write and count each record, and with caption files (``run``) each file after its
+    record; an output that fails mid-run ends the run with exit 1."""
     from vacap.records import OutputError
 
+    logged = run.logged(records, writer) if run is not None else _logged(records, writer)
     try:
-        for record in records:
-            writer.write(record)
-            progress.record(record)
+        # Closed on the way out (a stop, a failed write), so the caption files of the records
+        # already written are written before the output is closed.
+        with contextlib.closing(logged):
+            for record in logged:
+                progress.record(record)
     except OutputError as exc:
         kept = "; the records written before are kept, and a new run continues from them" if writer.resumable else ""
         console.print(f"error: {exc}{kept}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _logged(records, writer):
+    for record in records:
+        writer.write(record)
+        yield record
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM while images are captioned (args[0]: the signal's number)."""
+
+
+class _Stops:
+    """SIGINT and SIGTERM end a caption run at once, saying what it wrote and how to go on, with
+    exit 128 + the signal's number. Stopping loses nothing: each caption file follows its record,
+    so a run stopped anywhere is resumed as one killed there would be.
+
+    While images are captioned (``captioning``) the signal is raised as ``_Stopped`` where the run
+    is, so the caption files of the records already written are written on the way out. Before
+    that (the model loading, imports under way that an exception would leave half done) the run
+    says what it wrote and exits on the spot."""
+
+    def __init__(self, console, writer, run) -> None:
+        self.console, self.writer, self.run = console, writer, run
+        self.captioning = False
+        self._handlers = {}
+
+    def __enter__(self) -> _Stops:
+        self._handlers = {signum: signal.signal(signum, self._stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        if isinstance(exc, _Stopped):
+            self._say(exc.args[0])
+            raise typer.Exit(128 + exc.args[0]) from None
+
+    def _stop(self, signum: int, frame) -> None:
+        if self.captioning:
+            raise _Stopped(signum)
+        self._say(signum)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    def _say(self, signum: int) -> None:
+        message = _stopped_message(signum, self.writer, self.run)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _stopped_message(signum: int, writer, run) -> str:
+    files = f" and {run.files_written} caption files" if run is not None else ""
+    where = "" if writer.name == os.devnull else f" to {writer.name}"
+    said = f"stopped by {signal.Signals(signum).name}: {writer.written} records written{where}{files} so far"
+    if writer.resumable:
+        return f"{said}; run the same command again to resume from them"
+    if run is not None and run.sidecars.existing == "skip":
+        return f"{said}; run the same command again to go on (images with a caption file are skipped)"
+    if run is not None and run.sidecars.existing in ("append", "prepend"):
+        return (
+            f"{said}; no records file (-o FILE) says which caption files were {run.sidecars.existing}ed to, so "
+            "running the same command again would add to them a second time"
+        )
+    return f"{said}; nothing records what is done: give -o FILE to make a run resumable"
 
 
 # Comma-separated values of a VASparse setting, one VASparse run per value (compare, eval shapes).

@@ -13,8 +13,8 @@ order, not in the input order.
 
 Ray Data's actor pools restart a dead actor and retry the batch it held (their ``max_restarts``
 and ``max_task_retries`` default to -1, unlimited), so a worker that dies loses no image.
-Caption files are written by the actors, beside the images, so on a cluster the images must be
-on storage every node reaches at the same path.
+On a cluster the images must be on storage every node reaches at the same path. Caption files
+are written by the driver, each after its record, as in a local run (``vacap.sidecars``).
 
 Ray is imported inside the functions: importing this module costs nothing.
 """
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vacap.config import DEFAULT_MODEL, DEFAULT_PROMPT
-from vacap.sidecars import SidecarRun, Sidecars
 
 INSTALL = 'pip install "vacap[ray]"'
 # The paths in one actor task, in --batch-size units: enough that an actor's continuous batching
@@ -151,7 +150,7 @@ def _load_preparer(model: str) -> None:
 
 
 def _read(batch: dict, model: str, prompt: str, verbose: bool) -> dict:
-    """A Ray task: {"path", "root": file system bytes # (N,)} -> the same plus {"read": pickled
+    """A Ray task: {"path": file system bytes # (N,)} -> the same plus {"read": pickled
     ``prepare_read`` result # (N,)}, each image read, hashed, decoded and prepared for ``model``
     with the prompt template ``prompt`` (or why it cannot be)."""
     import numpy
@@ -177,14 +176,13 @@ def _read(batch: dict, model: str, prompt: str, verbose: bool) -> dict:
 class _Worker:
     """One actor: a Captioner loaded once, captioning the batches of prepared images it is given."""
 
-    def __init__(self, captioner: dict, sidecars: Sidecars | None, verbose: bool) -> None:
+    def __init__(self, captioner: dict, verbose: bool) -> None:
         from vacap.captioner import Captioner
 
         # Ray forwards an actor's stdout to the driver's stdout, which may be carrying the
         # records (-o -): anything a library prints goes to stderr instead.
         sys.stdout = sys.stderr
         self.captioner = Captioner(**captioner)
-        self.sidecars = sidecars
         self.verbose = verbose
         device = self.captioner.model.device
         # On stderr, which Ray forwards to the driver: which process holds which model where.
@@ -200,25 +198,21 @@ class _Worker:
         if self.verbose:
             ready = sum(isinstance(read, PreparedImage) and read.inputs is not None for read in reads)
             print(f"vacap: worker pid {os.getpid()} got {len(reads)} images, {ready} prepared", file=sys.stderr)
+        # Caption files are the driver's to write, each after its record (vacap.sidecars).
         records = self.captioner.records_of(zip(paths, reads))
-        if self.sidecars is not None:
-            roots = [Path(os.fsdecode(bytes(r))) for r in batch["root"]]
-            records = SidecarRun(self.sidecars, [Path(p) for p in paths], roots).write_behind(records)
         return {"record": [json.dumps(record, ensure_ascii=False) for record in records]}
 
 
 def caption(
     pool: Pool,
     images: Sequence[Path],
-    roots: Sequence[Path],
     captioner: dict,
-    sidecars: Sidecars | None = None,
     verbose: bool = False,
 ) -> Iterator[dict]:
-    """A record per image of ``images`` (found under the input folders ``roots``), as the
-    actors finish them. ``captioner``: the keyword arguments of each actor's ``Captioner``;
-    ``verbose``: each reading task says on stderr which process read and prepared how many
-    images, and each actor how many it got and how many of those came prepared."""
+    """A record per image of ``images``, as the actors finish them. ``captioner``: the keyword
+    arguments of each actor's ``Captioner``; ``verbose``: each reading task says on stderr which
+    process read and prepared how many images, and each actor how many it got and how many of
+    those came prepared."""
     if not images:
         return
     import ray.data
@@ -231,7 +225,7 @@ def caption(
         ray.get(ray.remote(num_cpus=0)(_load_preparer).remote(model))
     except ray.exceptions.RayTaskError as exc:
         raise RayUnavailable(f"the Ray reading tasks cannot load the model's processor: {_last_line(exc)}") from None
-    rows = [{"path": os.fsencode(image), "root": os.fsencode(root)} for image, root in zip(images, roots)]
+    rows = [{"path": os.fsencode(image)} for image in images]
     size = BATCHES_PER_TASK * captioner.get("batch_size", 1)
     # A block per batch: each is one reading task and then one actor task, so batches spread
     # over the actors, their records come back as each finishes, and a retry redoes one batch.
@@ -270,7 +264,7 @@ def caption(
             compute=ray.data.ActorPoolStrategy(size=pool.workers),
             num_cpus=pool.cpus,
             num_gpus=pool.gpus,
-            fn_constructor_kwargs={"captioner": captioner, "sidecars": sidecars, "verbose": verbose},
+            fn_constructor_kwargs={"captioner": captioner, "verbose": verbose},
         )
     )
     try:

@@ -3,7 +3,7 @@
 A run appends to its output file. When an image appears in the file more than once (an error
 that was retried, say), the last record for that path wins. An image counts as done only when
 the file holds an ``ok`` record for the same path, the same file bytes (sha256) and the same
-model and decode settings; ``error`` records are retried.
+model and decode settings, and no later ``error`` record for them; ``error`` records are retried.
 
 The output is opened, locked and checked before anything slow happens: a file that is not
 vacap's own JSONL is refused untouched, and a second run on the same file is refused while the
@@ -233,11 +233,13 @@ class RecordWriter:
     def __init__(self, output: str | Path | None, *, overwrite: bool = False, resume: bool = True) -> None:
         self.previously_done = 0
         # (readable path, path bytes, settings key) -> {sha256 of each file content captioned ok:
-        # its caption}; the caption lets a resumed run write a caption file that is missing.
-        self._done: dict[tuple[str, str | None, str], dict[str, str | None]] = {}
+        # that record's caption and caption_file}, from which a resumed run brings a caption file
+        # to what the record says (vacap.sidecars).
+        self._done: dict[tuple[str, str | None, str], dict[str, dict]] = {}
         self._fd: int | None = None
         self._created = False
         self._written = 0
+        self._synced = 0
         # Replacing waits for the first record, so a run that stops before it (a model that
         # does not load) leaves the old content as it was.
         self._empty_first = False
@@ -285,9 +287,14 @@ class RecordWriter:
         finally:
             os.close(fd)
 
-    def done_hashes(self, path, settings: str) -> dict[str, str | None]:
+    @property
+    def written(self) -> int:
+        """Records this run wrote."""
+        return self._written
+
+    def done_hashes(self, path, settings: str) -> dict[str, dict]:
         """sha256 of each content of ``path`` the file holds an ok record for, under settings,
-        with the caption of that record."""
+        with that record's ``caption`` and ``caption_file`` (None where it has none)."""
         return self._done.get((*path_fields(path), settings), {})
 
     def is_done(self, path, sha256: str, settings: str) -> bool:
@@ -308,6 +315,16 @@ class RecordWriter:
             raise OutputError(f"cannot write to {self.name}: {_reason(exc)}") from None
         self._written += 1
         self._remember(record)
+
+    def sync(self, records: int) -> None:
+        """Make sure the first ``records`` records this run wrote are on disk, not only in the
+        page cache (one flush covers every record written before it); may be called from
+        another thread than ``write``'s. Nothing to do for stdout and other non-files."""
+        if self._synced >= records or not self.resumable or self._fd is None:
+            return
+        written = self._written
+        os.fdatasync(self._fd)
+        self._synced = max(self._synced, written)
 
     def _prepare(self, overwrite: bool, resume: bool) -> None:
         """Check (unless overwriting) and repair or empty the locked regular file."""
@@ -341,14 +358,22 @@ class RecordWriter:
 
     def _remember(self, record: dict) -> None:
         # Also used for records written by this run, so a repeated input is not redone.
-        if record.get("status") != "ok":
-            return
         path, sha256 = record.get("path"), record.get("sha256")
         model, params = record.get("model"), record.get("params")
-        if isinstance(path, str) and isinstance(sha256, str) and isinstance(params, dict):
-            key = (path, record.get("path_bytes"), settings_key(model, params))
-            caption = record.get("caption")
-            self._done.setdefault(key, {})[sha256] = caption if isinstance(caption, str) else None
+        if not (isinstance(path, str) and isinstance(sha256, str) and isinstance(params, dict)):
+            return
+        key = (path, record.get("path_bytes"), settings_key(model, params))
+        if record.get("status") != "ok":
+            # An error after an ok record for the same content (its caption file could not be
+            # written) undoes it: the last record of a path wins.
+            self._done.get(key, {}).pop(sha256, None)
+            return
+        caption = record.get("caption")
+        caption_file = record.get("caption_file")
+        self._done.setdefault(key, {})[sha256] = {
+            "caption": caption if isinstance(caption, str) else None,
+            "caption_file": caption_file if isinstance(caption_file, dict) else None,
+        }
 
 
 def _open_locked(path: Path) -> tuple[int, bool]:

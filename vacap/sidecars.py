@@ -1,22 +1,32 @@
-"""Caption files beside images (or in a mirror of the input tree), written atomically.
+"""Caption files beside images (or in a mirror of the input tree), each written after its record.
 
-A run writes an image's caption file before its JSONL record, so an ``ok`` record in the
-output means its caption file was written: a resumed run never leaves a done image without
-one. Error records never write a caption file.
+The JSONL is the run's log, and the caption files follow from it. The ``ok`` record of an image
+in a caption-file run says what its file must hold, in ``caption_file``: the file's ``path``, the
+whole ``text`` written (the caption, or an existing caption with it joined), and the sha256 of
+what the file held ``before`` (None: no file). The record is written first, then the file, whole
+(:func:`vacap.files.write_atomic`). A run stopped between the two leaves a record whose file is
+missing or still holds what it held before: the resumed run writes the record's text then, so
+an append is applied once, whatever stops a run. Error records never write a caption file.
+
+An existing caption file is read without following a link and without waiting on a FIFO
+(:func:`vacap.files.read_regular`): anything but a regular file there gets an error record and
+is left untouched.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from vacap.files import OutsideError, contained, write_atomic
-from vacap.records import path_fields
+from vacap.files import OutsideError, contained, read_regular, write_atomic
+from vacap.records import RecordWriter, path_fields
 
 SUFFIXES = ("txt", "caption")
 EXISTING = ("skip", "overwrite", "append", "prepend")
@@ -24,6 +34,8 @@ EXISTING = ("skip", "overwrite", "append", "prepend")
 # shuffle_caption and keep_tokens); OneTrainer and taggui read the file as one caption. A
 # comma on one line keeps an added caption visible, and its own chunk, to all of them.
 SEPARATOR = ", "
+# vacap.files.temporary_name's names: "." + the (perhaps shortened) name + ".<8 hex>.tmp".
+_TEMPORARY = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$", re.DOTALL)
 
 
 def sidecar_path(image: Path, suffix: str, root: Path | None = None, mirror: Path | None = None) -> Path:
@@ -77,16 +89,15 @@ class Sidecars:
         if self.existing not in EXISTING:
             raise ValueError(f"--existing must be one of {', '.join(EXISTING)}, got {self.existing!r}")
 
-    def write(self, target: Path, caption: str) -> None:
-        """Write ``caption`` (and a newline) to ``target`` as ``existing`` says; OSError or
-        UnicodeDecodeError (an existing file to join that is not UTF-8) when it cannot."""
+    def plan(self, target: Path, caption: str) -> dict:
+        """The ``caption_file`` of the record that writes ``caption`` to ``target`` as
+        ``existing`` says. OSError when what is at ``target`` is not a regular file (or is over
+        read_regular's limit), UnicodeDecodeError when it is to be joined and is not UTF-8."""
+        before = read_regular(target)
         text = caption
-        if self.existing in ("append", "prepend"):
-            try:
-                text = join_captions(target.read_text(encoding="utf-8"), caption, self.existing)
-            except FileNotFoundError:
-                pass
-        write_atomic(target, text + "\n")
+        if before is not None and self.existing in ("append", "prepend"):
+            text = join_captions(before.decode("utf-8"), caption, self.existing)
+        return {"path": path_fields(target)[0], "text": text + "\n", "before": _sha256(before)}
 
 
 class SidecarRun:
@@ -115,6 +126,10 @@ class SidecarRun:
                 else:
                     target = folder / target.name
             self._targets[str(file)] = target
+        self.files_written = 0  # caption files this run wrote, restored ones included
+        # Caption files that resume found holding neither their record's text nor what was there
+        # before it: changed since the run wrote them, so left as they are.
+        self.edited: list[str] = []
 
     def refusal(self) -> str | None:
         """Why this run must not start, None when it may: a --sidecar-dir that is no folder, a
@@ -160,49 +175,121 @@ class SidecarRun:
             return list(images)
         return [image for image in images if not os.path.lexists(self.target(image))]
 
-    def restore(self, image: Path, caption: str | None) -> bool:
-        """Write the caption file of an image that resume found done, from its record's
-        caption, if the file is missing; False when that could not be done."""
+    def sweep(self) -> None:
+        """Remove the temporary files a killed run left beside this run's caption files (their
+        hidden ``.<name>.<hex>.tmp`` names)."""
+        names: dict[Path, set[str]] = collections.defaultdict(set)
+        for target in self._targets.values():
+            names[target.parent].add(target.name)
+        for folder, mine in names.items():
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue  # not made yet, or unreadable: the writes will say
+            for entry in entries:
+                match = _TEMPORARY.match(entry.name)
+                if match and entry.is_file(follow_symlinks=False) and any(n.startswith(match[1]) for n in mine):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass  # gone already, or not ours to remove: harmless either way
+
+    def restore(self, image: Path, done: dict) -> bool:
+        """Bring the caption file of an image that resume found done (``done``: its ok record's
+        ``caption`` and ``caption_file``) to what the record says; False when it must be captioned
+        again. A file missing, or still holding what it held before the record, gets the record's
+        text; a file holding something else was changed since, and is left (see ``edited``)."""
         target = self.target(image)
-        if os.path.lexists(target):
-            return True
-        if caption is None:
-            return False
+        planned = done.get("caption_file")
+        if not isinstance(planned, dict) or planned.get("path") != path_fields(target)[0]:
+            # A record that names no caption file here (a run with another --sidecar-dir, or by a
+            # vacap that wrote no caption_file): a missing file gets the caption alone, one that is
+            # there is left as it is.
+            if os.path.lexists(target):
+                return True
+            if done.get("caption") is None:
+                return False
+            planned = {"text": done["caption"] + "\n", "before": None}
         try:
-            write_atomic(target, caption + "\n")
+            now = read_regular(target)
         except OSError:
+            self.edited.append(path_fields(target)[0])
+            return True
+        text = planned.get("text")
+        if not isinstance(text, str):
             return False
+        if now is not None and now == text.encode("utf-8"):
+            return True
+        if now is not None and _sha256(now) != planned.get("before"):
+            self.edited.append(path_fields(target)[0])
+            return True
+        try:
+            self._write_file(target, text)
+        except (OSError, OutsideError):
+            return False
+        self.files_written += 1
         return True
 
-    def write_behind(self, records: Iterable[dict], ahead: int = 16) -> Iterator[dict]:
-        """``records``, each after its caption file is written (see :meth:`written`), in order.
+    def logged(self, records: Iterable[dict], log: RecordWriter, ahead: int = 16) -> Iterator[dict]:
+        """Each of ``records`` written to ``log`` and then, an ok one, its caption file; yields
+        each record, in order, as it stands once its file is written: an error record (written
+        to ``log`` too) when the file could not be. Raises what ``log.write`` raises.
 
-        The files are written on a thread of their own, at most ``ahead`` records behind, so
-        the disk's fsync overlaps the decoding of the next captions instead of holding it up.
-        """
-        pending: collections.deque = collections.deque()
+        The files are written on a thread of their own, at most ``ahead`` records behind, so the
+        disk's fsync overlaps the decoding of the next captions instead of holding it up. The
+        thread flushes the log to disk before each file, so even a power cut leaves no caption
+        file that its record does not account for."""
+        pending: collections.deque[tuple[dict, Future | None]] = collections.deque()
         with ThreadPoolExecutor(1, thread_name_prefix="vacap-captions") as pool:
             for record in records:
-                pending.append(pool.submit(self.written, record))
-                while pending and (pending[0].done() or len(pending) > ahead):
-                    yield pending.popleft().result()
+                record = self._planned(record)
+                log.write(record)
+                file = pool.submit(self._write, record, log, log.written) if "caption_file" in record else None
+                pending.append((record, file))
+                while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > ahead):
+                    yield self._finished(*pending.popleft(), log)
             while pending:
-                yield pending.popleft().result()
+                yield self._finished(*pending.popleft(), log)
 
-    def written(self, record: dict) -> dict:
-        """An ok record after its caption file is written; an error record (with the reason)
-        when the file could not be. Other records pass unchanged."""
+    def _planned(self, record: dict) -> dict:
+        """An ok record with its ``caption_file``; an error record (with the reason) when the
+        caption file there cannot be read or joined. Other records pass unchanged."""
         if record.get("status") != "ok":
             return record
         target = self.target(_given_path(record))
         try:
-            self.sidecars.write(target, record["caption"])
+            return {**record, "caption_file": self.sidecars.plan(target, record["caption"])}
         except OSError as exc:
-            why = f"cannot write caption file {path_fields(target)[0]}: {exc.strerror or exc}"
-            return {**record, "status": "error", "error": why}
+            why = f"caption file {path_fields(target)[0]} cannot be read: {exc.strerror or exc}; left as it was"
         except UnicodeDecodeError:
             why = f"caption file {path_fields(target)[0]} is not UTF-8 text, so nothing is joined to it; left as it was"
-            return {**record, "status": "error", "error": why}
+        return {**record, "status": "error", "error": why}
+
+    def _write(self, record: dict, log: RecordWriter, logged: int) -> None:
+        """Write a logged ok record's caption file, once the first ``logged`` records are on disk."""
+        log.sync(logged)
+        self._write_file(self.target(_given_path(record)), record["caption_file"]["text"])
+        self.files_written += 1
+
+    def _write_file(self, target: Path, text: str) -> None:
+        # Checked again at the write, not only when the run was planned: a folder of the mirror
+        # can become a link leading out of it while the run goes on.
+        if self.sidecars.mirror is not None:
+            contained(target, self.sidecars.mirror)
+        write_atomic(target, text)
+
+    def _finished(self, record: dict, file: Future | None, log: RecordWriter) -> dict:
+        if file is None:
+            return record
+        try:
+            file.result()
+        except (OSError, OutsideError) as exc:
+            target = record["caption_file"]["path"]
+            why = f"cannot write caption file {target}: {getattr(exc, 'strerror', None) or exc}"
+            failed = {key: value for key, value in record.items() if key != "caption_file"}
+            failed.update(status="error", error=why)
+            log.write(failed)  # after the ok record: the last record of a path is the one that counts
+            return failed
         return record
 
 
@@ -227,6 +314,10 @@ def _listed(lines: list[str], most: int = 5) -> str:
     """The first ``most`` lines, indented, and how many more there are."""
     more = [f"  and {len(lines) - most} more"] if len(lines) > most else []
     return "\n".join([f"  {line}" for line in lines[:most]] + more)
+
+
+def _sha256(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _given_path(record: dict) -> str:
