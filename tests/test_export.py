@@ -247,7 +247,7 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path):
     out = vacap("export", "r.jsonl", "--format", "parquet", "--to", "out", cwd=tmp_path,
                 python=[sys.executable, "-c", block])  # fmt: skip
     assert out.returncode == 2
-    assert "pip install 'vacap[parquet]'" in " ".join(out.stderr.replace("│", " ").split())
+    assert 'pip install ".[parquet]" in vacap\'s checkout' in " ".join(out.stderr.replace("│", " ").split())
     assert not (tmp_path / "out").exists()
 
 

@@ -82,4 +82,4 @@ def test_missing_bitsandbytes_is_a_clear_usage_error(quantizable):
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "250"},
     )  # fmt: skip
     assert out.returncode == 2
-    assert "--quant 8bit needs bitsandbytes" in out.stderr and "pip install 'vacap[quant]'" in out.stderr
+    assert "--quant 8bit needs bitsandbytes" in out.stderr and 'pip install ".[quant]" in vacap\'s checkout' in out.stderr

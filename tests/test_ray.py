@@ -277,10 +277,11 @@ def test_a_lost_node_is_replaced_and_its_images_retried(dataset, local, tmp_path
     one on each: removing the node of one mid-run takes its actor, the batches queued to it and
     the blocks in its object store. The run still records every image once, as a local run
     captions it: Ray Data restarts the actor (on the other node once its actor is done), retries
-    its batches there and rebuilds the lost blocks from their reading tasks."""
+    its batches there and rebuilds the lost blocks from their reading tasks. The driver writes
+    the caption files, after their records, so the lost node leaves none half written."""
     from ray.cluster_utils import Cluster
 
-    output = tmp_path / "ray.jsonl"
+    output, txt = tmp_path / "ray.jsonl", tmp_path / "txt"
     node = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in RAY_ENV.items():  # the node processes take them from this one
@@ -293,7 +294,8 @@ def test_a_lost_node_is_replaced_and_its_images_retried(dataset, local, tmp_path
             workers = [cluster.add_node(**node) for _ in range(2)]
             cluster.wait_for_nodes()
             raylets = {n.all_processes["raylet"][0].process.pid: n for n in workers}
-            args = ["caption", dataset, *DEMO, "-o", output, "--ray", "--ray-address", cluster.address]
+            args = ["caption", dataset, *DEMO, "-o", output, "--ray", "--ray-address", cluster.address,
+                    "--sidecar", "txt", "--sidecar-dir", txt]  # fmt: skip
             run = started(*args, "--workers", "2", "-v")
             lines: list[str] = []
             reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
@@ -318,6 +320,7 @@ def test_a_lost_node_is_replaced_and_its_images_retried(dataset, local, tmp_path
     assert run.returncode == 1, "".join(lines)
     records = read_records(output)
     assert len(records) == IMAGES + 1 and comparable(records) == local[0]
+    assert caption_files(txt) == local[1]  # every caption file, and no temporary one left
     assert f"{IMAGES} ok, 1 error, 0 skipped" in " ".join("".join(lines).split())
 
 
@@ -331,7 +334,7 @@ def test_ray_flags_need_ray_and_ray_installed(dataset, tmp_path):
     command = [sys.executable, "-c", missing, "caption", str(dataset), *DEMO, "-o", str(output), "--ray"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment())
     assert out.returncode == 2
-    assert 'pip install "vacap[ray]"' in " ".join(out.stderr.split())
+    assert 'pip install ".[ray]" in vacap\'s checkout, or pip install "ray[data]"' in " ".join(out.stderr.split())
     assert not output.exists()
 
 

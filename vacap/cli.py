@@ -131,7 +131,7 @@ def _captioner(console, **arguments):
     try:
         return Captioner(**arguments)
     except (ModelLoadError, ValueError) as exc:
-        # Text, not markup: messages contain brackets such as vacap[quant].
+        # Text, not markup: messages contain brackets such as .[quant].
         console.print(Text.assemble(("error: ", "red"), str(exc)), soft_wrap=True)
         raise typer.Exit(2) from exc
 
@@ -188,8 +188,9 @@ Ray = Annotated[
     bool,
     typer.Option(
         "--ray",
+        # The backslash keeps rich from reading [ray] as markup and dropping it from the help.
         help='Run the job on Ray Data: a pool of actors, each with the model loaded once; records in completion '
-        'order. Needs pip install "vacap[ray]".',
+        'order. Needs the ray extra (pip install ".\\[ray]" in vacap\'s checkout).',
     ),
 ]
 RayAddress = Annotated[

@@ -49,7 +49,7 @@ COLUMNS = {
     "vacap_version": "string",
 }
 SHORT_KEY = 12  # hex digits of the settings fingerprint shown to users and accepted by --settings
-PARQUET_INSTALL = "parquet export needs pyarrow; install it with: pip install 'vacap[parquet]' (or pip install pyarrow)"
+PARQUET_INSTALL = 'parquet export needs pyarrow; install it with pip install ".[parquet]" in vacap\'s checkout, or pip install pyarrow'
 # A csv cell starting with one of these is read as a formula by spreadsheets (OWASP, CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 STAGING = ".vacap-export"  # hidden folder inside --to where an export is assembled (see _staged)

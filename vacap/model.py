@@ -86,7 +86,8 @@ def _quantization_config(quant: str, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise ModelLoadError(
-            f"--quant {quant} needs bitsandbytes, which is not installed: pip install 'vacap[quant]'"
+            f"--quant {quant} needs bitsandbytes, which is not installed: pip install \".[quant]\" in vacap's checkout, "
+            "or pip install bitsandbytes"
         ) from exc
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig

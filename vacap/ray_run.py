@@ -33,7 +33,8 @@ from pathlib import Path
 
 from vacap.config import DEFAULT_MODEL, DEFAULT_PROMPT
 
-INSTALL = 'pip install "vacap[ray]"'
+# vacap is installed from its checkout (it is not on PyPI), so the extra is named from there.
+INSTALL = 'pip install ".[ray]" in vacap\'s checkout, or pip install "ray[data]"'
 # The paths in one actor task, in --batch-size units: enough that an actor's continuous batching
 # has rows to refill from, few enough that records reach the driver (and the output file) often
 # and a dead actor's retry redoes little.
