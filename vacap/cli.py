@@ -37,6 +37,12 @@ def _check_device(value: str) -> str:
     return value
 
 
+def _check_threads(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise typer.BadParameter(f"{value!r} is not a thread count; use auto or a whole number of at least 1")
+    return value
+
+
 # Options shared by the commands that load a model.
 # readable=False: click would refuse a path it cannot read, ending the run; vacap gives it an
 # error record and goes on with the rest.
@@ -58,10 +64,19 @@ Dtype = Annotated[
     typer.Option(help="auto: on CPU bf16 where it is native (AVX512-BF16 or AMX), else fp32; on GPU bf16, else fp16."),
 ]
 Device = Annotated[str, typer.Option(callback=_check_device, help="auto, cpu, cuda or cuda:N.")]
+Threads = Annotated[
+    str,
+    typer.Option(
+        callback=_check_threads,
+        help="CPU threads of torch: a number, or auto: the cores other processes leave idle (by the load "
+        "average), at least 1.",
+    ),
+]
 Quant = Annotated[Literal["none", "8bit", "4bit"], typer.Option(help="bitsandbytes quantization of the LLM.")]
 Recursive = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")]
 Diagnostics = Annotated[
-    Literal["none", "summary", "tokens"], typer.Option(help="Attention statistics in each record (see README).")
+    Literal["none", "summary", "tokens"],
+    typer.Option(help="Attention statistics in each record (see docs/diagnostics.md)."),
 ]
 # Sampling (caption and compare); the ranges are checked by DecodeConfig, whose messages say them.
 Seed = Annotated[int, typer.Option(help="Seed for the random parts: masks, VCD noise, sampling draws.")]
@@ -121,13 +136,25 @@ def _discover(paths: List[Path], recursive: bool, listed=()):
         raise _usage(exc) from exc
 
 
-def _captioner(console, **arguments):
+def _use_threads(threads: str) -> None:
+    """Set torch's CPU thread count (``--threads``), and say it with -v."""
+    import torch
+
+    from vacap.model import resolve_threads
+
+    count, why = resolve_threads(threads)
+    torch.set_num_threads(count)
+    logging.getLogger("vacap").info("torch threads: %d (%s)", count, why)
+
+
+def _captioner(console, threads: str = "auto", **arguments):
     """Load the model; a flag the model cannot honour is a usage error (exit 2)."""
     from rich.text import Text
 
     from vacap.captioner import Captioner
     from vacap.model import ModelLoadError
 
+    _use_threads(threads)
     try:
         return Captioner(**arguments)
     except (ModelLoadError, ValueError) as exc:
@@ -216,6 +243,7 @@ def caption(
     batch_size: Batch = 1,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    threads: Threads = "auto",
     quant: Quant = "none",
     recursive: Recursive = True,
     overwrite: Annotated[bool, typer.Option(help="Start the output file afresh instead of resuming.")] = False,
@@ -266,6 +294,8 @@ def caption(
     """Caption every image under PATHS, one JSONL record per image (and a caption file with --sidecar)."""
     _setup(verbose)
     ray_options = _ray_options(ray, ray_address, workers, gpus_per_worker)
+    if ray_options is not None and threads != "auto":
+        raise _usage(ValueError("--threads acts on a local run; under --ray each actor uses its share of the CPUs"))
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file, prompt)
     # Caption files are datasets: there, clean-up and trimming are on unless turned off.
@@ -347,7 +377,7 @@ def caption(
             captioned = ray_run.caption(pool, todo, {**loading, **settings}, verbose=verbose)
             records = itertools.chain(problems, captioned)
         elif todo:  # folders that could not be listed alone need no model
-            captioner = _captioner(console, **loading, **settings)
+            captioner = _captioner(console, threads, **loading, **settings)
 
             def skip(path: str, sha256: str, settings_key: str) -> bool:
                 done = writer.is_done(path, sha256, settings_key)
@@ -604,6 +634,7 @@ def compare(
     batch_size: Batch = 1,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    threads: Threads = "auto",
     quant: Quant = "none",
     recursive: Recursive = True,
     diagnostics: Annotated[Literal["summary", "tokens"], typer.Option(help="Attention statistics kept.")] = "summary",
@@ -650,7 +681,7 @@ def compare(
             raise typer.Exit(0)
         progress = RunProgress(total=(len(images) + len(listing.problems)) * len(grid), console=console)
         base = _captioner(
-            console, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
+            console, threads, model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size,
             diagnostics=diagnostics, **shared,
         )  # fmt: skip
         written: list[dict] = []
@@ -866,6 +897,7 @@ def eval_pope(
     batch_size: Batch = 6,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    threads: Threads = "auto",
     quant: Quant = "none",
     as_json: JsonFlag = False,
 ) -> None:
@@ -888,7 +920,7 @@ def eval_pope(
         raise _usage(exc) from exc
     console = Console(stderr=True)
     captioner = _captioner(
-        console, model=model, method=method, sparsity=sparsity, max_new_tokens=max_new_tokens,
+        console, threads, model=model, method=method, sparsity=sparsity, max_new_tokens=max_new_tokens,
         batch_size=batch_size, dtype=dtype, device=device, quant=quant,
     )  # fmt: skip
     by_image: dict[str, list] = {}
@@ -975,6 +1007,7 @@ def eval_shapes(
         typer.Option(help="fp32, not auto (which depends on the CPU), so figures compare across machines."),
     ] = "fp32",
     device: Device = "auto",
+    threads: Threads = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
@@ -1005,6 +1038,7 @@ def eval_shapes(
     from rich.console import Console
     from rich.progress import Progress
 
+    _use_threads(threads)
     # Every setting captions every scene: hundreds of captions per setting, minutes in all.
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task(f"{len(grid)} settings x {scenes} scenes", total=len(grid) * scenes)

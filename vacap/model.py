@@ -49,6 +49,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def auto_threads(cores: int, load: float) -> int:
+    """The CPU threads for torch on ``cores`` cores that other processes keep ``load`` busy (the
+    1-minute load average): the idle cores, at least one. torch's threads wait for each other at
+    every operation, so one thread on a core that another process holds stalls them all: on a
+    busy 2-core machine one thread captioned 6x faster than two (benchmarks/RESULTS.md)."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def resolve_threads(threads: str) -> tuple[int, str]:
+    """``--threads`` as a count, and why: a number as given, or ``auto``: ``OMP_NUM_THREADS``
+    where it is set (the user's standing choice, which torch itself follows), else
+    :func:`auto_threads` from this process's cores and the load average now."""
+    if threads != "auto":
+        return int(threads), "as given"
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) >= 1:
+        return int(given), "auto: OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return auto_threads(cores, load), f"auto: {cores} cores, load average {load:.1f}"
+
+
 # oneDNN instruction-set caps below AVX512_CORE_BF16: under them oneDNN emulates bf16 arithmetic.
 _ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
     {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
