@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -171,3 +173,15 @@ def test_compare_table_shows_sweep_labels_whole_in_80_columns():
     rows = [line for line in lines if line.startswith(("greedy", "vasparse", "vcd"))]
     assert [row.split("  ")[0] for row in rows] == list(grid)
     assert "…" not in console.file.getvalue()
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly_as_unix_tools_do():
+    """`vacap caption ... | head -1`: once head has its line and leaves, the run ends with the
+    exit status SIGPIPE gives a Unix tool (141) and says nothing."""
+    samples = Path(__file__).resolve().parent.parent / "sample_images"
+    command = f"set -o pipefail; {shlex.quote(sys.executable)} -m vacap.cli caption {shlex.quote(str(samples))} " \
+              "--model demo --max-new-tokens 8 | head -1"  # fmt: skip
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert json.loads(out.stdout)["status"] == "ok"
+    assert out.returncode == 141
+    assert "error" not in out.stderr and "Broken pipe" not in out.stderr and "Traceback" not in out.stderr, out.stderr

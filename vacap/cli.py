@@ -522,8 +522,9 @@ def _say_edited(console, edited: list[str]) -> None:
 
 def _write_records(console, writer, progress, records, run=None) -> None:
     """Write and count each record, and with caption files (``run``) each file after its
-    record; an output that fails mid-run ends the run with exit 1."""
-    from vacap.records import OutputError
+    record; an output that fails mid-run ends the run with exit 1, a reader that went away with
+    141 and no word, as a Unix tool that SIGPIPE ends."""
+    from vacap.records import OutputError, ReaderGone
 
     logged = run.logged(records, writer) if run is not None else _logged(records, writer)
     try:
@@ -532,6 +533,10 @@ def _write_records(console, writer, progress, records, run=None) -> None:
         with contextlib.closing(logged):
             for record in logged:
                 progress.record(record)
+    except ReaderGone:
+        # Anything still buffered for stdout would fail again at exit, with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except OutputError as exc:
         kept = "; the records written before are kept, and a new run continues from them" if writer.resumable else ""
         console.print(f"error: {exc}{kept}", markup=False, highlight=False, soft_wrap=True)

@@ -51,6 +51,10 @@ class OutputError(Exception):
     """The output cannot be used or written; the message is one line, for the user."""
 
 
+class ReaderGone(OutputError):
+    """The reader of a pipe the records go to went away (``vacap caption | head -1``)."""
+
+
 # --- text that JSON can carry -----------------------------------------------------------------
 
 
@@ -311,6 +315,8 @@ class RecordWriter:
                 _write_all(self._fd, line)
             else:
                 _write_stdout(line)
+        except BrokenPipeError:
+            raise ReaderGone(f"the reader of {self.name} went away") from None
         except OSError as exc:
             raise OutputError(f"cannot write to {self.name}: {_reason(exc)}") from None
         self._written += 1
