@@ -185,3 +185,12 @@ def test_a_reader_that_goes_away_ends_the_run_quietly_as_unix_tools_do():
     assert json.loads(out.stdout)["status"] == "ok"
     assert out.returncode == 141
     assert "error" not in out.stderr and "Broken pipe" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_transformers_loading_bar_stays_out_of_the_run_unless_verbose():
+    samples = Path(__file__).resolve().parent.parent / "sample_images"
+    command = [sys.executable, "-m", "vacap.cli", "caption", str(samples / "scene_2.png"), "--model", "demo"]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "captioning" in quiet.stderr and "Loading weights" not in quiet.stderr
+    verbose = subprocess.run([*command, "-v"], capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0 and "Loading weights" in verbose.stderr

@@ -115,6 +115,10 @@ def _setup(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("vacap: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # transformers' "Loading weights" bar: vacap's own progress says what a run is doing.
+        # Read when transformers is imported, which no command has done yet.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _note_unused_top_p(config: DecodeConfig) -> None:
@@ -912,6 +916,7 @@ def eval_pope(
     about objects it lacks; images with fewer classes are left out. An answer whose first
     sentence says neither yes nor no is counted as unanswered and left out of the scores.
     """
+    _setup(False)
     import json
 
     from rich.console import Console
@@ -1024,6 +1029,7 @@ def eval_shapes(
     CHAIR_i is split into prior-driven and perceptual hallucinations by the world's train
     priors; --json also has CHAIR_i by position in the caption.
     """
+    _setup(False)
     from vacap.compare import parse_list, parse_sweeps, settings_grid
     from vacap.evaluate.shapes import compare_to_baseline, run_benchmark
     from vacap.model import ModelLoadError
