@@ -133,16 +133,21 @@ def test_append_joins_the_caption_to_the_existing_file(first_run, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "existing, where, joined",
+    "existing, caption, where, joined",
     [
-        ("tag1, tag2,\n", "append", "tag1, tag2, A cat."),
-        ("tag1, tag2\r\n", "prepend", "A cat., tag1, tag2"),
-        (", tag1", "prepend", "A cat., tag1"),
-        (" \n\n", "append", "A cat."),
+        # A tag list gets one more tag.
+        ("tag1, tag2,\n", "A cat.", "append", "tag1, tag2, A cat."),
+        ("tag1, tag2\r\n", "A cat.", "prepend", "A cat, tag1, tag2"),
+        (", tag1", "a cat", "prepend", "a cat, tag1"),
+        # Prose gets one more sentence: never "ring., a black square".
+        ("A red ring.\n", "a black square", "append", "A red ring. A black square"),
+        ("A red ring!", "a black square.", "prepend", "A black square. A red ring!"),
+        ("Is it a ring?", "a black square", "prepend", "A black square. Is it a ring?"),
+        (" \n\n", "A cat.", "append", "A cat."),
     ],
 )
-def test_join_captions(existing, where, joined):
-    assert join_captions(existing, "A cat.", where) == joined
+def test_join_captions(existing, caption, where, joined):
+    assert join_captions(existing, caption, where) == joined
 
 
 def test_sidecar_dir_mirrors_each_input_root(first_run, tmp_path):

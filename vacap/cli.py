@@ -186,7 +186,7 @@ Existing = Annotated[
     Literal["skip", "overwrite", "append", "prepend"],
     typer.Option(
         help="An image whose caption file exists: skip it (not captioned, file untouched), overwrite the file, "
-        "or append/prepend the caption to it, joined by ', '."
+        "or append/prepend the caption to it (as one more tag, or as a sentence after prose)."
     ),
 ]
 Prefix = Annotated[str, typer.Option(help="Text put before each caption, such as a trigger word: 'ohwx, '.")]

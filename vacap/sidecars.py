@@ -34,6 +34,7 @@ EXISTING = ("skip", "overwrite", "append", "prepend")
 # shuffle_caption and keep_tokens); OneTrainer and taggui read the file as one caption. A
 # comma on one line keeps an added caption visible, and its own chunk, to all of them.
 SEPARATOR = ", "
+SENTENCE_END = (".", "!", "?")
 # vacap.files.temporary_name's names: "." + the (perhaps shortened) name + ".<8 hex>.tmp".
 _TEMPORARY = re.compile(r"^\.(.+)\.[0-9a-f]{8}\.tmp$", re.DOTALL)
 
@@ -68,11 +69,25 @@ def _place(folder: Path, root: Path | None) -> Path:
 
 def join_captions(existing: str, caption: str, where: str) -> str:
     """An existing caption file's text with ``caption`` added at its end (``append``) or start
-    (``prepend``), joined by ``SEPARATOR``; a file holding only blanks is replaced."""
+    (``prepend``), so that the whole reads as the existing text does; a file holding only
+    blanks is replaced.
+
+    Text that ends a sentence (``.``, ``!``, ``?``) is prose: the caption joins it as a sentence
+    of its own, after a space, capitalised, and ends with a full stop when it goes first
+    ("A red ring. A black square"). Anything else is a tag list: the caption joins it as one more
+    tag, after ``SEPARATOR``, without the full stop it would end with when it goes first
+    ("a black square, tag1, tag2")."""
     old = existing.strip().strip(",").strip()
     if not old:
         return caption
-    return f"{old}{SEPARATOR}{caption}" if where == "append" else f"{caption}{SEPARATOR}{old}"
+    if old.endswith(SENTENCE_END):
+        sentence = caption[:1].upper() + caption[1:]
+        if where == "append":
+            return f"{old} {sentence}"
+        return f"{sentence}{'' if sentence.endswith(SENTENCE_END) else '.'} {old}"
+    if where == "append":
+        return f"{old}{SEPARATOR}{caption}"
+    return f"{caption.rstrip('.')}{SEPARATOR}{old}"
 
 
 @dataclass(frozen=True)
