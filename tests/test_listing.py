@@ -163,3 +163,15 @@ def test_prompt_placeholders_are_filled_per_image_and_batching_keeps_each_captio
         ]
         filled = "Describe a_much_longer_name (a_much_longer_name.png) from the cats set."
         assert alone.with_settings(prompt=filled).caption([files[1]])[0]["caption"] == expected[1]["caption"]
+
+
+def test_filters_that_keep_nothing_say_how_many_images_they_left_out_and_how_they_match(tree):
+    """`--include 'data/*.png'` keeps nothing, since patterns are matched inside the root given:
+    the run says so instead of a bare "no images to caption", and loads no model."""
+    out = vacap("caption", tree, "--model", "/no/such/model", "--include", "data/*.png")
+    said = " ".join(out.stderr.split())
+    assert out.returncode == 0
+    assert f"no images to caption: the {len(TREE)} images found were all left out by the filters" in said
+    assert "--include patterns are matched against each image's path inside the folder it was found under" in said
+    excluded = vacap("caption", tree, "--model", "/no/such/model", "--exclude", "*")
+    assert excluded.returncode == 0 and "--exclude patterns are matched" in " ".join(excluded.stderr.split())

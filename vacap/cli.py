@@ -345,7 +345,7 @@ def caption(
     writer = _open_output(console, output, overwrite=overwrite, resume=True)
     with writer, _Stops(console, writer, run) as stops:
         if not images and not listing.problems:
-            console.print("no images to caption")
+            console.print(_nothing_chosen(listing, include, exclude), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(0)
         pool = None
         if ray_options is not None:
@@ -461,6 +461,21 @@ def _choose(paths, recursive, files_from, include, exclude, shard, limit):
         raise _usage(ValueError("give image files or folders, or --files-from FILE"))
     listing = _discover(paths, recursive, listed)
     return select(listing, include=include or (), exclude=exclude or (), shard=chosen_shard, limit=limit)
+
+
+def _nothing_chosen(listing, include, exclude) -> str:
+    """What a run that found nothing to caption says: how many images the filters left out, and
+    how their patterns are matched, the usual cause when a filter keeps nothing."""
+    if not listing.found:
+        return "no images to caption"
+    patterns = " and ".join(flag for flag, given in (("--include", include), ("--exclude", exclude)) if given)
+    how = (
+        f"; {patterns} patterns are matched against each image's path inside the folder it was found "
+        "under (for dataset/cats/a.png found under dataset: cats/a.png, so cats/*.png or *.png)"
+        if patterns
+        else ""
+    )
+    return f"no images to caption: the {listing.found} images found were all left out by the filters{how}"
 
 
 def _open_output(console, output: Optional[Path], **mode):

@@ -71,6 +71,7 @@ class Listing:
     # The input root of each file (same order as files): the folder argument it was found
     # under; for a file named directly, the current folder when it lies under it, else its own.
     roots: list[Path] = field(default_factory=list)
+    found: int | None = None  # after select: how many files discovery found before the filters
 
     def relative(self, index: int) -> str:
         """The path of file ``index`` inside its input root, with / separators."""
@@ -257,7 +258,8 @@ def select(
     problems = listing.problems
     if shard is not None:
         problems = [(path, why) for path, why in problems if shard_of(path.as_posix(), shard[1]) == shard[0]]
-    return Listing([listing.files[i] for i in chosen], problems, [listing.roots[i] for i in chosen])
+    files, roots = [listing.files[i] for i in chosen], [listing.roots[i] for i in chosen]
+    return Listing(files, problems, roots, found=len(listing.files))
 
 
 # --- loading ---------------------------------------------------------------------------------
