@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ def run_block(commands: str, cwd: Path) -> subprocess.CompletedProcess:
         "HF_HOME": str(cwd / "hf-home"),
         "HF_DATASETS_OFFLINE": "1",
     }
-    (cwd / "sample_images").symlink_to(ROOT / "sample_images")
+    # A copy, not a link: `cp -r` copies a link as a link, and the recipe would then write its
+    # caption files into the repository's own sample_images.
+    shutil.copytree(ROOT / "sample_images", cwd / "sample_images")
     return subprocess.run(
         ["bash", "-e", "-c", commands], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
