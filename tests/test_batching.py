@@ -117,6 +117,28 @@ def test_random_parts_are_drawn_per_image_so_a_batch_changes_no_caption(llama, s
     assert [g.tokens for g in batched] == alone(llama, config, PICTURES[:4])
 
 
+# Long enough that, in one static batch of the ten pictures, rows stop 30 or more steps apart: the
+# early ones then decode filler for dozens of steps beside the others.
+LONG_NEW = 64
+
+
+@pytest.mark.dtype
+@pytest.mark.parametrize("name", ["greedy", "vasparse", "vcd", "fastv"])
+def test_static_batches_of_long_captions_give_each_image_what_it_gets_alone(llama, name):
+    """``generate``'s static batches (--diagnostics, --compile, answer) keep decoding a row that
+    stopped, with pad tokens, until the batch's longest caption ends; nothing of it may reach
+    the other rows."""
+    config = DecodeConfig(max_new_tokens=LONG_NEW, **METHODS[name])
+    expected = [
+        generate(llama, llama.prepare([image], PROMPT), steering_for(llama, config), LONG_NEW)[0].tokens
+        for image in PICTURES
+    ]
+    lengths = sorted(len(tokens) for tokens in expected)
+    assert lengths[-1] == LONG_NEW and lengths[-1] - lengths[0] > 30 and len(set(lengths)) > 4, lengths
+    batched = generate(llama, llama.prepare(PICTURES, PROMPT), steering_for(llama, config), LONG_NEW)
+    assert [g.tokens for g in batched] == expected
+
+
 def test_collate_pads_anyres_tiles_as_the_processor_does(tiny_model):
     preparer = Preparer.load(str(tiny_model("llava-next")))
     alone = [preparer.prepare([image], PROMPT) for image in IMAGES]

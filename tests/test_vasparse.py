@@ -167,12 +167,108 @@ def test_each_head_keeps_exactly_k_and_no_invalid_slot(sparsity):
     assert keep[:, :, T - 1].all()
 
 
-def test_keep_mask_survives_nonfinite_delta_on_valid_slots():
+def test_keep_mask_ranks_nonfinite_delta_below_every_finite_one():
     delta = torch.tensor([[[-math.inf, math.nan, 1.0, math.inf, 0.5]]])
     valid = torch.tensor([[True, True, True, True, False]])
-    keep = vs.keep_mask(delta, 0.5, valid, current=0)
-    # k = 2: current (slot 0) first, then +inf (slot 3); the padded slot 4 never
-    assert keep[0, 0].tolist() == [True, False, False, True, False]
+    # k = 2: current (slot 0, whatever its delta) first, then the one finite delta (slot 2); the
+    # padded slot 4 never, however large its delta
+    assert vs.keep_mask(delta, 0.5, valid, current=0)[0, 0].tolist() == [True, False, True, False, False]
+    # k = 3: the non-finite slots fill what is left, the lower slot first
+    assert vs.keep_mask(delta, 0.25, valid, current=0)[0, 0].tolist() == [True, True, True, False, False]
+
+
+# Revision 2.1: a slot whose logit s is NaN or infinite ranks below every finite slot, and max s^2
+# is taken over the finite slots only.
+
+BAD = [math.nan, math.inf, -math.inf]
+
+
+def keep_with_bad_slots(s: list[float], phat: list[float], lam: float, idx: list[int], current: int, k: int):
+    """The contract's selection, written out: the current slot, then the finite slots by
+    s^2 / max finite s^2 + lam * Phat, then the non-finite ones in slot order (the tie rule that
+    makes every top-k keep the same set)."""
+    finite = [i for i in idx if math.isfinite(s[i])]
+    peak = max(s[i] ** 2 for i in finite) if finite else 0.0
+    delta = {i: (s[i] ** 2 / peak if peak > 0 else 0.0) + lam * phat[i] for i in finite}
+    ranked = sorted((i for i in finite if i != current), key=lambda i: -delta[i])
+    ranked += [i for i in idx if i not in finite and i != current]
+    return {current, *ranked[: k - 1]}
+
+
+def with_bad_slots(seed: int):
+    """Rows with different numbers of non-finite logits (none; one; some per head, the current
+    slot's among them in one head; all but two slots) and different padding, so different k."""
+    g = gen(seed)
+    B, H, T = 4, 3, 17
+    logits = torch.randn(B, H, T, generator=g) * 3
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[3, :6] = False
+    logits[1, :, 9] = BAD[seed % 3]
+    for h in range(H):
+        slots = torch.randperm(T - 1, generator=g)[: 2 + 2 * h]
+        for j, i in enumerate(slots.tolist()):
+            logits[2, h, i] = BAD[(j + h) % 3]
+    logits[2, 1, T - 1] = math.nan  # the current slot: kept all the same
+    logits[3, :, 6 : T - 2] = torch.tensor(BAD).repeat(4)[: T - 8]
+    return logits, valid
+
+
+def three_selections(logits, phat, lam, valid, sparsity):
+    """The reference (scores, keep_mask), the loop's fused key on the CPU's threshold top-k, and
+    the same key on the sorted top-k that devices run (it runs on a CPU too)."""
+    T = logits.shape[-1]
+    parts = vs.selection_parts(phat, lam, valid, sparsity, current=T - 1)
+    return {
+        "reference": vs.keep_mask(vs.scores_with_scaled_saliency(logits, phat, lam, valid), sparsity, valid, T - 1),
+        "fused": vs.selection_keep(logits, *parts),
+        "sorted": vs._top_k_sorted(vs.selection_key(logits, *parts[:3]), *parts[3:]),
+    }
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_non_finite_logits_rank_below_every_finite_slot_in_every_selection(seed, sparsity):
+    logits, valid = with_bad_slots(seed)
+    B, H, T = logits.shape
+    lam = [0.0, 1.0, 2.5][seed % 3]
+    phat = vs.scaled_saliency(torch.rand(B, H if seed % 2 else 1, T, generator=gen(100 + seed)), valid)
+    for name, keep in three_selections(logits, phat, lam, valid, sparsity).items():
+        for b in range(B):
+            idx = [i for i in range(T) if valid[b, i]]
+            k = expected_k(sparsity, len(idx))
+            for h in range(H):
+                s = logits[b, h].tolist()
+                want = keep_with_bad_slots(s, phat[b, h % phat.shape[1]].tolist(), lam, idx, T - 1, k)
+                assert {i for i in range(T) if keep[b, h, i]} == want, (name, b, h)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_non_finite_logit_changes_no_finite_slots_choice(seed):
+    """The same cache with and without its bad slots: with them, the finite slots keep exactly
+    what they keep without them (here: the bad slots made finite but lowest-ranked, s = 0 and
+    Phat = 0), whatever non-finite value the bad slots hold."""
+    logits, valid = with_bad_slots(seed)
+    B, H, T = logits.shape
+    phat = vs.scaled_saliency(torch.rand(B, 1, T, generator=gen(200 + seed)), valid)
+    bad = ~logits.isfinite()
+    bad[:, :, T - 1] = False  # the current slot is kept either way
+    assert bad[2].sum() > bad[1].sum() > bad[0].sum() == 0
+    tame = logits.masked_fill(bad, 0.0)
+    tame_phat = phat.expand(B, H, T).masked_fill(bad, 0.0)
+    # lam 0: with Phat free, a tamed slot would not rank last; with s = 0 it does
+    absent = three_selections(tame, tame_phat, 0.0, valid, 0.5)["reference"]
+    for value in BAD:
+        present = three_selections(logits.masked_fill(bad, value), phat, 0.0, valid, 0.5)
+        for keep in present.values():
+            assert torch.equal(keep & ~bad, absent & ~bad)
+            assert torch.equal(keep.sum(-1), absent.sum(-1))
+
+
+def test_budget_split_ranks_nan_last_in_slot_order():
+    delta = torch.tensor([[0.5, math.nan, 2.0, math.nan, 1.0, math.nan]])
+    keep, drop = vs.budget_split(delta, 0.7)  # keeps 5: the three finite, then slots 1 and 3
+    assert keep.tolist() == [[0, 1, 2, 3, 4]] and drop.tolist() == [[5]]
 
 
 def test_heads_can_keep_different_slots():

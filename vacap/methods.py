@@ -197,7 +197,8 @@ class VASparse(Steering):
         B, Hkv, T, D = k.shape
         group = self.n_heads // Hkv
         delta = vs.scores_with_scaled_saliency(self._prompt_logits[layer], self._phat(layer, valid), c.lam, valid)
-        delta = delta.view(B, Hkv, group, T).amax(2)  # a slot stays if any query head of its group wants it
+        # A slot stays if any query head of its group wants it; NaN (a non-finite s) is wanted least.
+        delta = delta.nan_to_num(nan=-math.inf).view(B, Hkv, group, T).amax(2)
         # The last prompt token is the query of the first step; like the current token under
         # selection, it is always kept (VASPARSE.md leaves this open).
         delta[:, :, -1] = math.inf

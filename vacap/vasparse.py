@@ -89,37 +89,57 @@ def selection_scores(logits: Tensor, saliency: Tensor, lam: float, valid: Tensor
 
 def scores_with_scaled_saliency(logits: Tensor, phat: Tensor, lam: float, valid: Tensor) -> Tensor:
     """``selection_scores`` from an already scaled saliency # (B, 1 or H, T) (``scaled_saliency``):
-    the decode loop scales P once per step and reuses it in every layer."""
+    the decode loop scales P once per step and reuses it in every layer.
+
+    A valid slot whose s is NaN or infinite gets delta NaN, and max s^2 is taken over the finite
+    slots only (revision 2.1), so such a slot changes no other slot's delta; ``keep_mask`` ranks
+    it below every finite one. A finite s whose square overflows float32 (|s| > 1.8e19) counts
+    as infinite.
+    """
     valid = valid[:, None]  # (B, 1, T)
-    delta = _unit_peak(logits.float().square(), valid) + lam * phat
-    return delta.masked_fill(~valid, -math.inf)
+    s2 = logits.float().square()
+    finite = s2 < math.inf  # False for NaN and inf
+    delta = _unit_peak(torch.where(finite, s2, 0.0), valid & finite) + lam * phat
+    return delta.masked_fill(~finite, math.nan).masked_fill(~valid, -math.inf)
 
 
 def keep_mask(delta: Tensor, sparsity: float, valid: Tensor, current: int) -> Tensor:
     """Which slots each head attends to: the top-k of delta, always including ``current``.
 
-        delta     # (B, H, T) selection scores (any float dtype)
+        delta     # (B, H, T) selection scores (any float dtype); NaN or infinite where s was
         valid     # (B, T) bool
         current   # slot of the token being processed (the same in every row; must be valid)
         returns   # (B, H, T) bool, exactly k True per (row, head), never on an invalid slot
 
     k = max(1, ceil((1 - sparsity) * n)) with n the row's number of valid slots, so sparsity 0
     keeps every valid slot. Keeping the k largest delta minimises Eq. 1 (the summed delta of the
-    dropped slots) among the size-k sets that contain the current slot. Exact ties at the k-th
-    place are broken as ``top_k_mask`` breaks them.
+    dropped slots) among the size-k sets that contain the current slot. A valid slot whose delta
+    is not finite (its s was not: revision 2.1) ranks below every finite one, and such slots
+    among themselves by slot, lower first, so they fill k only where the finite slots cannot.
+    Exact ties of finite deltas at the k-th place are broken as ``top_k_mask`` breaks them.
     """
     n = valid.sum(-1)  # (B,)
     k = torch.ceil((1 - sparsity) * n.double() - _COUNT_TOL).long().clamp_min(1)
     forced = torch.zeros_like(valid)
     forced[:, current] = True
     valid, forced = valid[:, None], forced[:, None]  # (B, 1, T)
-    # Sort key: the current slot first, then the valid slots by delta, the invalid slots last.
-    # Valid deltas are clamped to finite values so that no -inf, +inf or NaN can change that order.
-    big = torch.finfo(torch.float32).max
-    key = delta.float().nan_to_num(nan=-big, posinf=big, neginf=-big)
+    delta = delta.float()
+    finite = delta.abs() < math.inf
+    # Sort key: the current slot first, then the finite deltas, then the others one below the
+    # lowest finite delta (0 when every finite delta is positive, as scores are) in slot order,
+    # the invalid slots last. With scores this is selection_key's key, bit for bit.
+    low = torch.where(finite & valid, delta, 0.0).amin(-1, keepdim=True)
+    key = torch.where(finite, delta, _bad_order(low, delta.shape[-1]))
     key = torch.where(valid, key, -math.inf).masked_fill(forced & valid, math.inf)
     # k can exceed n only when n == 0 (k >= 1), hence the & valid.
     return top_k_mask(key, k, _k_bound(sparsity, key.shape[-1])) & valid
+
+
+def _bad_order(low: Tensor, T: int) -> Tensor:
+    """The sort keys of valid slots with a non-finite s # (..., T): low - 1 - slot, below any
+    finite delta >= low and distinct, so that every top-k, threshold or sorted, keeps the same
+    ones (lower slots first)."""
+    return low - 1 - torch.arange(T, dtype=torch.float32, device=low.device)
 
 
 def _k_bound(sparsity: float, T: int) -> int:
@@ -205,34 +225,55 @@ def selection_parts(phat: Tensor, lam: float, valid: Tensor, sparsity: float, cu
         valid     # (B, T) bool; current: the slot that is always kept
         returns   invalid # (B, 1, T) fp32: ``invalid_bias(valid)``
                   prior   # (B, 1 or H, T) fp32: lam * Phat + invalid, +inf on the current slot
+                  floor   # (B, 1, T) fp32: the key of a slot whose s is not finite: -1 - slot on
+                          #   valid slots (below every delta, which is >= 0 as lam is), -inf on
+                          #   invalid ones, +inf on the current slot
                   k       # (B,) long: k_b = max(1, ceil((1 - sparsity) * n_b)) slots to keep
                   k_max   # int: the bound on k (``top_k_mask``)
     """
     invalid = invalid_bias(valid)
-    prior = (lam * phat + invalid).index_fill(-1, torch.tensor([current], device=valid.device), math.inf)
+    now = torch.tensor([current], device=valid.device)
+    prior = (lam * phat + invalid).index_fill(-1, now, math.inf)
+    floor = (_bad_order(invalid.new_zeros(()), valid.shape[-1]) + invalid).index_fill(-1, now, math.inf)
     k = torch.ceil((1 - sparsity) * valid.sum(-1).double() - _COUNT_TOL).long().clamp_min(1)
-    return invalid, prior, k, _k_bound(sparsity, valid.shape[-1])
+    return invalid, prior, floor, k, _k_bound(sparsity, valid.shape[-1])
 
 
-def selection_keep(logits: Tensor, invalid: Tensor, prior: Tensor, k: Tensor, k_max: int) -> Tensor:
-    """``keep_mask(selection_scores(...))`` in a third of the operations.
+def selection_key(logits: Tensor, invalid: Tensor, prior: Tensor, floor: Tensor) -> Tensor:
+    """The sort key of ``keep_mask(selection_scores(...))`` in a few passes.
 
     The decode loop runs this in every selection layer of every step, so the parts that stay
-    the same across a step's layers come ready from ``selection_parts``. The sort key equals
-    keep_mask's on every slot (delta on valid slots, bit for bit; -inf on invalid ones; +inf on
-    the current one), so the same top-k picks the same slots.
+    the same across a step's layers come ready from ``selection_parts``. The key equals
+    keep_mask's on every slot: delta on valid slots whose s is finite, bit for bit; ``floor``
+    on those whose s is not (NaN, +-inf, or a square that overflows); -inf on invalid slots;
+    +inf on the current one.
 
         logits    # (B, H, T) raw attention logits s
-        invalid, prior, k, k_max  from ``selection_parts``
-        returns   # (B, H, T) bool: the kept slots
+        invalid, prior, floor  from ``selection_parts``
+        returns   # (B, H, T) fp32
     """
     s = logits.float()
     # invalid + s * s: adding 0 or -inf rounds nothing, fused multiply-add or not, so this is
-    # s.square() + invalid bit for bit in one pass.
-    s2 = torch.addcmul(invalid, s, s)
-    # Clamped, not tested: when every valid s is 0, 0 / tiny is the 0 that _unit_peak gives.
+    # s.square() + invalid bit for bit in one pass. Where s * s is not finite (and on invalid
+    # slots) it becomes -inf, so that only finite slots set the peak.
+    s2 = torch.addcmul(invalid, s, s).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    # Clamped, not tested: when every finite s is 0, 0 / tiny is the 0 that _unit_peak gives.
     peak = s2.amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-    return top_k_mask(torch.addcdiv(prior, s2, peak), k, k_max)  # prior + s2 / peak
+    # prior + s2 / peak is a delta >= 0 where s is finite and -inf where it is not, which the
+    # maximum lifts to the floor; only the current slot can be NaN (inf - inf), and is kept.
+    # (torch.fmax would pass over that NaN in one op, but costs twenty times as much on a CPU.)
+    key = torch.addcdiv(prior, s2, peak).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return torch.maximum(key, floor)
+
+
+def selection_keep(logits: Tensor, invalid: Tensor, prior: Tensor, floor: Tensor, k: Tensor, k_max: int) -> Tensor:
+    """``keep_mask(selection_scores(...))``: the top-k of ``selection_key``.
+
+        logits    # (B, H, T) raw attention logits s
+        invalid, prior, floor, k, k_max  from ``selection_parts``
+        returns   # (B, H, T) bool: the kept slots
+    """
+    return top_k_mask(selection_key(logits, invalid, prior, floor), k, k_max)
 
 
 def sink_weights(colsum: Tensor, valid: Tensor) -> Tensor:
@@ -404,11 +445,13 @@ def budget_split(delta: Tensor, budget: float) -> tuple[Tensor, Tensor]:
 
         delta     # (G, n) selection scores
         returns   # keep_idx (G, ceil(budget * n)) and drop_idx (G, n - that) long, each sorted
-                  #   by slot index ascending so the cache keeps its order; ties keep lower slots
+                  #   by slot index ascending so the cache keeps its order; ties keep lower slots,
+                  #   and NaN (a slot whose s is not finite) ranks last
     """
     n = delta.shape[-1]
     n_keep = math.ceil(budget * n - _COUNT_TOL)
-    order = delta.float().argsort(dim=-1, descending=True, stable=True)
+    # A NaN delta (a slot whose s is not finite) ranks below every other, as in keep_mask.
+    order = delta.float().nan_to_num(nan=-math.inf).argsort(dim=-1, descending=True, stable=True)
     return order[..., :n_keep].sort(-1).values, order[..., n_keep:].sort(-1).values
 
 
