@@ -1,6 +1,6 @@
 """Whole `vacap caption` runs at each torch thread count, side by side, on a quiet or busy machine.
 
-    python benchmarks/threads.py                                  # demo and mid, threads 1 and 2, quiet
+    python benchmarks/threads.py                                  # demo and mid, --threads 1, 2 and auto
     python benchmarks/threads.py --busy 2                         # two other processes spin meanwhile
     python benchmarks/threads.py --sizes wide --images 2 --max-new-tokens 8 --rounds 2
 
@@ -12,8 +12,9 @@ processes that spin on the CPU for the whole measurement (a machine shared with 
 Models: ``demo`` (the shipped 1.8M-parameter model, its own 96-px scenes), ``mid`` (a random
 310M-parameter LLaVA, 576 image tokens, ``vacap.tiny_models``) and ``wide`` (6 layers of
 LLaVA-1.5-7B's width, 1.2B text parameters). Each run is a fresh process: loading included,
-as a user meets it. Prints a Markdown table: median wall seconds of each thread count, and each
-median's ratio to the first count's (above 1 is slower).
+as a user meets it. Prints a Markdown table: median wall seconds of each ``--threads`` value
+(``auto`` makes its own choice, as a user's run does), and each median's ratio to the first's
+(above 1 is slower).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def model_for(size: str, cache: Path) -> str:
 
     folder = cache / f"llava-{size}"
     if not (folder / "config.json").exists():
-        build_tiny_model("llava", folder, size=size)
+        build_tiny_model("llava-llama", folder, size=size)
     return str(folder)
 
 
@@ -60,10 +61,12 @@ def images_for(size: str, count: int, folder: Path) -> list[str]:
     return paths
 
 
-def run(threads: int, model: str, images: list[str], max_new: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def run(threads: str, model: str, images: list[str], max_new: int) -> float:
+    """Wall seconds of one `vacap caption` with ``--threads threads`` (OMP_NUM_THREADS unset, so
+    that ``auto`` makes its own choice)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     command = [sys.executable, "-m", "vacap.cli", "caption", *images, "--model", model,
-               "--max-new-tokens", str(max_new), "--method", "greedy", "-o", os.devnull]  # fmt: skip
+               "--max-new-tokens", str(max_new), "--method", "greedy", "--threads", threads, "-o", os.devnull]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -72,14 +75,14 @@ def run(threads: int, model: str, images: list[str], max_new: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="demo,mid")
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts; the first is the reference")
+    parser.add_argument("--threads", default="1,2,auto", help="comma-separated --threads values; the first is the reference")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--busy", type=int, default=0, help="processes that spin on the CPU meanwhile")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vacap-threads-models")
     args = parser.parse_args()
-    counts = [int(t) for t in args.threads.split(",")]
+    counts = args.threads.split(",")
     spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for process in spinners:
         process.start()
@@ -89,19 +92,20 @@ def main() -> None:
             model = model_for(size, args.cache)
             images = images_for(size, args.images, args.cache / "images")
             run(counts[0], model, images[:1], 2)  # warm the file cache
-            times: dict[int, list[float]] = {t: [] for t in counts}
+            times: dict[str, list[float]] = {t: [] for t in counts}
             loads = []
             for _ in range(args.rounds):
                 for t in counts:
                     loads.append(os.getloadavg()[0])
                     times[t].append(run(t, model, images, args.max_new_tokens))
             rows.append((size, {t: statistics.median(v) for t, v in times.items()}, statistics.median(loads)))
+            print(f"{size}: " + ", ".join(f"--threads {t}: {v}" for t, v in times.items()), flush=True)
     finally:
         for process in spinners:
             process.terminate()
     print(f"\n{args.images} images, greedy, {args.max_new_tokens} new tokens at most, {os.cpu_count()} cores, "
           f"{args.busy} spinning processes, median of {args.rounds} rounds (whole processes)\n")  # fmt: skip
-    print("| model | " + " | ".join(f"{t} thread{'s' * (t > 1)} (s)" for t in counts)
+    print("| model | " + " | ".join(f"--threads {t} (s)" for t in counts)
           + " | " + " | ".join(f"{t} / {counts[0]}" for t in counts[1:]) + " | load average |")  # fmt: skip
     print("|---|" + "---:|" * (2 * len(counts) - 1) + "---:|")
     for size, median, load in rows:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from vacap.model import auto_threads
+from vacap.model import auto_threads, busy_elsewhere
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_images" / "scene_2.png"
 
 
 @pytest.mark.parametrize(
-    "cores, load, expected",
+    "cores, busy, expected",
     [
         (2, 0.0, 2),  # an idle machine: every core
         (2, 0.4, 2),
@@ -25,8 +26,8 @@ SAMPLE = Path(__file__).resolve().parent.parent / "sample_images" / "scene_2.png
         (4, -0.2, 4),  # never more than the cores
     ],
 )
-def test_auto_takes_the_cores_other_processes_leave_idle(cores, load, expected):
-    assert auto_threads(cores, load) == expected
+def test_auto_takes_the_cores_other_processes_leave_idle(cores, busy, expected):
+    assert auto_threads(cores, busy) == expected
 
 
 def caption(*args, env=None) -> subprocess.CompletedProcess:
@@ -47,7 +48,23 @@ def test_threads_given_auto_and_omp_num_threads():
     unset = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     count, why = said_threads(caption("-v", env=unset)).split(" ", 1)
     cores = len(os.sched_getaffinity(0))
-    assert 1 <= int(count) <= cores and why.startswith(f"(auto: {cores} cores, load average ")
+    assert 1 <= int(count) <= cores and why.startswith(f"(auto: {cores} cores, ") and "busy with other" in why
+
+
+def test_auto_sees_processes_that_hold_the_cores_now():
+    """Other processes spinning on every core: auto takes one thread, not one per core."""
+    cores = len(os.sched_getaffinity(0))
+    spin = [sys.executable, "-c", "while True: pass"]
+    spinners = [subprocess.Popen(spin) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        assert busy_elsewhere() >= cores - 0.5
+        unset = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        assert said_threads(caption("-v", env=unset)).startswith("1 (auto: ")
+    finally:
+        for process in spinners:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])

@@ -68,8 +68,8 @@ Threads = Annotated[
     str,
     typer.Option(
         callback=_check_threads,
-        help="CPU threads of torch: a number, or auto: the cores other processes leave idle (by the load "
-        "average), at least 1.",
+        help="CPU threads of torch: a number, or auto: OMP_NUM_THREADS if set, else the cores that other "
+        "processes leave idle now, at least 1.",
     ),
 ]
 Quant = Annotated[Literal["none", "8bit", "4bit"], typer.Option(help="bitsandbytes quantization of the LLM.")]

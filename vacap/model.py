@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,26 +50,42 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def auto_threads(cores: int, load: float) -> int:
-    """The CPU threads for torch on ``cores`` cores that other processes keep ``load`` busy (the
-    1-minute load average): the idle cores, at least one. torch's threads wait for each other at
-    every operation, so one thread on a core that another process holds stalls them all: on a
-    busy 2-core machine one thread captioned 6x faster than two (benchmarks/RESULTS.md)."""
-    return max(1, min(cores, round(cores - load)))
+def auto_threads(cores: int, busy: float) -> int:
+    """The CPU threads for torch on ``cores`` cores of which other processes keep ``busy``: the
+    idle cores, at least one. torch's threads wait for each other at every operation, so one
+    thread on a core that another process holds stalls them all: on a busy 2-core machine the
+    demo model captioned several times faster with one thread than with two (benchmarks/RESULTS.md)."""
+    return max(1, min(cores, round(cores - busy)))
+
+
+def busy_elsewhere(samples: int = 20, interval: float = 0.005) -> float:
+    """How many tasks of other processes are running now: the runnable count in /proc/loadavg,
+    less this process, averaged over ``samples`` reads ``interval`` s apart (0.1 s in all).
+    Not the load average: that lags a minute behind, so a run started right after another one
+    would count the finished run as load. The 1-minute load average where /proc is missing."""
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg", encoding="ascii") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        time.sleep(interval)
+    return max(0.0, sum(counts) / len(counts))
 
 
 def resolve_threads(threads: str) -> tuple[int, str]:
     """``--threads`` as a count, and why: a number as given, or ``auto``: ``OMP_NUM_THREADS``
     where it is set (the user's standing choice, which torch itself follows), else
-    :func:`auto_threads` from this process's cores and the load average now."""
+    :func:`auto_threads` from this process's cores and :func:`busy_elsewhere`."""
     if threads != "auto":
         return int(threads), "as given"
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) >= 1:
         return int(given), "auto: OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return auto_threads(cores, load), f"auto: {cores} cores, load average {load:.1f}"
+    busy = busy_elsewhere()
+    return auto_threads(cores, busy), f"auto: {cores} cores, {busy:.1f} busy with other processes"
 
 
 # oneDNN instruction-set caps below AVX512_CORE_BF16: under them oneDNN emulates bf16 arithmetic.
