@@ -194,3 +194,13 @@ def test_transformers_loading_bar_stays_out_of_the_run_unless_verbose():
     assert quiet.returncode == 0 and "captioning" in quiet.stderr and "Loading weights" not in quiet.stderr
     verbose = subprocess.run([*command, "-v"], capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 0 and "Loading weights" in verbose.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["caption"], ["compare"], ["export"], ["eval"], ["eval", "shapes"]])
+def test_h_is_help_as_well(command):
+    base = [sys.executable, "-m", "vacap.cli", *command]
+    env = {**os.environ, "COLUMNS": "80"}
+    short = subprocess.run([*base, "-h"], capture_output=True, text=True, timeout=120, env=env)
+    long = subprocess.run([*base, "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert short.returncode == long.returncode == 0
+    assert short.stdout == long.stdout and "Usage:" in short.stdout

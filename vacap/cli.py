@@ -19,13 +19,18 @@ import typer
 
 from vacap.config import DEFAULT_MODEL, DEFAULT_PROMPT, DecodeConfig, OutputConfig
 
+# -h as well as --help, as most command-line tools take it.
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="Caption images with a local LLaVA-family model and VASparse decoding.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP,
 )
-eval_app = typer.Typer(help="Hallucination metrics: CHAIR, POPE, and the shapes benchmark.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Hallucination metrics: CHAIR, POPE, and the shapes benchmark.", no_args_is_help=True, context_settings=HELP
+)
 app.add_typer(eval_app, name="eval")
 _D = DecodeConfig()
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
