@@ -10,7 +10,6 @@ import itertools
 import logging
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, List, Literal, Optional
@@ -347,8 +346,10 @@ def caption(
             raise typer.Exit(2)
         if output is None:
             output = Path(os.devnull)  # the caption files are the output; `-o -` streams records too
+    from vacap.stops import Stops
+
     writer = _open_output(console, output, overwrite=overwrite, resume=True)
-    with writer, _Stops(console, writer, run) as stops:
+    with writer, Stops(console, writer, run) as stops:
         if not images and not listing.problems:
             console.print(_nothing_chosen(listing, include, exclude), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(0)
@@ -571,64 +572,6 @@ def _logged(records, writer):
     for record in records:
         writer.write(record)
         yield record
-
-
-class _Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM while images are captioned (args[0]: the signal's number)."""
-
-
-class _Stops:
-    """SIGINT and SIGTERM end a caption run at once, saying what it wrote and how to go on, with
-    exit 128 + the signal's number. Stopping loses nothing: each caption file follows its record,
-    so a run stopped anywhere is resumed as one killed there would be.
-
-    While images are captioned (``captioning``) the signal is raised as ``_Stopped`` where the run
-    is, so the caption files of the records already written are written on the way out. Before
-    that (the model loading, imports under way that an exception would leave half done) the run
-    says what it wrote and exits on the spot."""
-
-    def __init__(self, console, writer, run) -> None:
-        self.console, self.writer, self.run = console, writer, run
-        self.captioning = False
-        self._handlers = {}
-
-    def __enter__(self) -> _Stops:
-        self._handlers = {signum: signal.signal(signum, self._stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, kind, exc, traceback) -> None:
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
-        if isinstance(exc, _Stopped):
-            self._say(exc.args[0])
-            raise typer.Exit(128 + exc.args[0]) from None
-
-    def _stop(self, signum: int, frame) -> None:
-        if self.captioning:
-            raise _Stopped(signum)
-        self._say(signum)
-        sys.stderr.flush()
-        os._exit(128 + signum)
-
-    def _say(self, signum: int) -> None:
-        message = _stopped_message(signum, self.writer, self.run)
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-
-def _stopped_message(signum: int, writer, run) -> str:
-    files = f" and {run.files_written} caption files" if run is not None else ""
-    where = "" if writer.name == os.devnull else f" to {writer.name}"
-    said = f"stopped by {signal.Signals(signum).name}: {writer.written} records written{where}{files} so far"
-    if writer.resumable:
-        return f"{said}; run the same command again to resume from them"
-    if run is not None and run.sidecars.existing == "skip":
-        return f"{said}; run the same command again to go on (images with a caption file are skipped)"
-    if run is not None and run.sidecars.existing in ("append", "prepend"):
-        return (
-            f"{said}; no records file (-o FILE) says which caption files were {run.sidecars.existing}ed to, so "
-            "running the same command again would add to them a second time"
-        )
-    return f"{said}; nothing records what is done: give -o FILE to make a run resumable"
 
 
 # Comma-separated values of a VASparse setting, one VASparse run per value (compare, eval shapes).
