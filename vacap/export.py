@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vacap.files import OutsideError, contained, sync_folder
+from vacap.files import OutsideError, contained, sync_folder, write_all
 from vacap.records import NotRecords, scan, settings_key
 from vacap.sidecars import sidecar_path
 
@@ -458,9 +458,7 @@ class Stage:
     def write(self, relative: Path, data: bytes) -> None:
         fd = os.open(self.place(relative), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         finally:
             os.close(fd)
 

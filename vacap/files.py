@@ -39,6 +39,23 @@ def contained(path: Path, folder: Path) -> Path:
     return parent / path.name
 
 
+def resolved(path: Path) -> Path:
+    """``path`` with its links resolved, so that two paths to one file or folder are one; the
+    absolute path where it cannot be resolved (too long a path, a link loop)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
+        return Path(path).absolute()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd``, unbuffered: a failed write leaves nothing queued
+    to fail again at close."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def temporary_name(name: str, folder: Path | None = None) -> str:
     """A hidden temporary name for a file that will be renamed to ``name``, never longer than
     the folder's name limit: ``name`` is shortened (by bytes) when the whole would not fit."""
@@ -67,9 +84,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     fd = os.open(temporary, flags, 0o666)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vacap.files import resolved
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # Modes whose pixel values are not 0-255 and need rescaling before they can become RGB.
@@ -99,19 +101,12 @@ def discover(paths: Sequence[str | Path], recursive: bool = True, listed: Sequen
     arguments = [(Path(arg), False) for arg in paths] + [(Path(arg), True) for arg in listed]
     for arg, missing_ok in arguments:
         for path, root in _expand(arg, recursive, problems, missing_ok):
-            key = _identity(path)
+            key = resolved(path)
             if key not in seen:
                 seen.add(key)
                 found.append(path)
                 roots.append(root)
     return Listing(found, problems, roots)
-
-
-def _identity(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # too long a path; a link loop (RuntimeError before Python 3.13)
-        return path.absolute()
 
 
 def _expand(

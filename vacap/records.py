@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import vacap
+from vacap.files import write_all
 
 RECORD_KEYS = (
     "path",
@@ -312,7 +313,7 @@ class RecordWriter:
                 os.ftruncate(self._fd, 0)
                 self._empty_first = False
             if self._fd is not None:
-                _write_all(self._fd, line)
+                write_all(self._fd, line)
             else:
                 _write_stdout(line)
         except BrokenPipeError:
@@ -358,7 +359,7 @@ class RecordWriter:
             log.warning("%s: removed a broken last line (%d bytes), likely a killed run", self._path, torn)
         elif data and not data.endswith(b"\n"):
             # A whole record missing only its newline: keep it, finish the line.
-            _write_all(fd, b"\n")
+            write_all(fd, b"\n")
         for record in records:
             self._remember(record)
 
@@ -457,13 +458,6 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    # Unbuffered: a failed write leaves nothing queued to fail again at close.
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _write_stdout(line: bytes) -> None:

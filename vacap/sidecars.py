@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from vacap.files import OutsideError, contained, read_regular, write_atomic
+from vacap.files import OutsideError, contained, read_regular, resolved, write_atomic
 from vacap.records import RecordWriter, path_fields
 
 SUFFIXES = ("txt", "caption")
@@ -168,7 +168,7 @@ class SidecarRun:
         folders: dict[Path, Path] = {}
         for image, target in self._targets.items():
             if target.parent not in folders:
-                folders[target.parent] = _identity(target.parent)
+                folders[target.parent] = resolved(target.parent)
             groups[folders[target.parent] / target.name].append(image)
         clashes = [images for images in groups.values() if len(images) > 1]
         if clashes:
@@ -311,14 +311,6 @@ class SidecarRun:
 def _shown(path: str | Path) -> str:
     """A path as messages print it (a name that is not UTF-8 with \\xNN for its bad bytes)."""
     return path_fields(path)[0]
-
-
-def _identity(folder: Path) -> Path:
-    """``folder`` with its links resolved: two paths to one folder are one."""
-    try:
-        return folder.resolve()
-    except (OSError, RuntimeError):
-        return folder.absolute()
 
 
 def _count(lines: list, what: str) -> str:
