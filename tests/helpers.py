@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -148,3 +149,15 @@ def numpy_dpc_knn(points: np.ndarray, n_clusters: int, k: int) -> tuple[list[int
         for i in range(N)
     ]
     return assign, centres
+
+
+def summary_counts(stderr: str) -> str:
+    """The counts of a run's end-of-run summary ("captioned 3 of 5 images ...; 1 already done;
+    1 failed:") as "3 ok, 1 error, 1 skipped", the line read whole even where it wrapped."""
+    text = " ".join(stderr.split())
+    start = text.rindex("captioned ")
+    line = text[start:]
+    ok = int(re.match(r"captioned (\d+) of", line)[1])
+    done = re.match(r"[^;]*(?:; (\d+) already done)?", line)[1]
+    failed = re.match(r"[^;]*(?:; \d+ already done)?(?:; (\d+) failed)?", line)[1]
+    return f"{ok} ok, {int(failed or 0)} error, {int(done or 0)} skipped"

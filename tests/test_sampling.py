@@ -193,8 +193,10 @@ def test_repetition_controls_reduce_greedys_repeats(demo):
 
 # --- the command line ---------------------------------------------------------------------------
 
-SAMPLE_FLAGS = ["--temperature", "1.2", "--top-p", "0.95", "--repetition-penalty", "1.1", "--no-repeat-ngram", "3"]
-COMMON = ["--model", "demo", "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "16", "--seed", "5"]
+SAMPLE_FLAGS = [
+    "--temperature", "1.2", "--top-p", "0.95", "--repetition-penalty", "1.1", "--no-repeat-ngram", "3", "--seed", "5"
+]  # fmt: skip
+COMMON = ["--model", "demo", "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +214,13 @@ def cli_runs(tmp_path_factory, demo):
         flags = COMMON + SAMPLE_FLAGS + extra if extra is not None else COMMON
         out[name] = vacap("caption", folder, *flags, "-o", root / f"{name}.jsonl")
     out["compare"] = vacap("compare", folder, "--methods", "vasparse", "--batch-size", "2", *COMMON, *SAMPLE_FLAGS)
-    # Resume: the same sampled settings find their records; so does greedy with a top-p it never uses.
+    # Resume: the same sampled settings find their records; so does greedy with a temperature of 0.
     out["one again"] = vacap("caption", folder, *COMMON, *SAMPLE_FLAGS, "-o", root / "one.jsonl")
-    out["greedy again"] = vacap("caption", folder, *COMMON, "--temperature", "0", "--top-p", "0.5", "-o", root / "greedy.jsonl")
+    out["greedy again"] = vacap("caption", folder, *COMMON, "--temperature", "0", "-o", root / "greedy.jsonl")
     for name, run in out.items():
         assert run.returncode == 0, (name, run.stderr)
+    # A top-p that greedy would never use is refused, as every flag that changes nothing is.
+    out["unused top-p"] = vacap("caption", folder, *COMMON, "--top-p", "0.5", "-o", root / "greedy.jsonl")
     records = {name: parse((root / f"{name}.jsonl").read_text(encoding="utf-8")) for name in ("one", "four", "greedy")}
     records["compare"] = parse(out["compare"].stdout)
     return folder, out, records
@@ -247,7 +251,9 @@ def test_cli_params_carry_sampling_and_resume_tells_it_apart(cli_runs):
     assert not set(SAMPLING_FIELDS) & set(records["greedy"][0]["params"])
     assert "already captioned" in out["one again"].stderr
     assert "already captioned" in out["greedy again"].stderr
-    assert "--top-p acts only with a --temperature above 0" in out["greedy again"].stderr
+    refused = out["unused top-p"]
+    assert refused.returncode == 2
+    assert "--top-p (acts only with a --temperature above 0)" in " ".join(refused.stderr.replace("│", " ").split())
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vacap.text import prompt_problem
@@ -111,7 +112,50 @@ class DecodeConfig:
         return params
 
 
+    def unused(self, given: Iterable[str]) -> dict[str, str]:
+        """Of the settings ``given`` (by name), those that change no token under these
+        settings, each with the condition under which it would act. The command line refuses a
+        flag given for nothing, in every command: a silent no-op hides a mistaken command."""
+        c = self.resolved()
+        vasparse, contrast = c.method == "vasparse", c.alpha > 0
+        acts = {
+            **{name: vasparse for name in ("sparsity", "sink_beta", "start_layer", "kv_budget")},
+            "alpha": c.method in METHOD_ALPHA,
+            "apc_beta": c.method in METHOD_ALPHA and contrast,
+            "lam": vasparse and (c.sparsity > 0 or c.kv_budget < 1),
+            "contrast_layers": vasparse and contrast,
+            "mask_rate": vasparse and contrast and c.contrast_layers > 0,
+            "top_p": c.temperature > 0,
+            "seed": c.temperature > 0 or c.method == "vcd" or (vasparse and contrast and c.contrast_layers > 0),
+        }
+        return {name: _WHEN_USED[name] for name in given if not acts.get(name, True)}
+
+
 SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram")
+# Where a setting that only some settings use acts (DecodeConfig.unused).
+_WHEN_USED = {
+    **{name: "--method vasparse" for name in ("sparsity", "sink_beta", "start_layer", "kv_budget")},
+    "alpha": "--method vasparse or vcd",
+    "apc_beta": "--method vasparse or vcd with an --alpha above 0",
+    "lam": "--method vasparse with a --sparsity above 0 or a --kv-budget below 1",
+    "contrast_layers": "--method vasparse with an --alpha above 0",
+    "mask_rate": "--method vasparse with --contrast-layers and --alpha above 0",
+    "top_p": "a --temperature above 0",
+    "seed": "something drawn at random: a --temperature above 0, --method vcd, or vasparse's contrast "
+    "branch (--contrast-layers and --alpha above 0)",
+}
+
+
+def flag(name: str) -> str:
+    """A setting's command-line flag: sink_beta -> --sink-beta."""
+    return "--" + name.replace("_", "-")
+
+
+def unused_message(unused: dict[str, str], method: str) -> str:
+    """One usage error for the flags ``DecodeConfig.unused`` found."""
+    listed = ", ".join(f"{flag(name)} (acts only with {when})" for name, when in unused.items())
+    them = "it" if len(unused) == 1 else "them"
+    return f"given but changing nothing with --method {method}: {listed}; leave {them} out"
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,35 @@ class Result:
     finished: bool = False  # a ready export that a stopped run had left was moved into place first
     where: Path | None = None  # the file written, or the folder of the caption files
 
+    @property
+    def incomplete(self) -> bool:
+        """Some selected captions could not be exported (the command then exits 1)."""
+        return bool(self.missing or self.clashes or self.unwritable)
+
+    def lines(self, selection: Selection, to: Path, copy_images: bool) -> list[str]:
+        """What the export did and left out, for stderr."""
+        lines = []
+        if self.finished:
+            lines.append(f"finished first the export a stopped run had left ready in {to}")
+        copied = f", {self.copied} images copied, {self.identical} already there with the same bytes"
+        lines.append(f"exported {self.written} captions to {self.where}{copied if copy_images else ''}")
+        left_out = {
+            "images with only error records": selection.errors,
+            "earlier ok records superseded by a later one": selection.superseded,
+            "records of other settings": selection.other_settings,
+        }
+        lines += [f"left out: {count} {what}" for what, count in left_out.items() if count]
+        problems = {
+            "images not found": self.missing,
+            "images whose caption files clash": self.clashes,
+            "files that cannot be written": self.unwritable,
+        }
+        for what, paths in problems.items():
+            if paths:
+                more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+                lines.append(f"left out: {len(paths)} {what}: {', '.join(paths[:5])}{more}")
+        return lines
+
 
 # --- reading and choosing records ----------------------------------------------------------------
 

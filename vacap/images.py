@@ -13,6 +13,7 @@ import math
 import os
 import re
 import stat
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -255,6 +256,52 @@ def select(
         problems = [(path, why) for path, why in problems if shard_of(path.as_posix(), shard[1]) == shard[0]]
     files, roots = [listing.files[i] for i in chosen], [listing.roots[i] for i in chosen]
     return Listing(files, problems, roots, found=len(listing.files))
+
+
+
+def choose(
+    paths: Sequence[str | Path],
+    *,
+    recursive: bool = True,
+    files_from: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    shard: str | None = None,
+    limit: int | None = None,
+) -> Listing:
+    """The images a run takes: ``paths`` and the paths listed in the file ``files_from`` (``-``:
+    stdin), filtered, sharded (``"I/N"``) and limited, as ``select`` does. A bad value, a list
+    that cannot be read or a path that does not exist raises ValueError saying which."""
+    chosen_shard = parse_shard(shard) if shard is not None else None
+    listed: list[str] = []
+    if files_from is not None:
+        try:
+            data = sys.stdin.buffer.read() if files_from == "-" else Path(files_from).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read --files-from {files_from}: {exc.strerror or exc}") from None
+        listed = read_path_list(data)
+    elif not paths:
+        raise ValueError("give image files or folders, or --files-from FILE")
+    try:
+        listing = discover(paths, recursive=recursive, listed=listed)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    return select(listing, include=include, exclude=exclude, shard=chosen_shard, limit=limit)
+
+
+def nothing_chosen(listing: Listing, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> str:
+    """What a run that found nothing to caption says: how many images the filters left out, and
+    how their patterns are matched, the usual cause when a filter keeps nothing."""
+    if not listing.found:
+        return "no images to caption"
+    patterns = " and ".join(flag for flag, given in (("--include", include), ("--exclude", exclude)) if given)
+    how = (
+        f"; {patterns} patterns are matched against each image's path inside the folder it was found "
+        "under (for dataset/cats/a.png found under dataset: cats/a.png, so cats/*.png or *.png)"
+        if patterns
+        else ""
+    )
+    return f"no images to caption: the {listing.found} images found were all left out by the filters{how}"
 
 
 # --- loading ---------------------------------------------------------------------------------

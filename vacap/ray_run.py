@@ -82,6 +82,22 @@ def require_ray() -> None:
         raise RayUnavailable(f"--ray needs Ray Data, an optional extra: {INSTALL} ({exc})") from None
 
 
+
+def options_from_flags(ray: bool, address: str | None, workers: int | None, gpus_per_worker: float | None):
+    """The ``RayOptions`` of a --ray run, None without --ray. ValueError for a Ray flag given
+    without --ray, or --ray where Ray is not installed."""
+    given = {"--ray-address": address, "--workers": workers, "--gpus-per-worker": gpus_per_worker}
+    if not ray:
+        stray = [flag for flag, value in given.items() if value is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} acts only with --ray")
+        return None
+    try:
+        require_ray()
+    except RayUnavailable as exc:
+        raise ValueError(str(exc)) from None
+    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+
 def connect(options: RayOptions) -> Pool:
     """Join the cluster at ``options.address``, or start a local Ray instance (which ends with
     this process), and size the actor pool on it."""

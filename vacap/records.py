@@ -472,3 +472,33 @@ def _write_stdout(line: bytes) -> None:
     out.flush()
     buffer.write(line)
     buffer.flush()
+
+
+def still_to_do(images: list[Path], writer: RecordWriter, key: str, run=None) -> list[Path]:
+    """The images without an ok record for their current bytes under these settings (``key``).
+    With caption files (``run``, a ``SidecarRun``), a done image's caption file is brought to
+    what its record says (written when it is missing or the run stopped before writing it).
+
+    Only an image whose path has such a record is hashed; the rest are read once, when captioned.
+    """
+    from vacap.images import ImageError, file_sha256
+
+    todo = []
+    for image in images:
+        done = writer.done_hashes(str(image), key)
+        if done:
+            try:
+                sha256 = file_sha256(image)
+                if sha256 in done and (run is None or run.restore(image, done[sha256])):
+                    continue
+            except ImageError:
+                pass  # captioning it will say what is wrong, as an error record
+        todo.append(image)
+    return todo
+
+
+def logged(records, writer: RecordWriter):
+    """Each record, once the writer has written it."""
+    for record in records:
+        writer.write(record)
+        yield record

@@ -146,6 +146,20 @@ class SidecarRun:
         # before it: changed since the run wrote them, so left as they are.
         self.edited: list[str] = []
 
+    def edited_note(self) -> str | None:
+        """Which caption files resume left as they are, since they changed after their run."""
+        if not self.edited:
+            return None
+        edited = self.edited
+        more = f" and {len(edited) - 3} more" if len(edited) > 3 else ""
+        one = len(edited) == 1
+        files, records = ("file holds", "its record says") if one else ("files hold", "their records say")
+        left = "it is" if one else "they are"
+        return (
+            f"{len(edited)} caption {files} neither what {records} was written nor what was there before "
+            f"(changed since?); left as {left}: {', '.join(edited[:3])}{more}"
+        )
+
     def refusal(self) -> str | None:
         """Why this run must not start, None when it may: a --sidecar-dir that is no folder, a
         caption file that a link in it leads out of it, or one caption file for two images (the

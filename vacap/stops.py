@@ -25,8 +25,8 @@ class Stops:
     that (the model loading, imports under way that an exception would leave half done) the run
     says what it wrote and exits on the spot."""
 
-    def __init__(self, console, writer, run) -> None:
-        self.console, self.writer, self.run = console, writer, run
+    def __init__(self, writer, run) -> None:
+        self.writer, self.run = writer, run
         self.captioning = False
         self._handlers = {}
 
@@ -49,8 +49,7 @@ class Stops:
         os._exit(128 + signum)
 
     def _say(self, signum: int) -> None:
-        message = stopped_message(signum, self.writer, self.run)
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        print(stopped_message(signum, self.writer, self.run), file=sys.stderr)
 
 
 def stopped_message(signum: int, writer, run) -> str:

@@ -124,3 +124,13 @@ def finish_caption(
     if trim and stopped_by == "length":
         caption = drop_incomplete(caption)
     return f"{prefix}{caption}{suffix}"
+
+
+def read_prompt_file(path: Path) -> str:
+    """The prompt template in a ``--prompt-file``, its trailing newline dropped; ValueError
+    saying why when it cannot be read as UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ValueError(f"cannot read --prompt-file {path}: {why}") from None

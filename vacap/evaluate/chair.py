@@ -308,3 +308,17 @@ def _load_json(source: str | Path | dict) -> dict:
         return source
     with open(source, encoding="utf-8") as f:
         return json.load(f)
+
+
+def nothing_scored(records: list[dict], result: dict, instances: Path) -> str:
+    """Why CHAIR scored no record, with what the user can check."""
+    if not records:
+        return "the records file holds no record"
+    if not result["unmatched"]:
+        return f"none of the {len(records)} records is ok (status other than ok), so no caption is scored"
+    names = [PurePath(str(r.get("path"))).name for r in records if r.get("status") == "ok"]
+    return (
+        f"none of the {result['unmatched']} ok records matches an image of {instances}: CHAIR finds an "
+        "image by its COCO id, from an image_id field or a file name such as COCO_val2014_000000123456.jpg "
+        f"or 000000123456.jpg, and these records' files are named like {', '.join(names[:3])}"
+    )

@@ -178,6 +178,45 @@ def parse_answer(text: str) -> str | None:
     return None
 
 
+
+@dataclass
+class Answers:
+    """What :func:`ask` got: the questions whose image could be read, their answers, and how
+    many questions were skipped because their image is missing or unreadable."""
+
+    asked: list[Question]
+    answers: list[str]
+    missing: int
+
+
+def ask(captioner, questions: Sequence[Question], images: Path, advance=lambda n: None) -> Answers:
+    """Put each image's questions to ``captioner`` together (one decode of all of them), the
+    images read from the folder ``images``; ``advance(n)`` after each image's n questions."""
+    from vacap.images import ImageError
+
+    by_image: dict[str, list[Question]] = defaultdict(list)
+    for question in questions:
+        by_image[question.file_name].append(question)
+    result = Answers([], [], 0)
+    for file_name, group in by_image.items():
+        try:
+            replies = captioner.answer(images / file_name, [q.text for q in group])
+        except ImageError:
+            result.missing += len(group)
+        else:
+            result.asked += group
+            result.answers += replies
+        advance(len(group))
+    return result
+
+
+def write_answers(path: Path, answers: Answers) -> None:
+    """Every answer with its question and how it was read, as JSONL."""
+    with open(path, "w", encoding="utf-8") as f:
+        for question, answer in zip(answers.asked, answers.answers):
+            entry = {**question.__dict__, "answer": answer, "parsed": parse_answer(answer)}
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
 def score(questions: Sequence[Question], answers: Sequence[str]) -> dict:
     """Accuracy, precision, recall, F1 and the share of "yes" answers, "yes" being positive.
 

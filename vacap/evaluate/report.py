@@ -52,3 +52,22 @@ def markdown_table(rows: Mapping[str, Mapping], columns: Sequence[str]) -> str:
     for label, metrics in rows.items():
         lines.append(f"| {label} | " + " | ".join(_cell(metrics.get(c)) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def print_report(title: str, rows: Mapping[str, Mapping], columns: Sequence[str], as_json: bool,
+                 extra: Mapping | None = None, **table) -> None:
+    """Results are a command's data: stdout, as a table or JSON (``table``: headers, formats)."""
+    import json
+
+    from rich.console import Console
+
+    if as_json:
+        print(json.dumps({**(extra or {}), "results": rows}, indent=2))
+    else:
+        Console().print(metrics_table(title, rows, columns, **table))
+
+
+def interval_text(figure: Sequence[float]) -> str:
+    """(difference, low, high) as fractions -> '+1.2 [-0.3, +2.6]' in percentage points."""
+    difference, low, high = (100 * value for value in figure)
+    return f"{difference:+.1f} [{low:+.1f}, {high:+.1f}]"
