@@ -22,14 +22,14 @@ order: after a KV budget or FastV compaction a slot no longer maps to one patch,
 from __future__ import annotations
 
 import base64
-import os
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from vacap.cache import KVCache
 from vacap.decode import Chunk, Steering
 from vacap.model import VisionLanguageModel
+from vacap.text import token_texts
 
 SINK_EPSILON = 0.3
 MODES = ("none", "summary", "tokens")
@@ -61,27 +61,6 @@ def encode_grid(grid: torch.Tensor) -> str:
 def decode_grid(text: str, side: int) -> torch.Tensor:
     """Inverse of ``encode_grid``: # (side, side) in [0, 1]."""
     return torch.tensor(list(base64.b64decode(text)), dtype=torch.float32).view(side, side) / 255
-
-
-def token_texts(tokenizer, tokens: Sequence[int]) -> list[str]:
-    """The caption's text cut at token boundaries: one string per token id in ``tokens``;
-    joined, they give the caption exactly (``VisionLanguageModel.decode``: special tokens
-    skipped, outer whitespace stripped).
-
-    A token decoded alone loses SentencePiece's word-leading space ("▁dog" gives "dog"), so
-    each token gets what it adds to the text of the tokens before it. Where the decoder changes
-    earlier text (a byte-fallback character completed by a later token, a space cleaned up),
-    the change goes to the token that caused it, so the pieces still join to the caption.
-    """
-    full = tokenizer.decode(list(tokens), skip_special_tokens=True)
-    start, end = len(full) - len(full.lstrip()), len(full.rstrip())
-    bounds, reached = [], start
-    for i in range(1, len(tokens)):
-        prefix = tokenizer.decode(list(tokens[:i]), skip_special_tokens=True)
-        reached = max(reached, min(len(os.path.commonprefix([prefix, full])), end))
-        bounds.append(reached)
-    cuts = [start, *bounds, end]
-    return [full[a:b] for a, b in zip(cuts, cuts[1:])] if tokens else []
 
 
 def _mean(values: list[float]) -> float | None:

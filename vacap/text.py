@@ -1,11 +1,13 @@
 """Caption text for datasets: prompt templates, chat boilerplate stripped, cut-off sentences
-dropped, trigger words added. Pure string functions, no torch."""
+dropped, trigger words added; a caption cut at its token boundaries. Pure string functions,
+no torch."""
 
 from __future__ import annotations
 
+import os
 import re
 import string
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 PLACEHOLDERS = ("filename", "stem", "folder")
@@ -88,16 +90,36 @@ def strip_boilerplate(caption: str) -> str:
     """The caption without chat markup around it: leading role tags and special tokens,
     trailing special tokens, then one pair of quotes around the whole, and outer whitespace.
     Descriptive openers ("The image shows ...") are the caption and stay."""
-    text = caption.strip()
+    start, end = boilerplate_span(caption)
+    return caption[start:end]
+
+
+def boilerplate_span(caption: str) -> tuple[int, int]:
+    """(start, end) of what :func:`strip_boilerplate` keeps: it is ``caption[start:end]``."""
+    start, end = _strip_span(caption, 0, len(caption))
     while True:
-        before = text
-        text = _LEADING.sub("", text, count=1).strip()
-        text = _TRAILING.sub("", text, count=1).strip()
-        if text == before:
+        before = start, end
+        leading = _LEADING.match(caption[start:end])
+        if leading:
+            start, end = _strip_span(caption, start + leading.end(), end)
+        trailing = _TRAILING.search(caption[start:end])
+        if trailing:
+            start, end = _strip_span(caption, start, start + trailing.start())
+        if (start, end) == before:
             break
+    text = caption[start:end]
     if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1] and text[-1] not in text[1:-1]:
-        text = text[1:-1].strip()
-    return text
+        start, end = _strip_span(caption, start + 1, end - 1)
+    return start, end
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``text[start:end]`` without outer whitespace, as (start, end) (``str.strip``'s)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def drop_incomplete(caption: str) -> str:
@@ -134,3 +156,24 @@ def read_prompt_file(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise ValueError(f"cannot read --prompt-file {path}: {why}") from None
+
+
+def token_texts(tokenizer, tokens: Sequence[int]) -> list[str]:
+    """The caption's text cut at token boundaries: one string per token id in ``tokens``;
+    joined, they give the caption exactly (``VisionLanguageModel.decode``: special tokens
+    skipped, outer whitespace stripped).
+
+    A token decoded alone loses SentencePiece's word-leading space ("▁dog" gives "dog"), so
+    each token gets what it adds to the text of the tokens before it. Where the decoder changes
+    earlier text (a byte-fallback character completed by a later token, a space cleaned up),
+    the change goes to the token that caused it, so the pieces still join to the caption.
+    """
+    full = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    start, end = len(full) - len(full.lstrip()), len(full.rstrip())
+    bounds, reached = [], start
+    for i in range(1, len(tokens)):
+        prefix = tokenizer.decode(list(tokens[:i]), skip_special_tokens=True)
+        reached = max(reached, min(len(os.path.commonprefix([prefix, full])), end))
+        bounds.append(reached)
+    cuts = [start, *bounds, end]
+    return [full[a:b] for a, b in zip(cuts, cuts[1:])] if tokens else []

@@ -23,7 +23,6 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path, PurePath
 
 from lemminflect import getLemma
@@ -66,31 +65,91 @@ def _phrases() -> dict[tuple[str, ...], str]:
 
 _SYNONYM_TO_CLASS = _synonym_to_class()
 _PHRASES = _phrases()
-_LONGEST_PHRASE = max(len(phrase) for phrase in _PHRASES)
-_PHRASE_STARTS = frozenset(phrase[0] for phrase in _PHRASES)  # skips most tokens fast
-# Every single word the matching can use, inside phrases too.
-_VOCABULARY = frozenset(
-    {part for word in _SYNONYM_TO_CLASS for part in word.split()}
-    | {part for phrase in _PHRASES for part in phrase}
-)
 
 
-@lru_cache(maxsize=None)
-def _normalize(token: str) -> str:
-    """The vocabulary form of a lowercase token: singular when that is a known word.
+class WordMatcher:
+    """Finds a vocabulary's words in text, with the character span each has there.
 
-    A token already in the vocabulary stays as it is, so that words lemminflect would change
-    keep their meaning ("skis", "scissors", "people", "sports" of "sports ball"). Otherwise the
-    first noun lemma that is a known word wins ("giraffes" -> "giraffe", "mice" -> "mouse");
-    a token with none stays as it is, as it names no object either way.
+    ``synonyms``: vocabulary word (lowercase, possibly several words separated by single spaces)
+    -> the class it names. ``phrases``: word sequences read as one word -> that word, which may
+    name no class (so "train track" keeps "train" from counting); every multi-word synonym is a
+    phrase of itself as well. Text is read as CHAIR reads it: words of letters and digits with
+    inner hyphens and apostrophes ("man-made" is one word), lowercased, a possessive "'s"
+    dropped, and singularised with lemminflect when the singular is a known word and the word
+    itself is not; the words of a phrase must be separated by whitespace only ("hot, dog" names
+    a dog) and the longest phrase wins.
     """
-    token = _POSSESSIVE.sub("", token)
-    if token in _VOCABULARY:
-        return token
-    for lemma in getLemma(token, upos="NOUN"):
-        if lemma in _VOCABULARY:
-            return lemma
-    return token
+
+    def __init__(
+        self, synonyms: Mapping[str, str], phrases: Mapping[tuple[str, ...], str] | None = None
+    ) -> None:
+        self.synonyms = dict(synonyms)
+        self.phrases = {tuple(word.split()): word for word in self.synonyms if " " in word}
+        self.phrases.update(phrases or {})
+        self._longest = max((len(phrase) for phrase in self.phrases), default=1)
+        self._starts = frozenset(phrase[0] for phrase in self.phrases)  # skips most tokens fast
+        # Every single word the matching can use, inside phrases too.
+        self.vocabulary = frozenset(
+            {part for word in self.synonyms for part in word.split()}
+            | {part for phrase in self.phrases for part in phrase}
+        )
+        self._normalized: dict[str, str] = {}
+
+    def normalize(self, token: str) -> str:
+        """The vocabulary form of a lowercase token: singular when that is a known word.
+
+        A token already in the vocabulary stays as it is, so that words lemminflect would change
+        keep their meaning ("skis", "scissors", "people", "sports" of "sports ball"). Otherwise
+        the first noun lemma that is a known word wins ("giraffes" -> "giraffe", "mice" ->
+        "mouse"); a token with none stays as it is, as it names no object either way.
+        """
+        if token not in self._normalized:
+            word = _POSSESSIVE.sub("", token)
+            if word not in self.vocabulary:
+                word = next(
+                    (lemma for lemma in getLemma(word, upos="NOUN") if lemma in self.vocabulary), word
+                )
+            self._normalized[token] = word
+        return self._normalized[token]
+
+    def words(self, caption: str) -> list[tuple[int, int, str]]:
+        """(start, end, vocabulary form) of every word of ``caption``, phrases read as one word;
+        ``caption[start:end]`` is the word as written."""
+        matches = list(_WORD.finditer(caption))
+        tokens = [self.normalize(match.group().lower()) for match in matches]
+        words = []
+        i = 0
+        while i < len(tokens):
+            size, word = self._phrase_at(caption, matches, tokens, i)
+            words.append((matches[i].start(), matches[i + size - 1].end(), word))
+            i += size
+        return words
+
+    def spans(self, caption: str) -> list[tuple[int, int, str]]:
+        """(start, end, class) of each mention of a vocabulary word in ``caption``, in order."""
+        return [
+            (start, end, self.synonyms[word])
+            for start, end, word in self.words(caption)
+            if word in self.synonyms
+        ]
+
+    def _phrase_at(self, caption: str, matches: list, tokens: list[str], i: int) -> tuple[int, str]:
+        """(number of tokens, word) of the longest phrase starting at token i, else the token."""
+        if tokens[i] not in self._starts:
+            return 1, tokens[i]
+        for size in range(min(self._longest, len(tokens) - i), 1, -1):
+            phrase = tuple(tokens[i:i + size])
+            # Only words separated by spaces form a phrase: "hot, dog" names a dog.
+            gaps = (
+                caption[matches[j].end():matches[j + 1].start()] for j in range(i, i + size - 1)
+            )
+            if phrase in self.phrases and all(gap.isspace() for gap in gaps):
+                return size, self.phrases[phrase]
+        return 1, tokens[i]
+
+
+# The COCO classes, their synonyms and the reference's multi-word rules.
+COCO = WordMatcher(_SYNONYM_TO_CLASS, _PHRASES)
 
 
 def image_id_of(record: Mapping) -> int | None:
@@ -234,31 +293,17 @@ class Chair:
 
 def objects_in(caption: str) -> list[tuple[str, str]]:
     """(word as written, COCO class) for each object mention in a caption, in order."""
-    matches = list(_WORD.finditer(caption))
-    tokens = [_normalize(match.group().lower()) for match in matches]
-    words = []  # (text as written, vocabulary word) after reading phrases as one word
-    i = 0
-    while i < len(tokens):
-        size, word = _phrase_at(caption, matches, tokens, i)
-        words.append((caption[matches[i].start():matches[i + size - 1].end()], word))
-        i += size
+    return [(caption[start:end], name) for start, end, name in object_spans(caption)]
+
+
+def object_spans(caption: str) -> list[tuple[int, int, str]]:
+    """(start, end, COCO class) for each object mention in a caption, in order:
+    ``caption[start:end]`` is the mention as written (several words for a phrase)."""
+    words = COCO.words(caption)
     # "the seat of the toilet" names the toilet's seat, not a chair (a reference rule).
-    if any(word == "toilet" for _, word in words):
-        words = [(text, word) for text, word in words if word != "seat"]
-    return [(text, _SYNONYM_TO_CLASS[word]) for text, word in words if word in _SYNONYM_TO_CLASS]
-
-
-def _phrase_at(caption: str, matches: list, tokens: list[str], i: int) -> tuple[int, str]:
-    """(number of tokens, word) of the longest phrase starting at token i, else the token."""
-    if tokens[i] not in _PHRASE_STARTS:
-        return 1, tokens[i]
-    for size in range(min(_LONGEST_PHRASE, len(tokens) - i), 1, -1):
-        phrase = tuple(tokens[i:i + size])
-        # Only words separated by spaces form a phrase: "hot, dog" names a dog.
-        gaps = (caption[matches[j].end():matches[j + 1].start()] for j in range(i, i + size - 1))
-        if phrase in _PHRASES and all(gap.isspace() for gap in gaps):
-            return size, _PHRASES[phrase]
-    return 1, tokens[i]
+    if any(word == "toilet" for _, _, word in words):
+        words = [(start, end, word) for start, end, word in words if word != "seat"]
+    return [(start, end, COCO.synonyms[word]) for start, end, word in words if word in COCO.synonyms]
 
 
 def method_labels(records: list[dict]) -> list[str]:
