@@ -393,20 +393,36 @@ def export(
         typer.Option(metavar="KEY", help="Export the captions of one set of settings: a fingerprint, compare label "
                      "or method."),
     ] = None,  # fmt: skip
+    max_risk: Annotated[
+        Optional[float],
+        typer.Option(metavar="X", help="Leave out captions whose risk score (caption --risk) is above X, in [0, 1]."),
+    ] = None,
+    mark_risk: Annotated[
+        bool,
+        typer.Option("--mark-risk", metavar="", help="Write each caption's risk score beside it: a risk column "
+                     "(csv, parquet) or key (hf-metadata)."),
+    ] = False,  # fmt: skip
 ) -> None:
     """Export captions for dataset tools. The last ok record per image wins; errors are left out."""
     from vacap import export as exporting
 
+    if max_risk is not None and not 0 <= max_risk <= 1:
+        _usage(f"--max-risk must be in [0, 1], got {max_risk!r}")
+    if mark_risk and format == "txt":
+        _usage(exporting.MARK_RISK_TXT)
+    risk_flags = [flag for flag, on in (("--max-risk", max_risk is not None), ("--mark-risk", mark_risk)) if on]
     try:
         if format == "parquet":
             exporting._pyarrow()
         selection = exporting.select(exporting.read_records(records), settings)
+        if risk_flags:
+            exporting.by_risk(selection, " and ".join(risk_flags), max_risk)
     except exporting.ExportError as exc:
         _usage(str(exc))
     if not selection.records:
-        _fail(f"no ok caption to export ({selection.errors} images have only error records)")
+        _fail(selection.nothing_left())
     try:
-        result = exporting.export(selection, format, to, copy_images=copy_images)
+        result = exporting.export(selection, format, to, copy_images=copy_images, mark_risk=mark_risk)
     except exporting.ExportError as exc:
         _fail(str(exc), 2)
     except OSError as exc:
