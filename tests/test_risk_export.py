@@ -1,12 +1,14 @@
 """The consumers of a record's ``risk`` object (``vacap caption --risk``): ``vacap export
---max-risk/--mark-risk``, run as a user runs it on records written by hand for real images,
-each format read back by what reads it in the wild."""
+--max-risk/--mark-risk`` and ``vacap show --by risk``, run as a user runs them on records
+written by hand for real images, each format read back by what reads it in the wild."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -222,3 +224,101 @@ def test_mark_risk_with_txt_is_a_usage_error(work):
     assert "--mark-risk writes a risk score beside each caption, and a txt caption file has no place for it" in flat(
         out.stderr
     )
+
+
+# --- show --by risk ------------------------------------------------------------------------------
+
+
+def render(record: dict, color_system: str) -> str:
+    from rich.console import Console
+
+    from vacap.show import render as show
+
+    console = Console(file=io.StringIO(), color_system=color_system, force_terminal=True, width=200)
+    console.print(show(record, console.color_system, by="risk"))
+    return console.file.getvalue()
+
+
+def shaded(line: str) -> list[tuple[str, str]]:
+    """(text, SGR codes) of each piece of ``line`` printed with a background."""
+    return [(text, codes) for codes, text in re.findall(r"\x1b\[([0-9;]+)m([^\x1b]*)", line) if codes != "0"]
+
+
+def codes(style: str, color_system: str) -> str:
+    """The SGR codes a terminal of ``color_system`` gets for text in ``style``."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(file=io.StringIO(), color_system=color_system, force_terminal=True)
+    console.print(Text("x", style=style), end="")
+    return shaded(console.file.getvalue())[0][1]
+
+
+@pytest.mark.parametrize("color_system", ["truecolor", "256", "standard"])
+def test_show_by_risk_shades_exactly_the_object_words(color_system):
+    from vacap.show import _shade
+
+    record = RECORDS[0]  # dog 0.83, car 0.2
+    caption_line = render(record, color_system).splitlines()[1]
+    assert re.sub(r"\x1b\[[0-9;]*m", "", caption_line) == record["caption"]
+    expected = [(m["text"], codes(_shade(m["score"], color_system), color_system)) for m in record["risk"]["mentions"]]
+    assert shaded(caption_line) == expected
+    assert expected[0][1] != expected[1][1]  # 0.83 and 0.2 differ on every ramp
+
+
+def test_show_by_risk_spans_with_rich_text():
+    from vacap.show import _shade, render as show
+
+    record = RECORDS[3]  # person 0.1, umbrella with no score
+    text = show(record, "truecolor", by="risk")
+    header = len(f"{record['path']}  [greedy]\n")
+    spans = [(s.start - header, s.end - header, str(s.style)) for s in text.spans if s.style and s.start >= header]
+    caption_spans = [s for s in spans if s[1] <= len(record["caption"])]
+    start = record["caption"].index("person")
+    assert caption_spans == [(start, start + len("person"), _shade(0.1, "truecolor"))]  # umbrella: unshaded
+
+
+def test_show_by_risk_lists_the_mentions(work):
+    out = vacap("show", "records.jsonl", "--image", "scene_4.png", "--by", "risk", cwd=work)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert ["A", "person", "holds", "an", "umbrella."] in lines
+    assert ["caption", "risk", "0.100", "(its", "highest", "object", "word)"] in lines
+    assert ["person", "person", "0.100"] in lines and ["umbrella", "umbrella", "none"] in lines
+    two = vacap("show", "records.jsonl", "--image", "scene_2.png", "--by", "risk", cwd=work)
+    assert ["cat", "cat", "0.500"] in [line.split() for line in two.stdout.splitlines()]
+    assert ["sofa", "couch", "0.125"] in [line.split() for line in two.stdout.splitlines()]
+    none = vacap("show", "records.jsonl", "--image", "scene_3.png", "--by", "risk", cwd=work)
+    assert "caption risk: none (no known object word in this caption)" in none.stdout
+
+
+def test_show_by_risk_without_risk_is_one_error_line(work):
+    out = vacap("show", "records.jsonl", "--image", "shapes_square.png", "--by", "risk", cwd=work)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "error: the record of imgs/shapes_square.png [greedy] has no risk scores: caption with --risk to score "
+        "its object words"
+    ]
+    # The attention view of the same record is unchanged.
+    assert vacap("show", "records.jsonl", "--image", "shapes_square.png", cwd=work).returncode == 0
+
+
+def test_show_by_risk_with_heatmap_is_a_usage_error(work):
+    out = vacap("show", "records.jsonl", "--image", "scene_1.png", "--by", "risk", "--heatmap", "h.png", cwd=work)
+    assert out.returncode == 2 and "Usage:" in out.stderr
+    assert "--heatmap draws attention, not risk" in flat(out.stderr)
+    assert not (work / "h.png").exists()
+    bad = vacap("show", "records.jsonl", "--image", "scene_1.png", "--by", "words", cwd=work)
+    assert bad.returncode == 2 and "'words' is not one of attention, risk" in flat(bad.stderr)
+
+
+def test_show_by_risk_refuses_a_span_that_misses_its_word(work):
+    record = json.loads(json.dumps(RECORDS[0]))
+    record["risk"]["mentions"][0]["start"] += 1
+    write(work / "edited.jsonl", [record])
+    out = vacap("show", "edited.jsonl", "--image", "scene_1.png", "--by", "risk", cwd=work)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [
+        "error: the risk object of imgs/scene_1.png is not one vacap writes for its caption (at mention 'dog', "
+        "characters 3 to 5); was the file edited?"
+    ]

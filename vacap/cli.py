@@ -349,21 +349,38 @@ def show(
     token: Annotated[
         Optional[int], typer.Option(metavar="N", help="With --heatmap: token N's attention (from 0); default: mean.")
     ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by", parser=o.choice("attention", "risk"), metavar="NAME",
+            help="What shades the caption: attention (each token's image attention) or risk (each object "
+            "word's hallucination risk, from caption --risk).",
+        ),
+    ] = "attention",  # fmt: skip
 ) -> None:
-    """Print a caption with its tokens coloured by image attention; optionally write a heatmap."""
+    """Print a caption with its tokens coloured by image attention (or its object words by risk);
+    optionally write a heatmap."""
     from rich.console import Console
 
     from vacap import show as view
 
     if token is not None and heatmap is None:
         _usage("--token chooses what --heatmap draws: add --heatmap FILE, or leave --token out")
+    if by == "risk" and heatmap is not None:
+        _usage("--heatmap draws attention, not risk: leave out --by risk, or --heatmap")
     try:
         matches = view.find(records, image, setting)
     except (OSError, ValueError) as exc:  # no such records file, or no record of that image
         _usage(str(exc))
     console = Console()
-    for record in matches:
-        console.print(view.render(record, console.color_system))
+    try:
+        if by == "risk":
+            view.need_risk(matches)
+        shown = [view.render(record, console.color_system, by) for record in matches]
+    except ValueError as exc:
+        _fail(str(exc))
+    for text in shown:
+        console.print(text)
     if heatmap is not None:
         try:
             view.write_heatmap(matches[-1], heatmap, token)
