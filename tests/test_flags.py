@@ -89,6 +89,8 @@ def test_compare_takes_a_flag_that_one_of_its_methods_uses():
     "command, message",
     [
         (["show", "x.jsonl", "--image", "a.png", "--token", "3"], "--token chooses what --heatmap draws"),
+        (["show", "x.jsonl", "--image", "a.png", "--by", "risk", "--heatmap", "h.png"], "--heatmap draws attention"),
+        (["export", "x.jsonl", "--format", "txt", "--to", "o", "--mark-risk"], "a txt caption file has no place"),
     ],
 )  # fmt: skip
 def test_other_flags_that_would_change_nothing_are_refused(command, message):

@@ -349,21 +349,38 @@ def show(
     token: Annotated[
         Optional[int], typer.Option(metavar="N", help="With --heatmap: token N's attention (from 0); default: mean.")
     ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by", parser=o.choice("attention", "risk"), metavar="NAME",
+            help="What shades the caption: attention (each token's image attention) or risk (each object "
+            "word's hallucination risk, from caption --risk).",
+        ),
+    ] = "attention",  # fmt: skip
 ) -> None:
-    """Print a caption with its tokens coloured by image attention; optionally write a heatmap."""
+    """Print a caption with its tokens coloured by image attention (or its object words by risk);
+    optionally write a heatmap."""
     from rich.console import Console
 
     from vacap import show as view
 
     if token is not None and heatmap is None:
         _usage("--token chooses what --heatmap draws: add --heatmap FILE, or leave --token out")
+    if by == "risk" and heatmap is not None:
+        _usage("--heatmap draws attention, not risk: leave out --by risk, or --heatmap")
     try:
         matches = view.find(records, image, setting)
     except (OSError, ValueError) as exc:  # no such records file, or no record of that image
         _usage(str(exc))
     console = Console()
-    for record in matches:
-        console.print(view.render(record, console.color_system))
+    try:
+        if by == "risk":
+            view.need_risk(matches)
+        shown = [view.render(record, console.color_system, by) for record in matches]
+    except ValueError as exc:
+        _fail(str(exc))
+    for text in shown:
+        console.print(text)
     if heatmap is not None:
         try:
             view.write_heatmap(matches[-1], heatmap, token)
@@ -393,20 +410,36 @@ def export(
         typer.Option(metavar="KEY", help="Export the captions of one set of settings: a fingerprint, compare label "
                      "or method."),
     ] = None,  # fmt: skip
+    max_risk: Annotated[
+        Optional[float],
+        typer.Option(metavar="X", help="Leave out captions whose risk score (caption --risk) is above X, in [0, 1]."),
+    ] = None,
+    mark_risk: Annotated[
+        bool,
+        typer.Option("--mark-risk", metavar="", help="Write each caption's risk score beside it: a risk column "
+                     "(csv, parquet) or key (hf-metadata)."),
+    ] = False,  # fmt: skip
 ) -> None:
     """Export captions for dataset tools. The last ok record per image wins; errors are left out."""
     from vacap import export as exporting
 
+    if max_risk is not None and not 0 <= max_risk <= 1:
+        _usage(f"--max-risk must be in [0, 1], got {max_risk!r}")
+    if mark_risk and format == "txt":
+        _usage(exporting.MARK_RISK_TXT)
+    risk_flags = [flag for flag, on in (("--max-risk", max_risk is not None), ("--mark-risk", mark_risk)) if on]
     try:
         if format == "parquet":
             exporting._pyarrow()
         selection = exporting.select(exporting.read_records(records), settings)
+        if risk_flags:
+            exporting.by_risk(selection, " and ".join(risk_flags), max_risk)
     except exporting.ExportError as exc:
         _usage(str(exc))
     if not selection.records:
-        _fail(f"no ok caption to export ({selection.errors} images have only error records)")
+        _fail(selection.nothing_left())
     try:
-        result = exporting.export(selection, format, to, copy_images=copy_images)
+        result = exporting.export(selection, format, to, copy_images=copy_images, mark_risk=mark_risk)
     except exporting.ExportError as exc:
         _fail(str(exc), 2)
     except OSError as exc:

@@ -6,6 +6,11 @@ with only ``error`` records are left out and counted. A file holding captions ma
 than one set of settings (a ``compare`` output, or a run resumed with other flags) is refused
 unless one set is chosen: mixing them would pick each image's caption by which run came last.
 
+Records made with ``vacap caption --risk`` carry a ``risk`` object whose ``score`` is the
+caption's hallucination risk (its highest object-word score; null when it names no known
+object): ``--max-risk`` leaves out captions scored above a limit (``by_risk``), ``--mark-risk``
+writes the score beside each caption.
+
 An export is made whole or not at all (see "writing an export whole" below), every file it writes
 lies inside ``--to`` after links are resolved, and csv cells are escaped against formula injection
 (see ``csv_cell``). No torch import: exporting needs no model.
@@ -20,6 +25,7 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -48,7 +54,12 @@ COLUMNS = {
     "params": "string",
     "vacap_version": "string",
 }
+RISK_COLUMN = "risk"  # with --mark-risk: the caption's risk score, after the caption column (float64)
 SHORT_KEY = 12  # hex digits of the settings fingerprint shown to users and accepted by --settings
+MARK_RISK_TXT = (
+    "--mark-risk writes a risk score beside each caption, and a txt caption file has no place for it: "
+    "use --format csv, parquet or hf-metadata, or leave --mark-risk out"
+)
 PARQUET_INSTALL = 'parquet export needs pyarrow; install it with pip install ".[parquet]" in vacap\'s checkout, or pip install pyarrow'
 # A csv cell starting with one of these is read as a formula by spreadsheets (OWASP, CSV injection).
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -68,6 +79,20 @@ class Selection:
     errors: int = 0  # images with no ok record
     superseded: int = 0  # ok records replaced by a later ok record of the same image
     other_settings: int = 0  # records of settings other than the chosen ones
+    max_risk: float | None = None  # the --max-risk limit applied, if any
+    risky: int = 0  # captions whose risk score is above max_risk
+    unscored: int = 0  # captions with no risk object (captioned without --risk), left out under a risk flag
+    null_risk: int = 0  # kept captions whose risk score is null (no known object word)
+
+    def nothing_left(self) -> str:
+        """Why no caption is left to export, for the user."""
+        reasons = [
+            (self.risky, f"captions have a risk score above --max-risk {self.max_risk}"),
+            (self.unscored, "captions have no risk score (captioned without --risk)"),
+            (self.errors, "images have only error records"),
+        ]
+        why = ", ".join(f"{count} {what}" for count, what in reasons if count)
+        return f"no ok caption to export ({why or 'the records hold none'})"
 
 
 @dataclass
@@ -93,12 +118,16 @@ class Result:
             lines.append(f"finished first the export a stopped run had left ready in {to}")
         copied = f", {self.copied} images copied, {self.identical} already there with the same bytes"
         lines.append(f"exported {self.written} captions to {self.where}{copied if copy_images else ''}")
-        left_out = {
-            "images with only error records": selection.errors,
-            "earlier ok records superseded by a later one": selection.superseded,
-            "records of other settings": selection.other_settings,
-        }
-        lines += [f"left out: {count} {what}" for what, count in left_out.items() if count]
+        left_out = [
+            (selection.errors, "images with only error records"),
+            (selection.superseded, "earlier ok records superseded by a later one"),
+            (selection.other_settings, "records of other settings"),
+            (selection.risky, f"captions with a risk score above {selection.max_risk}"),
+            (selection.unscored, "captions with no risk score (captioned without --risk)"),
+        ]
+        lines += [f"left out: {count} {what}" for count, what in left_out if count]
+        if selection.null_risk:
+            lines.append(f"kept: {selection.null_risk} captions with a null risk score (they name no known object)")
         problems = {
             "images not found": self.missing,
             "images whose caption files clash": self.clashes,
@@ -210,6 +239,51 @@ def describe(records: list[dict], keys: Counter) -> str:
     return "\n".join(lines)
 
 
+# --- risk scores (vacap caption --risk) -----------------------------------------------------------
+
+
+def risk_score(record: dict) -> tuple[bool, float | None]:
+    """(whether ``record`` has a risk object, its caption score: a float, or None when the
+    caption names no known object). A malformed risk object raises ``ExportError``."""
+    risk = record.get("risk")
+    if risk is None:
+        return False, None
+    score = risk.get("score", _MISSING) if isinstance(risk, dict) else _MISSING
+    if score is None:
+        return True, None
+    if isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score):
+        return True, float(score)
+    shown = "no score" if score is _MISSING else f"score {score!r}"
+    raise ExportError(f"the risk object of {record['path']} is not one vacap writes ({shown}); was the file edited?")
+
+
+_MISSING = object()
+
+
+def by_risk(selection: Selection, flags: str, max_risk: float | None = None) -> None:
+    """Apply the risk flags (``flags`` names them, for messages) to ``selection`` in place:
+    captions with no risk object are left out and counted, and so are those whose score is
+    above ``max_risk``; a null score (no known object word) is kept and counted. None of the
+    captions having a risk object raises ``ExportError``: the flags would have nothing to act on."""
+    scores = [(record, *risk_score(record)) for record in selection.records]
+    if scores and not any(has for _, has, _ in scores):
+        raise ExportError(
+            f"{flags} needs risk scores, and none of the {len(scores)} captions to export has one: "
+            "caption with vacap caption --risk first"
+        )
+    selection.max_risk = max_risk
+    kept = []
+    for record, has, score in scores:
+        if not has:
+            selection.unscored += 1
+        elif max_risk is not None and score is not None and score > max_risk:
+            selection.risky += 1
+        else:
+            selection.null_risk += score is None
+            kept.append(record)
+    selection.records = kept
+
+
 # --- where images and caption files go ------------------------------------------------------------
 
 
@@ -258,10 +332,13 @@ def _readable(path: Path) -> str:
 # --- the formats ---------------------------------------------------------------------------------
 
 
-def export(selection: Selection, fmt: str, to: Path, *, copy_images: bool = False) -> Result:
+def export(
+    selection: Selection, fmt: str, to: Path, *, copy_images: bool = False, mark_risk: bool = False
+) -> Result:
     """Write ``selection`` under the folder ``to`` in format ``fmt``, whole or not at all;
     ``ExportError`` when it cannot be done as asked (nothing is written then), ``OSError`` when
-    writing fails (the previous export is left as it was)."""
+    writing fails (the previous export is left as it was). ``mark_risk`` adds each caption's
+    risk score: a ``risk`` column (csv, parquet) or key (hf-metadata); run ``by_risk`` first."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "parquet":
@@ -270,37 +347,52 @@ def export(selection: Selection, fmt: str, to: Path, *, copy_images: bool = Fals
         raise ExportError(f"--to {to} is a file; give a folder (it is created when missing)")
     if copy_images and fmt != "hf-metadata":
         raise ExportError("--copy-images goes with --format hf-metadata only")
+    if mark_risk and fmt == "txt":
+        raise ExportError(MARK_RISK_TXT)
     places = _hf_places(selection.records, to, copy_images) if fmt == "hf-metadata" else None
     to.mkdir(parents=True, exist_ok=True)
     result = Result()
     with _staged(to, result) as stage:
         if places is not None:
-            _hf_metadata(places, stage, result)
+            _hf_metadata(places, stage, result, mark_risk)
         elif fmt == "txt":
             _txt(selection.records, stage, result)
         else:
-            rows = [row(record) for record in selection.records]
+            rows = [row(record, mark_risk) for record in selection.records]
+            names = columns(mark_risk)
             if fmt == "csv":
                 result.where = to / "captions.csv"
                 buffer = io.StringIO(newline="")
                 # \r\n ends rows (RFC 4180), and makes the writer quote a field holding a lone \r.
-                writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\r\n")
+                writer = csv.DictWriter(buffer, fieldnames=list(names), lineterminator="\r\n")
                 writer.writeheader()
                 writer.writerows({name: csv_cell(value) for name, value in r.items()} for r in rows)
                 stage.write(Path("captions.csv"), buffer.getvalue().encode("utf-8"))
             else:
                 result.where = to / "captions.parquet"
-                _write_parquet(rows, stage.place(Path("captions.parquet")))
+                _write_parquet(rows, names, stage.place(Path("captions.parquet")))
             result.written = len(rows)
     return result
 
 
-def row(record: dict) -> dict:
-    """The csv and parquet columns of one record."""
+def columns(mark_risk: bool = False) -> dict[str, str]:
+    """The csv and parquet columns, with their parquet types: ``COLUMNS``, and with
+    ``mark_risk`` the risk score right after the caption."""
+    if not mark_risk:
+        return dict(COLUMNS)
+    names = list(COLUMNS.items())
+    at = list(COLUMNS).index("caption") + 1
+    return dict(names[:at] + [(RISK_COLUMN, "float64")] + names[at:])
+
+
+def row(record: dict, mark_risk: bool = False) -> dict:
+    """The csv and parquet columns of one record (``columns(mark_risk)``)."""
     params = record.get("params") or {}
+    risk = {RISK_COLUMN: risk_score(record)[1]} if mark_risk else {}
     return {
         "path": record["path"],
         "caption": record["caption"],
+        **risk,
         "model": record.get("model"),
         "method": record.get("method"),
         "prompt": params.get("prompt"),
@@ -334,9 +426,9 @@ def _pyarrow():
     return pyarrow
 
 
-def _write_parquet(rows: list[dict], path: Path) -> None:
+def _write_parquet(rows: list[dict], names: dict[str, str], path: Path) -> None:
     pa = _pyarrow()
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in COLUMNS.items()])
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in names.items()])
     pa.parquet.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
@@ -399,9 +491,10 @@ def _hf_places(records: list[dict], to: Path, copy_images: bool) -> Places:
     return Places(to=to, present=present, places=places, copies=outside, missing=missing)
 
 
-def _hf_metadata(layout: Places, stage: Stage, result: Result) -> None:
-    """``to/metadata.jsonl`` with ``file_name`` and ``text`` per image, the images outside ``to``
-    copied in first; one already there with the same bytes is left as it is."""
+def _hf_metadata(layout: Places, stage: Stage, result: Result, mark_risk: bool = False) -> None:
+    """``to/metadata.jsonl`` with ``file_name`` and ``text`` per image (and ``risk`` with
+    ``mark_risk``: a float, or null), the images outside ``to`` copied in first; one already there
+    with the same bytes is left as it is."""
     result.missing = layout.missing
     failed = set()
     for record in layout.copies:
@@ -412,11 +505,13 @@ def _hf_metadata(layout: Places, stage: Stage, result: Result) -> None:
             result.copied += 1
         else:
             result.identical += 1
-    lines = [
-        json.dumps({"file_name": _readable(layout.places[id(r)]), "text": r["caption"]}, ensure_ascii=False) + "\n"
-        for r in layout.present
-        if id(r) not in failed
-    ]
+    lines = []
+    for r in layout.present:
+        if id(r) not in failed:
+            line = {"file_name": _readable(layout.places[id(r)]), "text": r["caption"]}
+            if mark_risk:
+                line[RISK_COLUMN] = risk_score(r)[1]
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     stage.write(Path(METADATA), "".join(lines).encode("utf-8"))
     result.written = len(lines)
     result.where = layout.to / METADATA

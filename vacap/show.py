@@ -1,8 +1,10 @@
-"""`vacap show`: a caption with its tokens coloured by image attention, and attention heatmaps."""
+"""`vacap show`: a caption with its tokens coloured by image attention, or its object words by
+hallucination risk (records of ``vacap caption --risk``), and attention heatmaps."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from PIL import Image
@@ -56,8 +58,21 @@ def _shade(level: float, color_system: str | None) -> str:
     return f"on rgb({red},{other},{other})"
 
 
-def render(record: dict, color_system: str | None = "truecolor") -> Text:
-    """The record's caption, each token on a background for its image attention share.
+def need_risk(records: list[dict]) -> None:
+    """``ValueError`` unless every ok record of ``records`` has a risk object, which ``--by risk``
+    shows (an error record has no caption to shade, and is shown as it is)."""
+    for record in records:
+        if record.get("status") == "ok" and not isinstance(record.get("risk"), dict):
+            label = record.get("setting") or record.get("method")
+            raise ValueError(
+                f"the record of {record['path']}{f' [{label}]' if label else ''} has no risk scores: "
+                "caption with --risk to score its object words"
+            )
+
+
+def render(record: dict, color_system: str | None = "truecolor", by: str = "attention") -> Text:
+    """The record's caption, each token on a background for its image attention share, or with
+    ``by="risk"`` each object word on one for its hallucination risk (``render_risk``).
 
     The shades span the caption's own range of shares (the legend gives it), so that the
     tokens that looked at the image most stand out whatever the model's overall level.
@@ -67,6 +82,8 @@ def render(record: dict, color_system: str | None = "truecolor") -> Text:
     text = Text().append(f"{record['path']}  [{label}]\n", style="bold")
     if record["status"] != "ok":
         return text.append(f"{record['status']}: {record.get('error')}\n")
+    if by == "risk":
+        return render_risk(record, color_system, text)
     details = record.get("token_diagnostics")
     if not details:
         text.append(record["caption"] + "\n")
@@ -93,6 +110,89 @@ def render(record: dict, color_system: str | None = "truecolor") -> Text:
         style="dim",
     )
     return text
+
+
+def render_risk(record: dict, color_system: str | None = "truecolor", text: Text | None = None) -> Text:
+    """The caption with each object word (a mention of the record's ``risk`` object) on a
+    background for its risk score, grey (0) to red (1) on the same ramp as attention, the rest
+    unshaded; then the caption's score and one line per mention: text, object, score.
+
+    Scores are probabilities, so the shades are absolute (0.9 is as red in every caption), not
+    spread over the caption's own range as attention shares are. ``ValueError`` when a mention's
+    span does not hold its text in the caption."""
+    text = Text() if text is None else text
+    caption, risk = record["caption"], record["risk"]
+    mentions = _mentions(record)
+    at = 0
+    for mention in mentions:
+        start, end = mention["start"], mention["end"]
+        score = mention.get("score")
+        text.append(caption[at:start])
+        text.append(caption[start:end], style=_shade(score, color_system) if score is not None else "")
+        at = end
+    text.append(caption[at:] + "\n")
+    overall = risk.get("score")
+    if not mentions:
+        return text.append("caption risk: none (no known object word in this caption)\n", style="dim")
+    if overall is None:
+        text.append("caption risk: none (no object word has a score)\n", style="dim")
+    else:
+        text.append("caption risk ", style="dim").append(f" {overall:.3f} ", style=_shade(overall, color_system))
+        text.append(" (its highest object word)\n", style="dim")
+    rows = [(m["text"], str(m.get("object")), m.get("score")) for m in mentions]
+    width = max(len(word) for word, _, _ in [("word", "", None), *rows])
+    objects = max(len(name) for _, name, _ in [("", "object", None), *rows])
+    text.append(f"  {'word':<{width}}  {'object':<{objects}}  risk\n", style="dim")
+    for word, name, score in rows:
+        text.append(f"  {word:<{width}}  {name:<{objects}}  ")
+        if score is None:
+            text.append("none", style="dim")
+        else:
+            text.append(f"{score:.3f}", style=_shade(score, color_system))
+        text.append("\n")
+    return text
+
+
+def _mentions(record: dict) -> list[dict]:
+    """The mentions of the record's risk object in caption order; ``ValueError`` when the object
+    is not what vacap writes (a span that does not hold its text, spans that overlap, a score
+    that is not a number)."""
+    caption, risk = record["caption"], record["risk"]
+    mentions = risk.get("mentions") or []
+    if not isinstance(mentions, list) or not _number_or_none(risk.get("score")):
+        raise ValueError(
+            f"the risk object of {record['path']} is not one vacap writes (its score or mentions); was the file edited?"
+        )
+    ordered = sorted(mentions, key=lambda m: m["start"] if _fits(m, caption) else -1)
+    at = 0
+    for mention in ordered:
+        if not _fits(mention, caption) or mention["start"] < at:
+            raise ValueError(
+                f"the risk object of {record['path']} is not one vacap writes for its caption "
+                f"(at {_named(mention)}); was the file edited?"
+            )
+        at = mention["end"]
+    return ordered
+
+
+def _fits(mention, caption: str) -> bool:
+    """Whether ``mention`` has a span of ``caption`` that holds its text, and a score or null."""
+    if not isinstance(mention, dict) or not all(isinstance(mention.get(k), int) for k in ("start", "end")):
+        return False
+    start, end = mention["start"], mention["end"]
+    return 0 <= start <= end <= len(caption) and caption[start:end] == mention.get("text") and _number_or_none(
+        mention.get("score")
+    )
+
+
+def _named(mention) -> str:
+    if isinstance(mention, dict):
+        return f"mention {mention.get('text')!r}, characters {mention.get('start')} to {mention.get('end')}"
+    return f"mention {mention!r}"
+
+
+def _number_or_none(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
 def write_heatmap(record: dict, out: Path, token: int | None = None) -> None:
