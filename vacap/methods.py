@@ -85,13 +85,7 @@ class VASparse(Steering):
         """The contrast branch's hidden image slots # (B, T): one set per caption, drawn over the
         row's own image slots from a generator seeded for it alone, so that a caption does not
         depend on the batch it is decoded in (nor on its padding)."""
-        hidden = torch.zeros_like(image_mask)
-        for b in range(image_mask.shape[0]):
-            slots = image_mask[b].nonzero().squeeze(1)
-            every = torch.ones(1, slots.shape[0], dtype=torch.bool, device=image_mask.device)
-            pick = vs.mask_image_slots(every, self.config.mask_rate, _generator(self.config, image_mask.device))
-            hidden[b, slots[pick[0]]] = True
-        return hidden
+        return vs.draw_hidden(image_mask, self.config.mask_rate, self.config.seed)
 
     def _field(self, name: str, layer: int) -> torch.Tensor:
         """A field's live slots for a layer # (B, heads, T)."""
