@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import IMAGES, PROMPT, extended, hf_model, hf_states, positions
 
+from vacap.captioner import Captioner
 from vacap.config import DecodeConfig
 from vacap.decode import RISK_FIELD, generate, generate_stream
 from vacap.diagnostics import Diagnostics
@@ -265,3 +266,27 @@ def test_risk_stays_out_of_the_records_params_and_resume_key():
     assert risky.as_params() == plain.as_params()
     assert RiskSettings.of(plain) is None
     assert RiskSettings.of(DecodeConfig(risk=True, seed=7)) == RiskSettings(seed=7, layers=4, mask_rate=0.5)
+
+
+@pytest.mark.parametrize("settings", [dict(batch_size=2), dict(batch_size=2, diagnostics="summary")])
+def test_captioner_records_carry_token_ids_and_signals(llama, tmp_path, settings):
+    path, _ = llama
+    files = []
+    for i, image in enumerate(IMAGES[:3]):
+        files.append(tmp_path / f"{i}.png")
+        image.save(files[-1])
+    captioner = Captioner(str(path), device="cpu", dtype="fp32", max_new_tokens=MAX_NEW, risk=True, **settings)
+    records = captioner.caption(files)
+    plain = captioner.with_settings(risk=False).caption(files)
+    eos = set(captioner.model.eos_ids)
+    for record, other in zip(records, plain):
+        assert record["status"] == "ok" and "_signals" not in other
+        assert {k: v for k, v in record.items() if k not in ("_signals", "seconds")} == {
+            k: v for k, v in other.items() if k != "seconds"
+        }
+        signals = record["_signals"]
+        assert sorted(signals) == sorted(["token_ids", *NAMES])
+        ids = signals["token_ids"]
+        assert len([t for t in ids if t not in eos]) == record["tokens"]
+        assert all(len(signals[name]) == len(ids) for name in NAMES)
+        assert captioner.model.decode([t for t in ids if t not in eos]) == record["caption"]
