@@ -290,3 +290,13 @@ def test_captioner_records_carry_token_ids_and_signals(llama, tmp_path, settings
         assert len([t for t in ids if t not in eos]) == record["tokens"]
         assert all(len(signals[name]) == len(ids) for name in NAMES)
         assert captioner.model.decode([t for t in ids if t not in eos]) == record["caption"]
+
+
+@pytest.mark.dtype
+@pytest.mark.parametrize("name", ["greedy", "vasparse-contrast-layers-2", "fastv"])
+def test_risk_changes_no_caption_in_bf16(tiny_model, name):
+    model = load_model(str(tiny_model("llava-next")), dtype="bf16", device="cpu")
+    plain = run(model, IMAGES[:3], SETTINGS[name], risk=False)
+    risky = run(model, IMAGES[:3], SETTINGS[name])
+    assert [g.tokens for g in risky] == [g.tokens for g in plain]
+    assert all(math.isfinite(v) for g in risky for values in g.signals.values() for v in values)

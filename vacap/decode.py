@@ -183,9 +183,8 @@ class Steering:
     ``after_prefill`` once, then ``head`` and ``next_token`` per step (the loop hands the latter
     its rule for choosing a token from final logits: argmax, or a seeded draw). With risk signals
     the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after every
-    ``head``. Hooks must also be
-    right where they were not asked for: a wrapper (``Diagnostics``) may need the eager path where
-    its inner method does not.
+    ``head``. Hooks must also be right where they were not asked for: a wrapper
+    (``Diagnostics``) may need the eager path where its inner method does not.
     Under continuous batching one instance does the prefill of each admitted group, and another,
     given the running cache by ``attach`` instead of ``begin``, does every step; so all per-row
     state lives in the cache (fields), where splicing carries it.
@@ -621,7 +620,7 @@ def _branch_attention(
     hidden = cache.fields[RISK_FIELD][index, rows, :, :T] > 0.5  # (N, Hkv, T)
     seen = (valid[:, None] & ~hidden).repeat_interleave(group, dim=1)  # (N, H, T)
     slot = torch.arange(T, device=h.device)
-    copy = (slot[T - c :]).expand(valid.shape[0], c)  # (N, c) each query's main copy
+    copy = slot[T - c :].expand(valid.shape[0], c)  # (N, c) each query's main copy
     if chunk.start == 0:  # step 0's: the row's last valid slot up to T - c (see branch_log_probs)
         last = torch.where(valid[:, : T - c + 1], slot[: T - c + 1], -1).amax(-1, keepdim=True)  # (N, 1)
         copy = torch.cat([last, copy[:, 1:]], 1)

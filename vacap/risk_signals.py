@@ -12,7 +12,14 @@ For every generated token, from the step that produced it:
   the contract's contrast branch (section 3, identity 9) with m = min(``RiskSettings.layers``,
   the model's decoder layers) and ``RiskSettings.mask_rate`` of the image slots hidden, drawn
   per row from ``RiskSettings.seed`` (``vasparse.draw_hidden``), whatever the decoding method.
-  Strongly positive: the token is likelier when the model sees less of the image.
+  Strongly positive: the token is likelier when the model sees less of the image. The branch
+  sees the cache the method decodes with: after FastV or a KV budget, the compacted layers'
+  slots (a cluster hidden where most of its members are), each with its KV bias.
+
+All four are in nats, fp32, one per generated token including a stop token. They never change
+a token: the branch has its own generator (a fresh one per row) and writes nothing the method
+reads; VASparse's own branch is read, not run again, where it is this branch (contrast_layers
+4, mask_rate 0.5, the same seed: ``Steering.shares_branch``).
 """
 
 from __future__ import annotations
