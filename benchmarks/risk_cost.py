@@ -19,7 +19,9 @@ figures are medians over the rounds. Every pair is checked to give the same toke
 Columns: tokens/s of whole calls (batch x N over the call's seconds) without and with risk, and
 their ratio; then the decode part alone (the call less its prefill, timed inside the same call):
 ms per generated token without and with risk, and how much slower it is with risk (the
-per-step signals plus the branch pass at the caption's end). The prefill gains nothing but the
+per-step signals plus the branch pass at the caption's end), as the median of the rounds' own
+pairs with their quartiles (a pair's two calls run back to back, so load that changes between
+rounds cancels out). The prefill gains nothing but the
 drawing of the hidden image slots, so on prefill-heavy CPU calls the whole-call ratio hides the
 cost that a GPU, where decode steps dominate, would see; the decode column shows it.
 """
@@ -89,7 +91,7 @@ def call(model, inputs, name: str, risk: bool, max_new: int, clock: PrefillClock
 
 
 def measure(model, inputs, names: list[str], rounds: int, max_new: int, clock: PrefillClock) -> dict:
-    """-> {(setting, risk): (median seconds, median decode seconds)}."""
+    """-> {(setting, risk): [(seconds, decode seconds) per round]}."""
     for name in names:  # warm-up
         for risk in (False, True):
             call(model, inputs, name, risk, 2, clock)
@@ -103,25 +105,29 @@ def measure(model, inputs, names: list[str], rounds: int, max_new: int, clock: P
                 times[name, risk].append((seconds, seconds - prefill))
             if got[False] != got[True]:
                 raise RuntimeError(f"risk changed {name}'s tokens")
-    return {
-        key: (statistics.median(s for s, _ in values), statistics.median(d for _, d in values))
-        for key, values in times.items()
-    }
+    return times
 
 
 def table(title: str, figures: dict, names: list[str], batch: int, max_new: int) -> list[str]:
     lines = [
         f"\n### {title}\n",
-        "| setting | tokens/s | with risk | ratio | decode ms/token | with risk | decode slower by |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| setting | tokens/s | with risk | ratio | decode ms/token | with risk | decode slower by | quartiles |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     made = batch * max_new
+
+    def median(values, part: int) -> float:
+        return statistics.median(v[part] for v in values)
+
     for name in names:
-        (plain, plain_decode), (risky, risky_decode) = figures[name, False], figures[name, True]
+        plain, risky = figures[name, False], figures[name, True]
+        slower = sorted((r[1] / p[1] - 1) * 100 for p, r in zip(plain, risky))
+        quartiles = statistics.quantiles(slower, n=4) if len(slower) > 1 else slower * 3
         lines.append(
-            f"| {name} | {made / plain:.1f} | {made / risky:.1f} | {plain / risky:.3f} "
-            f"| {plain_decode / made * 1000:.2f} | {risky_decode / made * 1000:.2f} "
-            f"| {(risky_decode / plain_decode - 1) * 100:+.1f} % |"
+            f"| {name} | {made / median(plain, 0):.1f} | {made / median(risky, 0):.1f} "
+            f"| {median(plain, 0) / median(risky, 0):.3f} | {median(plain, 1) / made * 1000:.2f} "
+            f"| {median(risky, 1) / made * 1000:.2f} | {statistics.median(slower):+.1f} % "
+            f"| {quartiles[0]:+.1f}, {quartiles[2]:+.1f} |"
         )
     return lines
 
@@ -151,7 +157,8 @@ def main() -> None:
             if size == "demo":
                 model = load_model("demo", dtype="fp32", device="cpu")
             else:
-                model = load_model(str(build_tiny_model("llava-llama", Path(tmp) / size, size=size)), dtype="fp32", device="cpu")
+                built = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
+                model = load_model(str(built), dtype="fp32", device="cpu")
             model.eos_ids = ()
             params = sum(p.numel() for p in model.hf.parameters()) / 1e6
             for batch in batches:
