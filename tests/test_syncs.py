@@ -14,9 +14,10 @@ from helpers import IMAGES, PROMPT
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vacap.config import DecodeConfig
-from vacap.decode import generate
+from vacap.decode import generate, generate_stream
 from vacap.methods import steering_for
 from vacap.model import load_model
+from vacap.risk_signals import RiskSettings
 from vacap.sampling import Sampling
 
 # Ops whose result size or value the host must read from the device before going on.
@@ -45,7 +46,22 @@ class SyncCounter(TorchDispatchMode):
 def syncs(model, inputs, settings: dict, max_new: int) -> list[str]:
     config = DecodeConfig(max_new_tokens=max_new, **settings)
     with SyncCounter() as counter:
-        generate(model, inputs, steering_for(model, config), max_new, sampling=Sampling.of(config))
+        generate(
+            model, inputs, steering_for(model, config), max_new, sampling=Sampling.of(config),
+            risk=RiskSettings.of(config),
+        )  # fmt: skip
+    return counter.seen
+
+
+def stream_syncs(model, images, settings: dict, max_new: int) -> list[str]:
+    config = DecodeConfig(max_new_tokens=max_new, **settings)
+    prepared = ((i, model.prepare([image], PROMPT)) for i, image in enumerate(images))
+    with SyncCounter() as counter:
+        for _ in generate_stream(
+            model, prepared, lambda: steering_for(model, config), 2, max_new, Sampling.of(config),
+            risk=RiskSettings.of(config),
+        ):  # fmt: skip
+            pass
     return counter.seen
 
 
@@ -63,6 +79,10 @@ SETTINGS = {
     "vasparse-sampled": dict(method="vasparse", **SAMPLED),
     "vcd-sampled": dict(method="vcd", **SAMPLED),
 }
+# Risk signals: recorded on the device every step, read back once when the captions end. Both
+# kinds of branch: run at the end (most settings) and shared with VASparse's (contrast_layers 4).
+SETTINGS.update({f"{name}-risk": dict(settings, risk=True) for name, settings in list(SETTINGS.items())})
+SETTINGS["vasparse-contrast-layers-4-risk"] = dict(method="vasparse", contrast_layers=4, risk=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +98,20 @@ def test_each_decode_step_syncs_once(model, name):
     short, long = syncs(model, inputs, SETTINGS[name], 2), syncs(model, inputs, SETTINGS[name], 6)
     # The prefill may read sizes once (compaction); every further step adds exactly one read.
     assert len(long) - len(short) == 4, long[len(short) :]
+
+
+@pytest.mark.parametrize("name", ["greedy", "contrast-layers-2", "kv-budget", "vcd", "fastv", "vasparse-sampled"])
+def test_risk_signals_add_no_sync_per_step(model, name):
+    """The same syncs per step with and without risk; what risk adds (drawing each row's hidden
+    image slots in the prefill, where VASparse's own branch does not) does not grow with steps."""
+    inputs = model.prepare(IMAGES[:2], PROMPT)
+    risky = dict(SETTINGS[name], risk=True)
+    plain = [syncs(model, inputs, SETTINGS[name], n) for n in (2, 6)]
+    risk = [syncs(model, inputs, risky, n) for n in (2, 6)]
+    assert len(risk[1]) - len(risk[0]) == len(plain[1]) - len(plain[0]) == 4
+    assert len(risk[0]) - len(plain[0]) == len(risk[1]) - len(plain[1]) <= 2  # one per row at most
+    # Continuous batching likewise (two images on two rows, so both end at the last step).
+    plain = [stream_syncs(model, IMAGES[:2], SETTINGS[name], n) for n in (2, 6)]
+    risk = [stream_syncs(model, IMAGES[:2], risky, n) for n in (2, 6)]
+    assert len(risk[1]) - len(risk[0]) == len(plain[1]) - len(plain[0])
+    assert len(risk[0]) - len(plain[0]) == len(risk[1]) - len(plain[1]) <= 2

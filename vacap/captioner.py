@@ -66,6 +66,13 @@ def prepare_read(preparer: Preparer, path: str, read: LoadedImage | str, prompt:
         return PreparedImage(bare, error=_failure(exc))
 
 
+def _risk_fields(out) -> dict:
+    """A record's ``_signals`` (see ``Captioner``) from a ``Generated`` with signals; {} without."""
+    if out.signals is None:
+        return {}
+    return {"_signals": {"token_ids": list(out.tokens), **out.signals}}
+
+
 def _failure(exc: Exception) -> str:
     """An error record's reason for an image the model could not take."""
     return f"captioning failed: {exc}"
@@ -144,7 +151,13 @@ class _Prefetch:
 
 class Captioner:
     """A loaded model plus frozen decode settings (any ``DecodeConfig`` field as a keyword) and
-    how captions are shaped (``output``: prefix, suffix, clean-up; none by default)."""
+    how captions are shaped (``output``: prefix, suffix, clean-up; none by default).
+
+    With ``risk=True`` every ``ok`` record also holds ``_signals`` (``_risk_fields``): the ids
+    of every generated token, the stop token included, under ``token_ids``, and beside them,
+    one value per id, each signal of ``vacap.risk_signals.NAMES``. The leading underscore
+    marks it as internal: a raw material that the record's public form is to be made from.
+    """
 
     def __init__(
         self,
@@ -300,6 +313,7 @@ class Captioner:
     def _continuous(self, prefetch: _Prefetch) -> Iterator[tuple[int, dict]]:
         from vacap.decode import generate_stream
         from vacap.methods import steering_for
+        from vacap.risk_signals import RiskSettings
         from vacap.sampling import Sampling
 
         c = self.config
@@ -318,7 +332,7 @@ class Captioner:
 
             stream = generate_stream(
                 self.model, images(), lambda: steering_for(self.model, c), self.batch_size, c.max_new_tokens,
-                Sampling.of(c), identity=lambda index: in_flight[index].image.sha256,
+                Sampling.of(c), identity=lambda index: in_flight[index].image.sha256, risk=RiskSettings.of(c),
             )  # fmt: skip
             try:
                 for index, out in stream:
@@ -329,7 +343,7 @@ class Captioner:
                     caption = self._finish(self.model.decode(tokens), out.stopped_by)
                     yield job.index, self._record(
                         job.path, "ok", image=job.image, caption=caption, tokens=len(tokens), seconds=out.seconds,
-                        stop=out.stopped_by,
+                        stop=out.stopped_by, **_risk_fields(out),
                     )  # fmt: skip
                 break
             except (RuntimeError, ValueError) as exc:
@@ -377,6 +391,7 @@ class Captioner:
         from vacap.decode import generate
         from vacap.diagnostics import Diagnostics
         from vacap.methods import steering_for
+        from vacap.risk_signals import RiskSettings
         from vacap.sampling import Sampling
 
         c = self.config
@@ -385,13 +400,15 @@ class Captioner:
             steering = Diagnostics(steering, self.model, c.start_layer)
         steps = "compiled" if c.compile else "dynamic"
         outputs = generate(
-            self.model, inputs, steering, c.max_new_tokens, steps=steps, sampling=Sampling.of(c), identities=identities
-        )
+            self.model, inputs, steering, c.max_new_tokens, steps=steps, sampling=Sampling.of(c),
+            identities=identities, risk=RiskSettings.of(c),
+        )  # fmt: skip
         eos = set(self.model.eos_ids)
         results = []
         for b, out in enumerate(outputs):
             tokens = [t for t in out.tokens if t not in eos]
             extra = steering.row(b, tokens, c.diagnostics) if c.diagnostics != "none" else {}
+            extra.update(_risk_fields(out))
             results.append((self.model.decode(tokens), len(tokens), out.stopped_by, extra))
         return results
 

@@ -60,6 +60,9 @@ class DecodeConfig:
     # tokens are computed, not which: the same arithmetic in another kernel order, so like the
     # batch size it can move a near-tied token only by rounding, and records leave it out.
     compile: bool = False
+    # Per-token risk signals beside each caption (vacap/risk_signals.py, Generated.signals). They
+    # change no token, so like ``compile`` records leave it out of params and the resume key.
+    risk: bool = False
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -99,12 +102,13 @@ class DecodeConfig:
             raise ValueError("; ".join(problems))
 
     def as_params(self) -> dict:
-        """The settings a record states (its ``params``): every field but ``compile``, and the
-        sampling fields only where they are not at their defaults. Records made before vacap
-        could sample keep their meaning and their resume key (``records.settings_key``): a
-        greedy run finds them done, and a sampled run, whose params differ, does not."""
+        """The settings a record states (its ``params``): every field but ``compile`` and
+        ``risk``, and the sampling fields only where they are not at their defaults. Records
+        made before vacap could sample keep their meaning and their resume key
+        (``records.settings_key``): a greedy run finds them done, and a sampled run, whose
+        params differ, does not."""
         params = dataclasses.asdict(self.resolved())
-        del params["compile"]
+        del params["compile"], params["risk"]
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         for name in SAMPLING_FIELDS:
             if params[name] == defaults[name]:

@@ -18,6 +18,10 @@ SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=Fa
 
 ``generate`` decodes one static batch; ``generate_stream`` runs the same prefill and step over
 a stream of images, a finished row taking the next image (continuous batching).
+
+With ``risk`` either one also returns per-token risk signals (vacap/risk_signals.py): each step
+records those of the model's distribution on the device (``RiskTape``), and when a caption ends
+one batched pass runs the risk branch for all its steps at once (``branch_log_probs``).
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from typing import Callable, Hashable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from vacap import risk_signals as rs
 from vacap.cache import KVCache
 from vacap.model import VisionLanguageModel
+from vacap.risk_signals import RiskSettings
 from vacap.sampling import Sampling, choose, row_key
+from vacap.vasparse import draw_hidden
 
 log = logging.getLogger("vacap")
 # How generate() runs the decode steps: ``forward`` over the live slots ("dynamic", the
@@ -50,6 +57,9 @@ CAPACITY_QUANTUM = 256
 # (the logits, their masked copy, the probabilities; in bf16 also a cast); bounding the fp32
 # logits to 16 MiB keeps the prefill's attention temporaries near 50 MiB at any length.
 CHUNK_BYTES = 16 * 2**20
+# The cache field of the risk branch's hidden image slots (1 on a hidden slot), per layer and KV
+# head so that every compaction (FastV's, the KV budget's per-head one) carries it with its slots.
+RISK_FIELD = "risk_hidden"
 
 
 @dataclass
@@ -59,6 +69,9 @@ class Generated:
     tokens: list[int]
     stopped_by: str  # "eos" or "length"
     seconds: float = 0.0  # its share of the decode's wall time (``generate_stream`` only)
+    # With ``risk``: each of ``risk_signals.NAMES`` -> one value per token of ``tokens`` (same
+    # order, the stop token included); None without.
+    signals: dict[str, list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,9 +181,10 @@ class Steering:
     ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits`` and
     ``observe`` around the softmax of every chunk of queries (in order; see ``Chunk``);
     ``after_prefill`` once, then ``head`` and ``next_token`` per step (the loop hands the latter
-    its rule for choosing a token from final logits: argmax, or a seeded draw). Hooks must also be
-    right where they were not asked for: a wrapper (``Diagnostics``) may need the eager path where
-    its inner method does not.
+    its rule for choosing a token from final logits: argmax, or a seeded draw). With risk signals
+    the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after every
+    ``head``. Hooks must also be right where they were not asked for: a wrapper
+    (``Diagnostics``) may need the eager path where its inner method does not.
     Under continuous batching one instance does the prefill of each admitted group, and another,
     given the running cache by ``attach`` instead of ``begin``, does every step; so all per-row
     state lives in the cache (fields), where splicing carries it.
@@ -228,6 +242,17 @@ class Steering:
         (B minus a method's extra copies) -> their tokens # (b,) (docs/VASPARSE.md: argmax z, or a
         draw from softmax(z)). -> chosen tokens # (B,)."""
         return choose(logits)
+
+    def shares_branch(self, layers: int, mask_rate: float, seed: int) -> bool:
+        """Whether every ``head`` computes the contrast branch of docs/VASPARSE.md section 3 with
+        these ``contrast_layers``, ``mask_rate`` and seed (hidden slots drawn by
+        ``vasparse.draw_hidden``): then the risk signals read its logits (``branch_logits``)
+        instead of running the branch again."""
+        return False
+
+    def branch_logits(self) -> torch.Tensor:
+        """The branch logits z_phi # (B, V) of the last ``head``; only where ``shares_branch``."""
+        raise NotImplementedError
 
 
 def forward(
@@ -414,10 +439,16 @@ def _compile_cache_per_isa() -> None:
 
 
 def _prefill(
-    model: VisionLanguageModel, inputs: dict[str, torch.Tensor], steering: Steering, spare: int, quantum: int = 1
+    model: VisionLanguageModel,
+    inputs: dict[str, torch.Tensor],
+    steering: Steering,
+    spare: int,
+    quantum: int = 1,
+    risk: RiskSettings | None = None,
 ):
     """Embed and run a prepared batch through every layer into a new cache with ``spare`` free slots
-    (its capacity rounded up to a multiple of ``quantum``).
+    (its capacity rounded up to a multiple of ``quantum``). With ``risk`` the cache gets the risk
+    branch's hidden image slots (``RISK_FIELD``) unless the steering's own branch is that branch.
 
     -> cache, the last position's hidden state # (B', hidden), its input embedding # (B', hidden),
     the position of each row's next token # (B', 1); B' may exceed the batch (VCD's copies).
@@ -429,6 +460,10 @@ def _prefill(
         len(model.layers), B, model.n_kv_heads, model.head_dim, capacity, dtype=embeds.dtype, device=embeds.device
     )
     steering.begin(cache, image_mask)
+    if risk is not None and not steering.shares_branch(branch_layers(model, risk), risk.mask_rate, risk.seed):
+        rows = inputs["input_ids"].shape[0]  # a method's extra copies (VCD's) need no branch
+        hidden = draw_hidden(image_mask[:rows], risk.mask_rate, risk.seed)  # (rows, T)
+        cache.add_field(RISK_FIELD, cache.n_kv_heads)[:, :rows, :, :T] = hidden[None, :, None].float()
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     hidden = forward(model, cache, embeds, positions, valid, steering)
     steering.after_prefill(cache)
@@ -443,6 +478,166 @@ def _check_window(model: VisionLanguageModel, prompt: int, max_new: int) -> None
         )
 
 
+def branch_layers(model: VisionLanguageModel, risk: RiskSettings) -> int:
+    """m of the risk branch: ``risk.layers``, at most the model's decoder layers."""
+    return min(risk.layers, len(model.layers))
+
+
+class RiskTape:
+    """The risk signals (vacap/risk_signals.py) of a decode's first ``rows`` rows (the caller's;
+    not a method's extra copies), kept on the device until their captions end.
+
+    ``record``, once per step, writes each row's entropy, -log p and -margin of the step's raw
+    logits, and, where the steering's own contrast branch is the risk branch
+    (``Steering.shares_branch``), log p_branch of the chosen token from its logits. Otherwise
+    ``finish`` runs the branch for all of a caption's steps at once when it ends
+    (``branch_log_probs``). ``read`` brings rows' signals to the host in one transfer.
+    """
+
+    def __init__(
+        self, model: VisionLanguageModel, risk: RiskSettings, steering: Steering, rows: int, max_new: int, device
+    ) -> None:
+        self.model, self.rows = model, rows
+        self.layers = branch_layers(model, risk)
+        self.shared = steering.shares_branch(self.layers, risk.mask_rate, risk.seed)
+        # Per row and step: entropy, -log p_full(token), -margin, log p_branch(token).
+        self.values = torch.zeros(rows, max_new, len(rs.NAMES), device=device)
+
+    def record(self, at: int | torch.Tensor, logits: torch.Tensor, token: torch.Tensor, steering: Steering) -> None:
+        """A step's signals: ``at`` the step (one for all rows) or each row's step # (rows,) long;
+        logits # (B, V) the step's raw logits (``Steering.head``); token # (B,) the chosen ones."""
+        logits, token = logits[: self.rows], token[: self.rows]
+        parts = [rs.step_signals(logits, token)]  # (rows, 3)
+        if self.shared:
+            parts.append(rs.token_log_prob(steering.branch_logits()[: self.rows], token)[:, None])
+        step = torch.cat(parts, -1) if len(parts) > 1 else parts[0]  # (rows, 3 or 4)
+        columns = self.values[:, :, : step.shape[1]]
+        if isinstance(at, int):
+            columns[:, at] = step
+        else:
+            columns.scatter_(1, at[:, None, None].expand(-1, 1, step.shape[1]), step[:, None])
+
+    def finish(
+        self,
+        cache: KVCache,
+        rows: slice,
+        first_input: torch.Tensor,
+        first_position: torch.Tensor,
+        tokens: torch.Tensor,
+        steps: int,
+    ) -> None:
+        """The branch's log p(token) for the ``steps`` steps of the rows ``rows`` (of the cache
+        and of the tape), whose caches end with these steps' tokens but the last (nothing
+        after them). first_input # (N, hidden) and first_position # (N, 1): the input embedding
+        and position of the prompt's last token; tokens # (N, >= steps) the tokens chosen."""
+        if self.shared:
+            return
+        tokens = tokens[:, :steps]
+        x = torch.cat([first_input[:, None], self.model.embed_tokens(tokens[:, :-1])], 1)  # (N, S, hidden)
+        positions = first_position + torch.arange(steps, device=tokens.device)  # (N, S)
+        self.values[rows, :steps, 3] = branch_log_probs(self.model, cache, rows, x, positions, tokens, self.layers)
+
+    def read(self, rows: Sequence[int], lengths: Sequence[int]) -> list[dict[str, list[float]]]:
+        """``Generated.signals`` of the rows ``rows`` for their first ``lengths`` tokens."""
+        values = self.values[list(rows)]  # (n, max_new, 4)
+        values[..., 3] = rs.log_ratio(values[..., 3], values[..., 1])
+        host = values.tolist()  # the caption's one read-back of its signals
+        return [
+            {name: [step[k] for step in row[:n]] for k, name in enumerate(rs.NAMES)} for row, n in zip(host, lengths)
+        ]
+
+
+def branch_log_probs(
+    model: VisionLanguageModel,
+    cache: KVCache,
+    rows: slice | torch.Tensor,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    tokens: torch.Tensor,
+    layers: int,
+    block: int | None = None,
+) -> torch.Tensor:
+    """log p_branch(token) # (N, S) of S decode steps of the cache rows ``rows``, in one pass
+    after the fact: the contrast branch of docs/VASPARSE.md section 3 (identity 9) with
+    ``layers`` layers and the hidden image slots of ``RISK_FIELD``.
+
+    x # (N, S, hidden): each step's current token's input embedding (the prompt's last token,
+    then every generated token but the last); positions # (N, S) theirs; tokens # (N, S) the
+    token each step chose. Step j's current token has its main copy in slot ``length - S + j``
+    of every layer (the cache holds these steps' tokens but the last, nothing after them), but
+    for step 0, whose copy (the prompt's last token) is the row's last valid slot up to there:
+    a compacted layer (FastV, the KV budget) pads a row with fewer kept slots after them.
+
+    At its step the branch ran that token through the first layers against the cache as it was
+    then (the slots before that copy), minus the hidden image slots, plus its own key and value
+    instead of the main pass's copy. The queries of different steps never see each other, so
+    every step runs at once, ``block`` of them at a time (by default as many as keep a block's
+    fp32 attention logits and LM-head logits under ``CHUNK_BYTES``): the same arithmetic as a
+    branch in every step (in another order of summation), at the cost of one short prefill.
+    """
+    N, S, _ = x.shape
+    widest = model.n_heads * max(cache.length[:layers])
+    size = block or max(1, CHUNK_BYTES // (4 * N * max(widest, model.hf.config.text_config.vocab_size)))
+    cos, sin = model.rotary_emb(x, positions)
+    out = torch.empty(N, S, device=x.device)
+    for start in range(0, S, size):
+        stop = min(S, start + size)
+        h = x[:, start:stop]
+        for index, layer in enumerate(model.layers[:layers]):
+            chunk = Chunk(start, stop, S, cache.length[index] - S + stop)
+            rotary = cos[:, start:stop], sin[:, start:stop]
+            h = h + _branch_attention(model, index, layer.input_layernorm(h), *rotary, cache, rows, chunk)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        out[:, start:stop] = rs.token_log_prob(model.lm_head(model.norm(h)), tokens[:, start:stop])
+    return out
+
+
+def _branch_attention(
+    model: VisionLanguageModel,
+    index: int,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache,
+    rows: slice | torch.Tensor,
+    chunk: Chunk,
+) -> torch.Tensor:
+    """Layer ``index``'s attention of the branch queries of ``chunk`` (see ``branch_log_probs``;
+    its last query's main copy is the chunk's last slot), h # (N, c, hidden) normed -> # (N, c,
+    hidden). Each query sees the visible slots before its main copy, but the hidden ones, and
+    its own key and value as one more slot; it writes nothing to the cache."""
+    N, c, _ = h.shape
+    H, D = model.n_heads, model.head_dim
+    group = H // model.n_kv_heads
+    attn = model.layers[index].self_attn
+    q = attn.q_proj(h).view(N, c, -1, D).transpose(1, 2)
+    k = attn.k_proj(h).view(N, c, -1, D).transpose(1, 2)
+    v = attn.v_proj(h).view(N, c, -1, D).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (N, H, c, D), (N, Hkv, c, D)
+    T = chunk.slots
+    keys, values, valid = cache.view(index)
+    keys, values, valid = keys[rows, :, :T], values[rows, :, :T], valid[rows, :T]
+    hidden = cache.fields[RISK_FIELD][index, rows, :, :T] > 0.5  # (N, Hkv, T)
+    seen = (valid[:, None] & ~hidden).repeat_interleave(group, dim=1)  # (N, H, T)
+    slot = torch.arange(T, device=h.device)
+    copy = slot[T - c :].expand(valid.shape[0], c)  # (N, c) each query's main copy
+    if chunk.start == 0:  # step 0's: the row's last valid slot up to T - c (see branch_log_probs)
+        last = torch.where(valid[:, : T - c + 1], slot[: T - c + 1], -1).amax(-1, keepdim=True)  # (N, 1)
+        copy = torch.cat([last, copy[:, 1:]], 1)
+    before = slot < copy[:, :, None]  # (N, c, T)
+    logits = attention_logits(q, keys, model.scaling)  # (N, H, c, T)
+    bias = cache.layer_bias(index)
+    if bias is not None:
+        logits = logits + bias[rows, :, None, :T].repeat_interleave(group, dim=1)
+    logits = torch.where(seen[:, :, None] & before[:, None], logits, torch.finfo(logits.dtype).min)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (N, H, c, D)
+    own = (q.float() * k.float()).sum(-1, keepdim=True) * model.scaling  # (N, H, c, 1)
+    probs = torch.cat([logits, own], -1).softmax(-1)  # (N, H, c, T + 1)
+    out = attention_output(probs[..., :T], values)  # (N, c, H * D)
+    mine = (probs[..., T:] * v.float()).transpose(1, 2).reshape(N, c, H * D)
+    return attn.o_proj(out + mine.to(out.dtype))
+
+
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
@@ -453,6 +648,7 @@ def generate(
     steps: str = "dynamic",
     sampling: Sampling = Sampling(),
     identities: Sequence[str] | None = None,
+    risk: RiskSettings | None = None,
 ) -> list[Generated]:
     """Caption a prepared batch (``model.prepare``) under a method's ``steering``
     (``vacap.methods.steering_for``; a plain ``Steering()`` is greedy decoding).
@@ -463,6 +659,9 @@ def generate(
 
     ``steps`` (one of ``STEPS``) picks how decode steps run; "static" and "compiled" apply only
     where the steering allows it (see ``static_step``) and fall back to "dynamic" elsewhere.
+
+    ``risk`` (``RiskSettings.of(config)``) adds each row's per-token risk signals
+    (``Generated.signals``); they change no token.
     """
     steps = _steps_kind(model, steering, steps)
     rows = inputs["input_ids"].shape[0]
@@ -470,8 +669,10 @@ def generate(
     _check_window(model, inputs["input_ids"].shape[1], max_new)
     # One spare slot: the contrast branch writes its token there and rolls back.
     quantum = 1 if steps == "dynamic" else CAPACITY_QUANTUM
-    cache, hidden, last_input, next_position = _prefill(model, inputs, steering, max_new + 1, quantum)
+    cache, hidden, last_input, next_position = _prefill(model, inputs, steering, max_new + 1, quantum, risk)
     B, device = hidden.shape[0], hidden.device
+    tape = RiskTape(model, risk, steering, rows, max_new, device) if risk else None
+    first_input, first_position = last_input[:rows], next_position[:rows] - 1
 
     eos = torch.tensor(model.eos_ids, device=device)
     step_valid = torch.ones(B, 1, dtype=torch.bool, device=device)
@@ -490,6 +691,8 @@ def generate(
             choose, sampling=sampling, keys=keys, position=next_position[:rows] - 1, history=tokens[:rows, :step]
         )
         token = steering.next_token(logits, last_input, next_position - 1, pick)
+        if tape:
+            tape.record(step, logits, token, steering)
         token = torch.where(finished, model.pad_id, token)
         tokens[:, step] = token
         stop = ~finished & torch.isin(token, eos)
@@ -501,8 +704,15 @@ def generate(
         hidden = decode(last_input[:, None], next_position)[:, -1]
         next_position = next_position + 1
 
+    counts = lengths[:rows].tolist()
+    signals: list = [None] * rows
+    if tape:
+        # Every row ran every step (a stopped one on padding), so one pass serves them all.
+        tape.finish(cache, slice(0, rows), first_input, first_position, tokens[:rows], step + 1)
+        signals = tape.read(range(rows), counts)
     return [
-        Generated(tokens[b, : lengths[b]].tolist(), "eos" if finished[b] else "length") for b in range(rows)
+        Generated(tokens[b, : counts[b]].tolist(), "eos" if finished[b] else "length", signals=signals[b])
+        for b in range(rows)
     ]
 
 
@@ -515,6 +725,7 @@ def generate_stream(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     identity: Callable[[Hashable], str] | None = None,
+    risk: RiskSettings | None = None,
 ) -> Iterator[tuple[Hashable, Generated]]:
     """Continuous batching: caption a stream of ``(key, model.prepare([image], prompt))`` on
     ``rows`` batch rows, yielding ``(key, Generated)`` as each caption ends (completion order).
@@ -527,7 +738,8 @@ def generate_stream(
     of row r is row c * rows + r. ``Generated.seconds`` is the row's share of the wall time: its
     group's prefill divided among the group, each step divided among the rows it ran.
     ``sampling`` and ``identity(key)`` act as ``generate``'s ``sampling`` and ``identities``: a
-    row's draws follow its image and its own step count, not the row it runs in.
+    row's draws follow its image and its own step count, not the row it runs in. ``risk`` as in
+    ``generate``: a caption's branch pass runs when it ends, before its row takes the next image.
     """
     max_new = max_new_tokens
     pending = iter(images)
@@ -542,7 +754,7 @@ def generate_stream(
             started = time.perf_counter()
             inputs = model.preparer.collate([prepared for _, prepared in group])
             _check_window(model, inputs["input_ids"].shape[1], max_new)
-            small, h, x, p = _prefill(model, inputs, new_steering(), 0)
+            small, h, x, p = _prefill(model, inputs, new_steering(), 0, risk=risk)
             copies = small.batch // len(group)
             if cache is None:
                 # Room for rows admitted at different times, each right-aligned to the running
@@ -558,6 +770,8 @@ def generate_stream(
                 draw_keys = torch.zeros(rows, dtype=torch.long, device=device)
                 active = torch.zeros(copies * rows, dtype=torch.bool, device=device)
                 eos = torch.tensor(model.eos_ids, device=device)
+                tape = RiskTape(model, risk, running, rows, max_new, device) if risk else None
+                first_input, first_position = hidden[:rows].clone(), position[:rows].clone()
             targets = free[: len(group)]
             into = [c * rows + r for c in range(copies) for r in targets]
             for layer in range(len(cache.length)):
@@ -565,6 +779,9 @@ def generate_stream(
             cache.splice(small, range(small.batch), into)
             into_t = torch.tensor(into, device=device)
             hidden[into_t], last_input[into_t], position[into_t] = h, x, p
+            # The caller's rows come first in ``into`` (copy 0).
+            first_input[into_t[: len(group)]] = x[: len(group)]
+            first_position[into_t[: len(group)]] = p[: len(group)] - 1
             count[into_t[: len(group)]] = 0
             names = [identity(key) if identity else "" for key, _ in group]
             draw_keys[into_t[: len(group)]] = torch.tensor([row_key(sampling.seed, n) for n in names], device=device)
@@ -581,13 +798,25 @@ def generate_stream(
             choose, sampling=sampling, keys=draw_keys, position=position[:rows] - 1, history=tokens, count=count
         )
         token = running.next_token(logits, last_input, position - 1, pick)
-        tokens.scatter_(1, count.clamp(max=max_new - 1)[:, None], token[:rows, None])
+        column = count.clamp(max=max_new - 1)
+        tokens.scatter_(1, column[:, None], token[:rows, None])
+        if tape:
+            tape.record(column, logits, token, running)
         count = count + 1
         stop = active[:rows] & (torch.isin(token[:rows], eos) | (count == max_new))
         done = stop.nonzero().flatten().tolist()  # the step's one read-back from the device
         finished = []
         if done:
             finished = list(zip(done, token[done].tolist(), count[done].tolist(), tokens[done].tolist()))
+            signals: list = [None] * len(done)
+            if tape:
+                # Each ending caption's own pass: rows end at different steps, their steps
+                # sit at different slots.
+                for r, _, n, _ in finished:
+                    one = slice(r, r + 1)
+                    tape.finish(cache, one, first_input[one], first_position[one], tokens[one], n)
+                signals = tape.read(done, [n for _, _, n, _ in finished])
+            finished = [(*row, signal) for row, signal in zip(finished, signals)]
             freed = [c * rows + r for c in range(active.shape[0] // rows) for r in done]
             active[freed] = False
             cache.valid[:, freed] = False
@@ -600,6 +829,7 @@ def generate_stream(
         share = (time.perf_counter() - started) / len(busy)
         for r in busy:
             seconds[r] += share
-        for r, end, n, row in finished:
-            yield keys[r], Generated(row[:n], "eos" if end in model.eos_ids else "length", round(seconds[r], 4))
+        for r, end, n, row, signal in finished:
+            stop = "eos" if end in model.eos_ids else "length"
+            yield keys[r], Generated(row[:n], stop, round(seconds[r], 4), signals=signal)
             keys[r] = None

@@ -136,6 +136,12 @@ class Diagnostics(Steering):
     def head(self, model, hidden: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         return self.inner.head(model, hidden, token_input, position)
 
+    def shares_branch(self, layers: int, mask_rate: float, seed: int) -> bool:
+        return self.inner.shares_branch(layers, mask_rate, seed)
+
+    def branch_logits(self) -> torch.Tensor:
+        return self.inner.branch_logits()
+
     def next_token(
         self, logits: torch.Tensor, token_input: torch.Tensor, position: torch.Tensor, choose: Callable
     ) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from vacap import vasparse as vs
 from vacap.cache import KVCache
 from vacap.config import DecodeConfig
-from vacap.decode import Chunk, Steering, forward
+from vacap.decode import RISK_FIELD, Chunk, Steering, forward
 from vacap.model import VisionLanguageModel
 
 
@@ -85,13 +85,7 @@ class VASparse(Steering):
         """The contrast branch's hidden image slots # (B, T): one set per caption, drawn over the
         row's own image slots from a generator seeded for it alone, so that a caption does not
         depend on the batch it is decoded in (nor on its padding)."""
-        hidden = torch.zeros_like(image_mask)
-        for b in range(image_mask.shape[0]):
-            slots = image_mask[b].nonzero().squeeze(1)
-            every = torch.ones(1, slots.shape[0], dtype=torch.bool, device=image_mask.device)
-            pick = vs.mask_image_slots(every, self.config.mask_rate, _generator(self.config, image_mask.device))
-            hidden[b, slots[pick[0]]] = True
-        return hidden
+        return vs.draw_hidden(image_mask, self.config.mask_rate, self.config.seed)
 
     def _field(self, name: str, layer: int) -> torch.Tensor:
         """A field's live slots for a layer # (B, heads, T)."""
@@ -243,7 +237,7 @@ class VASparse(Steering):
             members = f.gather(1, _index_for(drop, f.shape[0]))
             member_assign = _index_for(assign, f.shape[0])
             reduced = vs.cluster_reduce(members, member_assign, n_clusters, "sum" if name == "colsum" else "mean")
-            merged[name] = (reduced > 0.5).float() if name in ("image", "hidden") else reduced
+            merged[name] = (reduced > 0.5).float() if name in ("image", "hidden", RISK_FIELD) else reduced
         return (
             torch.cat([_take_slots(k, keep), keys], 1),
             torch.cat([_take_slots(v, keep), values], 1),
@@ -271,6 +265,14 @@ class VASparse(Steering):
             return choose(logits)
         plausible = vs.plausible_mask(logits, self.config.apc_beta)
         return choose(vs.contrast(logits, self._z_phi, self.config.alpha, plausible))
+
+    def shares_branch(self, layers: int, mask_rate: float, seed: int) -> bool:
+        # The branch of _phi_hidden, its hidden slots drawn by vs.draw_hidden (begin).
+        c = self.config
+        return self.phi_layers == layers and c.mask_rate == mask_rate and c.seed == seed
+
+    def branch_logits(self) -> torch.Tensor:
+        return self._z_phi
 
     def _phi_hidden(self, token_input: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The current token through the first contrast_layers layers with image slots hidden."""

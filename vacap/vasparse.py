@@ -504,3 +504,25 @@ def mask_image_slots(image_slots: Tensor, rate: float, generator: torch.Generato
     noise = torch.rand(image_slots.shape, generator=generator, device=image_slots.device)
     key = torch.where(image_slots, noise, math.inf)
     return image_slots & (_rank(key, descending=False) < n_hide[:, None])
+
+
+def draw_hidden(image_slots: Tensor, rate: float, seed: int) -> Tensor:
+    """The contrast branch's hidden image slots, one set per row, each drawn alone.
+
+        image_slots  # (B, T) bool
+        returns      # (B, T) bool: ``mask_image_slots`` over the row's own image slots, with a
+                     #   generator on image_slots.device seeded with ``seed`` for that row alone,
+                     #   so that a row's set depends on neither its batch nor its padding
+
+    Reads each row's image-slot count back from the device (once per row, in the prefill).
+    VASparse's branch (contrast_layers > 0) and the risk signals' branch draw their sets here,
+    so that the same seed and rate hide the same slots in both.
+    """
+    hidden = torch.zeros_like(image_slots)
+    for b in range(image_slots.shape[0]):
+        slots = image_slots[b].nonzero().squeeze(1)
+        every = torch.ones(1, slots.shape[0], dtype=torch.bool, device=image_slots.device)
+        generator = torch.Generator(device=image_slots.device).manual_seed(seed)
+        pick = mask_image_slots(every, rate, generator)
+        hidden[b, slots[pick[0]]] = True
+    return hidden
