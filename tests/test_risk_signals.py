@@ -260,16 +260,16 @@ def test_static_steps_and_diagnostics_carry_the_signals(llama):
         torch.testing.assert_close(signal_tensor(c), signal_tensor(d), rtol=1e-5, atol=5e-5)
 
 
-def test_risk_stays_out_of_the_records_params_and_resume_key():
+def test_risk_is_in_the_records_params_only_when_on():
     plain, risky = DecodeConfig(), DecodeConfig(risk=True)
-    assert "risk" not in risky.as_params()
-    assert risky.as_params() == plain.as_params()
+    assert "risk" not in plain.as_params()
+    assert risky.as_params() == {**plain.as_params(), "risk": True}
     assert RiskSettings.of(plain) is None
     assert RiskSettings.of(DecodeConfig(risk=True, seed=7)) == RiskSettings(seed=7, layers=4, mask_rate=0.5)
 
 
 @pytest.mark.parametrize("settings", [dict(batch_size=2), dict(batch_size=2, diagnostics="summary")])
-def test_captioner_records_carry_token_ids_and_signals(llama, tmp_path, settings):
+def test_captioner_records_carry_a_risk_object_and_nothing_else_changes(llama, tmp_path, settings):
     path, _ = llama
     files = []
     for i, image in enumerate(IMAGES[:3]):
@@ -278,18 +278,14 @@ def test_captioner_records_carry_token_ids_and_signals(llama, tmp_path, settings
     captioner = Captioner(str(path), device="cpu", dtype="fp32", max_new_tokens=MAX_NEW, risk=True, **settings)
     records = captioner.caption(files)
     plain = captioner.with_settings(risk=False).caption(files)
-    eos = set(captioner.model.eos_ids)
     for record, other in zip(records, plain):
-        assert record["status"] == "ok" and "_signals" not in other
-        assert {k: v for k, v in record.items() if k not in ("_signals", "seconds")} == {
-            k: v for k, v in other.items() if k != "seconds"
+        assert record["status"] == "ok" and "risk" not in other
+        assert {k: v for k, v in record.items() if k not in ("risk", "seconds", "params")} == {
+            k: v for k, v in other.items() if k not in ("seconds", "params")
         }
-        signals = record["_signals"]
-        assert sorted(signals) == sorted(["token_ids", *NAMES])
-        ids = signals["token_ids"]
-        assert len([t for t in ids if t not in eos]) == record["tokens"]
-        assert all(len(signals[name]) == len(ids) for name in NAMES)
-        assert captioner.model.decode([t for t in ids if t not in eos]) == record["caption"]
+        assert record["params"] == {**other["params"], "risk": True}
+        scores = [m["score"] for m in record["risk"]["mentions"] if m["score"] is not None]
+        assert record["risk"]["score"] == (max(scores) if scores else None)
 
 
 @pytest.mark.dtype

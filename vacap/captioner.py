@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import os
 import queue
@@ -153,10 +154,9 @@ class Captioner:
     """A loaded model plus frozen decode settings (any ``DecodeConfig`` field as a keyword) and
     how captions are shaped (``output``: prefix, suffix, clean-up; none by default).
 
-    With ``risk=True`` every ``ok`` record also holds ``_signals`` (``_risk_fields``): the ids
-    of every generated token, the stop token included, under ``token_ids``, and beside them,
-    one value per id, each signal of ``vacap.risk_signals.NAMES``. The leading underscore
-    marks it as internal: a raw material that the record's public form is to be made from.
+    With ``risk=True`` every ``ok`` record also holds ``risk``: each object word of its caption
+    with its hallucination risk score (``vacap.risk.caption_risk``, docs/risk.md), found with
+    ``risk_vocab`` (a vocabulary file) or the model's own vocabulary (``vocabulary_for``).
     """
 
     def __init__(
@@ -168,11 +168,15 @@ class Captioner:
         quant: str = "none",
         batch_size: int = 1,
         output: OutputConfig | None = None,
+        risk_vocab: str | Path | None = None,
         **settings,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.config = DecodeConfig(**settings)
+        self.risk_vocab = risk_vocab
+        if risk_vocab is not None and not self.config.risk:
+            raise ValueError("risk_vocab names the objects risk scores are given to: it needs risk=True")
         self.output = output or OutputConfig()
         self.batch_size = batch_size
         self.model = load_model(model, dtype=dtype, device=device, quant=quant)
@@ -433,9 +437,27 @@ class Captioner:
             caption, stopped_by=stopped_by, prefix=o.prefix, suffix=o.suffix, clean=o.clean, trim=o.trim_incomplete
         )
 
+    @functools.cached_property
+    def _vocabulary(self):
+        from vacap.risk import vocabulary_for
+
+        return vocabulary_for(self.model_name, self.risk_vocab)
+
+    def _risk(self, caption: str, signals: dict) -> dict:
+        """The record's ``risk`` object from the decode loop's per-token signals (``_risk_fields``)."""
+        from vacap.risk import caption_risk
+
+        token_ids = signals.pop("token_ids")
+        o = self.output
+        return caption_risk(
+            caption, token_ids, signals, self.model.tokenizer, self._vocabulary, prefix=o.prefix, suffix=o.suffix
+        )
+
     def _record(self, path: str, status: str, *, image: LoadedImage | None = None, **fields) -> dict:
         if image is not None:
             fields.update(width=image.width, height=image.height, sha256=image.sha256)
+        if "_signals" in fields:
+            fields["risk"] = self._risk(fields["caption"], fields.pop("_signals"))
         return make_record(
             path=path,
             status=status,

@@ -120,6 +120,20 @@ def _configs(ctx: typer.Context, grid: list[dict], **shared) -> DecodeConfig:
     return configs[-1]
 
 
+def _check_vocabulary(risk: bool, vocabulary: Optional[Path]) -> None:
+    """A --risk-vocab file is read once before anything loads: a bad line is a usage error."""
+    if vocabulary is None:
+        return
+    if not risk:
+        _usage("--risk-vocab names the words --risk scores: add --risk, or leave --risk-vocab out")
+    from vacap.risk import read_vocabulary
+
+    try:
+        read_vocabulary(vocabulary)
+    except ValueError as exc:
+        _usage(str(exc))
+
+
 def _prompt(prompt: str, prompt_file: Optional[Path]) -> str:
     """The prompt, from --prompt or --prompt-file."""
     from vacap.text import read_prompt_file
@@ -192,6 +206,8 @@ def caption(
     repetition_penalty: o.RepetitionPenalty = D.repetition_penalty,
     no_repeat_ngram: o.NoRepeatNgram = D.no_repeat_ngram,
     diagnostics: o.Diagnostics = "none",
+    risk: o.Risk = False,
+    risk_vocab: o.RiskVocab = None,
     verbose: o.Verbose = False,
     ray: o.Ray = False,
     ray_address: o.RayAddress = None,
@@ -221,8 +237,10 @@ def caption(
         apc_beta=apc_beta, sink_beta=sink_beta, start_layer=start_layer, contrast_layers=contrast_layers,
         mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics, compile=compile,
         temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
+        risk=risk,
     )  # fmt: skip
     config = _configs(ctx, [{}], **settings)
+    _check_vocabulary(risk, risk_vocab)
     listing = _choose(
         paths, recursive=recursive, files_from=files_from, include=include or (), exclude=exclude or (),
         shard=shard, limit=limit,
@@ -237,7 +255,7 @@ def caption(
     caption_files = runs.CaptionFiles(sidecar or "txt", sidecar_dir, existing) if files else None
     job = runs.Job(
         listing, config, settings, shaping, model, dict(dtype=dtype, device=device, quant=quant), batch_size,
-        output, overwrite, caption_files, threads, ray_options, verbose, (include or (), exclude or ()),
+        output, overwrite, caption_files, threads, ray_options, verbose, (include or (), exclude or ()), risk_vocab,
     )  # fmt: skip
     with _run_errors():
         raise typer.Exit(runs.caption(job))
@@ -297,6 +315,8 @@ def compare(
             help="Attention statistics kept: summary or tokens.",
         ),
     ] = "summary",  # fmt: skip
+    risk: o.Risk = False,
+    risk_vocab: o.RiskVocab = None,
     verbose: o.Verbose = False,
 ) -> None:
     """Run several methods and settings on the same images: one JSONL, and a table on stderr.
@@ -310,8 +330,9 @@ def compare(
     # Every setting of the grid shares these.
     shared = dict(
         prompt=prompt, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p,
-        repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
+        repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram, risk=risk,
     )  # fmt: skip
+    _check_vocabulary(risk, risk_vocab)
     try:
         sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
         grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
@@ -324,7 +345,10 @@ def compare(
     )  # fmt: skip
     from vacap import runs
 
-    loading = dict(model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, diagnostics=diagnostics)
+    loading = dict(
+        model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, diagnostics=diagnostics,
+        risk_vocab=risk_vocab,
+    )  # fmt: skip
     with _run_errors():
         raise typer.Exit(
             runs.compare(listing, grid, {**loading, **shared}, output, overwrite, threads, (include or (), exclude or ()))
@@ -375,7 +399,7 @@ def show(
     console = Console()
     try:
         if by == "risk":
-            view.need_risk(matches)
+            matches = view.with_risk(matches)
         shown = [view.render(record, console.color_system, by) for record in matches]
     except ValueError as exc:
         _fail(str(exc))
@@ -476,6 +500,13 @@ def eval_chair(
     per_image: Annotated[
         Optional[Path], typer.Option(metavar="FILE", help="Write the hallucinated words per record (JSONL).")
     ] = None,
+    risk: Annotated[
+        bool,
+        typer.Option(
+            "--risk", metavar="",
+            help="Also score the records' risk scores (caption --risk) against CHAIR's hallucinated objects.",
+        ),
+    ] = False,  # fmt: skip
     as_json: o.JsonFlag = False,
 ) -> None:
     """CHAIR_s, CHAIR_i, recall and length of captions, overall and per method."""
@@ -499,7 +530,20 @@ def eval_chair(
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     rows = {"overall": result["overall"], **result["by_method"]}
     counts = {"unmatched": result["unmatched"], "not_ok": result["not_ok"]}
-    print_report("CHAIR", rows, ["CHAIR_s", "CHAIR_i", "recall", "avg_len", "n"], as_json, counts)
+    if risk:
+        figures = chair.risk_figures(records)
+        if not figures["risk_mentions"]:
+            _fail("none of the scored records carries risk scores: caption with --risk first")
+        rows["overall"] = {**rows["overall"], **figures}
+    columns = ["CHAIR_s", "CHAIR_i", "recall", "avg_len", "n"]
+    print_report("CHAIR", rows, columns, as_json, counts)
+    if risk and not as_json:
+        print_report(
+            "risk scores against CHAIR's hallucinated objects", {"overall": rows["overall"]},
+            ["risk_auroc", "risk_auprc", "risk_caught_at_90", "risk_mentions", "risk_hallucinated"], False,
+            headers={"risk_auroc": "AUROC", "risk_auprc": "AUPRC", "risk_caught_at_90": "caught@90",
+                     "risk_mentions": "mentions", "risk_hallucinated": "halluc."},
+        )  # fmt: skip
     if result["unmatched"] or result["not_ok"]:
         _say(f"{result['unmatched']} records without a known COCO image id, {result['not_ok']} not ok")
 
@@ -647,6 +691,13 @@ def eval_shapes(
             help="Add VASparse with each mechanism alone; by default when vasparse is among --methods.",
         ),
     ] = None,  # fmt: skip
+    risk: Annotated[
+        bool,
+        typer.Option(
+            "--risk", metavar="", rich_help_panel=o.DIAGNOSTICS,
+            help="Caption with --risk and score the risk scores against the scenes' truth, per setting.",
+        ),
+    ] = False,  # fmt: skip
     as_json: o.JsonFlag = False,
 ) -> None:
     """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
@@ -674,6 +725,7 @@ def eval_shapes(
             contrast_layers=contrast_layers, mask_rate=mask_rate,
         )  # fmt: skip
         grid = settings_grid(chosen, sweeps, "vasparse" in chosen if ablation is None else ablation)
+        grid = {label: {**settings, "risk": risk} for label, settings in grid.items()}
         for settings in grid.values():
             DecodeConfig(**settings)
     except ValueError as exc:

@@ -60,8 +60,8 @@ class DecodeConfig:
     # tokens are computed, not which: the same arithmetic in another kernel order, so like the
     # batch size it can move a near-tied token only by rounding, and records leave it out.
     compile: bool = False
-    # Per-token risk signals beside each caption (vacap/risk_signals.py, Generated.signals). They
-    # change no token, so like ``compile`` records leave it out of params and the resume key.
+    # Per-token risk signals beside each caption (vacap/risk_signals.py, Generated.signals), from
+    # which each record gets its ``risk`` object. They change no token.
     risk: bool = False
 
     def __post_init__(self) -> None:
@@ -102,19 +102,19 @@ class DecodeConfig:
             raise ValueError("; ".join(problems))
 
     def as_params(self) -> dict:
-        """The settings a record states (its ``params``): every field but ``compile`` and
-        ``risk``, and the sampling fields only where they are not at their defaults. Records
-        made before vacap could sample keep their meaning and their resume key
+        """The settings a record states (its ``params``): every field but ``compile``, and the
+        sampling fields and ``risk`` only where they are not at their defaults. Records made
+        before vacap could sample keep their meaning and their resume key
         (``records.settings_key``): a greedy run finds them done, and a sampled run, whose
-        params differ, does not."""
+        params differ, does not. ``risk`` changes no token but adds the record's ``risk``
+        object, so a run with it does not take records without it as done."""
         params = dataclasses.asdict(self.resolved())
-        del params["compile"], params["risk"]
+        del params["compile"]
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        for name in SAMPLING_FIELDS:
+        for name in (*SAMPLING_FIELDS, "risk"):
             if params[name] == defaults[name]:
                 del params[name]
         return params
-
 
     def unused(self, given: Iterable[str]) -> dict[str, str]:
         """Of the settings ``given`` (by name), those that change no token under these
@@ -130,7 +130,7 @@ class DecodeConfig:
             "contrast_layers": vasparse and contrast,
             "mask_rate": vasparse and contrast and c.contrast_layers > 0,
             "top_p": c.temperature > 0,
-            "seed": c.temperature > 0 or c.method == "vcd" or (vasparse and contrast and c.contrast_layers > 0),
+            "seed": c.temperature > 0 or c.method == "vcd" or c.risk or (vasparse and contrast and c.contrast_layers > 0),
         }
         return {name: _WHEN_USED[name] for name in given if not acts.get(name, True)}
 
@@ -145,8 +145,8 @@ _WHEN_USED = {
     "contrast_layers": "--method vasparse with an --alpha above 0",
     "mask_rate": "--method vasparse with --contrast-layers and --alpha above 0",
     "top_p": "a --temperature above 0",
-    "seed": "something drawn at random: a --temperature above 0, --method vcd, or vasparse's contrast "
-    "branch (--contrast-layers and --alpha above 0)",
+    "seed": "something drawn at random: a --temperature above 0, --method vcd, --risk, or vasparse's "
+    "contrast branch (--contrast-layers and --alpha above 0)",
 }
 
 

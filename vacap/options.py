@@ -282,6 +282,24 @@ Diagnostics = Annotated[
         help="Attention statistics in each record: none, summary or tokens (docs/diagnostics.md).",
     ),
 ]  # fmt: skip
+Risk = Annotated[
+    bool,
+    typer.Option(
+        "--risk", metavar="", rich_help_panel=DIAGNOSTICS,
+        help="Score each object word of a caption for hallucination risk, in [0, 1]: a logistic combination "
+        "of four signals at the word's first token (entropy, -log p, -top-2 margin, and log p with the image "
+        "partly hidden minus log p), fitted on the priors world's train scenes; a risk object in each record "
+        "(docs/risk.md). Changes no caption.",
+    ),
+]  # fmt: skip
+RiskVocab = Annotated[
+    Optional[Path],
+    typer.Option(
+        metavar="FILE", rich_help_panel=DIAGNOSTICS,
+        help="With --risk: the object words to score, one a line ('word' or 'word: synonym, synonym'); "
+        "default: the COCO objects, or the shapes for the demo models.",
+    ),
+]  # fmt: skip
 Verbose = Annotated[
     bool, typer.Option("--verbose", "-v", metavar="", rich_help_panel=DIAGNOSTICS, help="Log loading details on stderr.")
 ]

@@ -129,6 +129,7 @@ class Job:
     ray: object | None = None  # RayOptions
     verbose: bool = False
     filters: tuple[Sequence[str], Sequence[str]] = ((), ())  # include, exclude: for the nothing-chosen message
+    risk_vocab: Path | None = None  # --risk-vocab
 
 
 def caption(job: Job) -> int:
@@ -205,7 +206,9 @@ def _captioned(job: Job, todo: list[Path], pool, writer, progress) -> Iterable[d
     (and no model) when only folders that could not be listed are left."""
     if not todo:
         return iter(())
-    loading = dict(model=job.model, batch_size=job.batch_size, output=job.shaping, **job.precision)
+    loading = dict(
+        model=job.model, batch_size=job.batch_size, output=job.shaping, risk_vocab=job.risk_vocab, **job.precision
+    )
     if pool is not None:
         from vacap import ray_run
 

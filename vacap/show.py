@@ -58,16 +58,18 @@ def _shade(level: float, color_system: str | None) -> str:
     return f"on rgb({red},{other},{other})"
 
 
-def need_risk(records: list[dict]) -> None:
-    """``ValueError`` unless every ok record of ``records`` has a risk object, which ``--by risk``
-    shows (an error record has no caption to shade, and is shown as it is)."""
-    for record in records:
-        if record.get("status") == "ok" and not isinstance(record.get("risk"), dict):
-            label = record.get("setting") or record.get("method")
-            raise ValueError(
-                f"the record of {record['path']}{f' [{label}]' if label else ''} has no risk scores: "
-                "caption with --risk to score its object words"
-            )
+def with_risk(records: list[dict]) -> list[dict]:
+    """The records ``--by risk`` shows: those with a risk object (a file may also hold the same
+    image's records of a run without --risk); ``ValueError`` when no ok record has one."""
+    scored = [record for record in records if isinstance(record.get("risk"), dict)]
+    if not scored:
+        record = next((r for r in records if r.get("status") == "ok"), records[-1])
+        label = record.get("setting") or record.get("method")
+        raise ValueError(
+            f"the record of {record['path']}{f' [{label}]' if label else ''} has no risk scores: "
+            "caption with --risk to score its object words"
+        )
+    return scored
 
 
 def render(record: dict, color_system: str | None = "truecolor", by: str = "attention") -> Text:
