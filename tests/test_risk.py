@@ -303,9 +303,9 @@ def test_signals_must_match_the_tokens(bpe):
 # --- score and fit ------------------------------------------------------------------------------
 
 
-def test_shipped_coefficients_are_a_placeholder_that_scores():
+def test_shipped_coefficients_are_fitted_and_score():
     coefficients = load_coefficients()
-    assert coefficients["fitted_on"] is None and coefficients["features"] == list(SIGNALS)
+    assert coefficients["fitted_on"].startswith("priors world, train split") and coefficients["features"] == list(SIGNALS)
     calm = {"entropy": 0.1, "neg_logprob": 0.01, "neg_margin": -8.0, "branch_log_ratio": 0.0}
     unsure = {"entropy": 3.0, "neg_logprob": 2.5, "neg_margin": -0.1, "branch_log_ratio": 0.0}
     assert 0 < score(calm) < score(unsure) < 1
@@ -443,3 +443,17 @@ def test_kept_chair_s():
             kept = [hallucinated[i] for i in range(n) if i not in dropped]
             results.append(sum(kept) / len(kept))
         assert kept_chair_s(scores, hallucinated, drop) == pytest.approx(sum(results) / len(results))
+
+
+def test_fit_weighs_a_mention_as_that_many_copies_of_it():
+    rng = random.Random(3)
+    features = [{name: rng.gauss(0, 1) for name in risk.SIGNALS} for _ in range(200)]
+    labels = [row["entropy"] + rng.gauss(0, 1) > 0.5 for row in features]
+    doubled = set(range(0, 200, 3))
+    weighted = risk.fit(features, labels, sample_weights=[2.0 if i in doubled else 1.0 for i in range(200)])
+    copied = risk.fit(features + [features[i] for i in sorted(doubled)], labels + [labels[i] for i in sorted(doubled)])
+    for key in ("mean", "scale", "weights"):
+        assert weighted[key] == pytest.approx(copied[key], rel=1e-9, abs=1e-12)
+    assert weighted["intercept"] == pytest.approx(copied["intercept"], rel=1e-9)
+    with pytest.raises(ValueError, match="sample weights"):
+        risk.fit(features, labels, sample_weights=[1.0])

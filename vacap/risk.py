@@ -401,6 +401,7 @@ def fit(
     names: Sequence[str] = SIGNALS,
     l2: float = 1.0,
     fitted_on: str | None = None,
+    sample_weights: Sequence[float] | None = None,
 ) -> dict:
     """Logistic regression of ``labels`` (True: the mention is hallucinated) on the signals
     ``names`` of ``features`` (one name -> value dict per mention), in the format
@@ -411,7 +412,9 @@ def fit(
     log-likelihood with an L2 penalty ``l2 / 2 * |weights|^2`` on the standardised weights
     (not the intercept), which keeps them finite when the classes can be separated. Mentions
     lacking a value (None, NaN, missing) are left out; ``n`` and ``positives`` say what was
-    used. ``fitted_on`` is written as given (what the data was).
+    used. ``fitted_on`` is written as given (what the data was). ``sample_weights`` (one per
+    mention, default 1) weigh each mention as that many copies of it would, in the standardisation
+    and in the log-likelihood.
 
     Raises ``ValueError`` when the rows left hold only one class, or (``l2 == 0``) the fit does
     not converge.
@@ -422,25 +425,29 @@ def fit(
         raise ValueError(f"{len(features)} feature rows for {len(labels)} labels")
     if l2 < 0:
         raise ValueError("l2 must be 0 or more")
+    weights = [1.0] * len(labels) if sample_weights is None else list(sample_weights)
+    if len(weights) != len(labels):
+        raise ValueError(f"{len(weights)} sample weights for {len(labels)} labels")
     rows = [
-        ([float(row[name]) for name in names], bool(label))
-        for row, label in zip(features, labels)
+        ([float(row[name]) for name in names], bool(label), float(weight))
+        for row, label, weight in zip(features, labels, weights)
         if all(_is_number(row.get(name)) for name in names)
     ]
-    y = np.array([label for _, label in rows], dtype=float)
+    y = np.array([label for _, label, _ in rows], dtype=float)
+    w = np.array([weight for _, _, weight in rows])
     if not rows or y.min() == y.max():
         raise ValueError("fitting needs hallucinated and correct mentions with every signal")
-    x = np.array([values for values, _ in rows])
-    mean = x.mean(0)
-    scale = x.std(0)
+    x = np.array([values for values, _, _ in rows])
+    mean = np.average(x, axis=0, weights=w)
+    scale = np.sqrt(np.average((x - mean) ** 2, axis=0, weights=w))
     scale[scale == 0] = 1.0
     design = np.hstack([np.ones((len(rows), 1)), (x - mean) / scale])
     penalty = np.diag([0.0] + [float(l2)] * len(names))
     beta = np.zeros(design.shape[1])
     for _ in range(100):
         p = 1.0 / (1.0 + np.exp(-(design @ beta)))
-        gradient = design.T @ (y - p) - penalty @ beta
-        hessian = design.T @ (design * (p * (1 - p))[:, None]) + penalty
+        gradient = design.T @ (w * (y - p)) - penalty @ beta
+        hessian = design.T @ (design * (w * p * (1 - p))[:, None]) + penalty
         step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]
         beta = beta + step
         if np.abs(step).max() < 1e-10:

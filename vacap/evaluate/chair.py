@@ -291,6 +291,29 @@ class Chair:
         return result
 
 
+    def risk_figures(self, records: Iterable[dict]) -> dict:
+        """How well the risk scores of ``vacap caption --risk`` records find the objects CHAIR
+        calls hallucinated: mention AUROC and AUPRC, and the share of hallucinated mentions
+        scoring above the score that keeps 90% of the correct ones. Only ok records of images
+        in the annotations that carry ``risk`` count; ``risk_mentions`` says how many mentions."""
+        from vacap import risk
+
+        scores, labels = [], []
+        for record in records:
+            image_id = image_id_of(record) if record.get("status") == "ok" else None
+            if image_id is None or image_id not in self.ground_truth or "risk" not in record:
+                continue
+            for mention in record["risk"]["mentions"]:
+                scores.append(mention["score"])
+                labels.append(mention["object"] not in self.ground_truth[image_id])
+        return {
+            "risk_mentions": sum(score is not None for score in scores),
+            "risk_hallucinated": sum(label for score, label in zip(scores, labels) if score is not None),
+            "risk_auroc": risk.auroc(scores, labels),
+            "risk_auprc": risk.auprc(scores, labels),
+            "risk_caught_at_90": risk.caught_at_keep(scores, labels, keep=0.9),
+        }
+
 def objects_in(caption: str) -> list[tuple[str, str]]:
     """(word as written, COCO class) for each object mention in a caption, in order."""
     return [(caption[start:end], name) for start, end, name in object_spans(caption)]

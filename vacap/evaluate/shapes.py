@@ -84,23 +84,29 @@ _WORD = re.compile(r"[a-z]+")
 
 def extract_objects(caption: str) -> list[tuple[str | None, str]]:
     """The (colour or None, shape) mentions of ``caption``, in order (see the module docstring)."""
-    words = _WORD.findall(caption.lower())
-    mentions: list[tuple[str | None, str]] = []
+    return [mention for _, mentions in objects_at(caption) for mention in mentions]
+
+
+def objects_at(caption: str) -> list[tuple[int, list[tuple[str | None, str]]]]:
+    """Each shape word of ``caption`` (by its start offset) with the (colour or None, shape)
+    mentions it closes: one, or one per colour before it ("red and blue circles")."""
+    words = [(match.start(), match.group()) for match in _WORD.finditer(caption.lower())]
+    found: list[tuple[int, list[tuple[str | None, str]]]] = []
     pending: list[str] = []
-    for i, word in enumerate(words):
+    for i, (start, word) in enumerate(words):
         if word in COLOUR_WORDS:
             pending.append(COLOUR_WORDS[word])
         elif word in SHAPE_WORDS:
             shape = SHAPE_WORDS[word]
-            mentions += [(colour, shape) for colour in pending] if pending else [(None, shape)]
+            found.append((start, [(colour, shape) for colour in pending] if pending else [(None, shape)]))
             pending = []
         elif word in _MODIFIERS:
             continue
-        elif word in _CONJUNCTIONS and pending and i + 1 < len(words) and words[i + 1] in COLOUR_WORDS:
+        elif word in _CONJUNCTIONS and pending and i + 1 < len(words) and words[i + 1][1] in COLOUR_WORDS:
             continue  # "red and blue circles"
         else:
             pending = []
-    return mentions
+    return found
 
 
 POSITIONS = ("1st", "2nd", "3rd", "later")
@@ -169,6 +175,62 @@ def score_caption(caption: str, truth: Sequence[Shape], world: str = "shapes") -
     }
 
 
+
+def mention_labels(caption: str, truth: Sequence[Shape], world: str = "shapes") -> dict[int, tuple[bool, str | None]]:
+    """Each shape word of ``caption`` (by its start offset): whether what it names is
+    hallucinated (a mention matching no object of ``truth``, as :func:`score_caption` counts
+    them) and, when it is, the cause ("prior" or "perceptual"; prior when any of its colours
+    is). Unlike CHAIR, a repeated mention is labelled at each place."""
+    priors = world_priors(world)
+    labels = {}
+    for start, mentions in objects_at(caption):
+        wrong = [m for m in mentions if not any(_matches(*m, obj) for obj in truth)]
+        causes = {hallucination_cause(m, truth, *priors) for m in wrong}
+        labels[start] = (bool(wrong), ("prior" if "prior" in causes else "perceptual") if wrong else None)
+    return labels
+
+
+def risk_figures(records: Sequence[dict], shown: Sequence, world: str) -> dict:
+    """How well the records' risk scores (``vacap caption --risk``) find the hallucinations of
+    the scenes ``shown``: mention AUROC and AUPRC (all, and prior-driven or perceptual
+    hallucinations each against the correct mentions), the share of hallucinated mentions
+    scoring above the score that keeps 90% of correct ones, and CHAIR_s of the captions kept
+    when the riskiest 20% are dropped against CHAIR_s of all. ``mentions`` lists each scored
+    mention's signals and label, to fit the score's coefficients on."""
+    from vacap import risk
+
+    mentions, captions = [], []
+    for record, scene in zip(records, shown):
+        if record["status"] != "ok" or "risk" not in record:
+            continue
+        labels = mention_labels(record["caption"], scene.objects, world)
+        for mention in record["risk"]["mentions"]:
+            if mention["start"] in labels:
+                bad, cause = labels[mention["start"]]
+                mentions.append({"score": mention["score"], "hallucinated": bad, "cause": cause,
+                                 "signals": mention["signals"]})  # fmt: skip
+        hallucinated = score_caption(record["caption"], scene.objects, world)["hallucinated"] > 0
+        captions.append((record["risk"]["score"], hallucinated))
+    scores = [m["score"] for m in mentions]
+    labels = [m["hallucinated"] for m in mentions]
+
+    def against_correct(cause: str) -> float | None:
+        kept = [m for m in mentions if not m["hallucinated"] or m["cause"] == cause]
+        return risk.auroc([m["score"] for m in kept], [m["hallucinated"] for m in kept])
+
+    return {
+        "risk_mentions": len(mentions),
+        "risk_hallucinated": sum(labels),
+        "risk_auroc": risk.auroc(scores, labels),
+        "risk_auprc": risk.auprc(scores, labels),
+        "risk_auroc_prior": against_correct("prior"),
+        "risk_auroc_perceptual": against_correct("perceptual"),
+        "risk_caught_at_90": risk.caught_at_keep(scores, labels, keep=0.9),
+        "chair_s_all": _ratio(sum(bad for _, bad in captions), len(captions)),
+        "chair_s_kept80": risk.kept_chair_s([c for c, _ in captions], [bad for _, bad in captions], drop=0.2),
+        "mentions": mentions,
+    }
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
@@ -207,6 +269,7 @@ def run_benchmark(
     dtype: str = "fp32",
     device: str = "auto",
     world: str = "shapes",
+    split: str = "test",
     on_record: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Caption ``n`` seeded test scenes of ``world`` with each named setting; one row of figures
@@ -222,12 +285,14 @@ def run_benchmark(
     ``ok``), ``tokens`` (generated, stop tokens excluded) and ``tokens_per_s`` (generated tokens
     / the records' decode seconds), ``texts`` (the captions of the ``ok`` records, in scene
     order, for inspection) and ``scores`` (the :func:`score_caption` of every scene, None where
-    its record is not ``ok``), which :func:`compare_to_baseline` pairs between settings.
-    ``on_record()`` is called as each caption ends (a progress bar's tick).
+    its record is not ``ok``), which :func:`compare_to_baseline` pairs between settings. A
+    setting with ``risk`` adds the :func:`risk_figures` of its records. ``split`` "train" makes
+    the scenes the risk score's coefficients are fitted on. ``on_record()`` is called as each
+    caption ends (a progress bar's tick).
     """
     from vacap.captioner import Captioner
 
-    shown = scenes(n, seed, "test", world=world)
+    shown = scenes(n, seed, split, world=world)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vacap-shapes-") as folder:
         paths = []
@@ -262,6 +327,7 @@ def run_benchmark(
                     "tokens_per_s": _ratio(tokens, seconds),
                     "texts": [r["caption"] for r, _ in ok],
                     "scores": scores,
+                    **(risk_figures(records, shown, world) if captioner.config.risk else {}),
                 }
             )
     return rows
@@ -298,7 +364,7 @@ def print_results(rows: Sequence[dict], world: str, title: str, extra: dict, as_
 
     baseline = "greedy" if any(row["setting"] == "greedy" for row in rows) else rows[0]["setting"]
     differences = compare_to_baseline(rows, baseline)
-    hidden = ("setting", "texts", "scores")
+    hidden = ("setting", "texts", "scores", "mentions")
     table = {
         row["setting"]: {**{k: v for k, v in row.items() if k not in hidden}, **differences.get(row["setting"], {})}
         for row in rows
@@ -312,6 +378,19 @@ def print_results(rows: Sequence[dict], world: str, title: str, extra: dict, as_
         headers={"CHAIR_i_prior": "prior", "mean_length": "words", "tokens_per_s": "tok/s", "errors": "err"},
         formats={name: ".3f" for name in columns[:3]} | {"mean_length": ".1f", "tokens_per_s": ".1f"},
     )  # fmt: skip
+    risky = {label: figures for label, figures in table.items() if "risk_auroc" in figures}
+    if risky and not as_json:
+        # vacap caption --risk against the world's truth (docs/evaluation.md#risk).
+        print_report(
+            "risk scores against the truth (mention AUROC; kept80: CHAIR_s without the riskiest 20%)",
+            risky, ["risk_auroc", "risk_auroc_prior", "risk_auroc_perceptual", "risk_auprc", "risk_caught_at_90",
+                    "chair_s_kept80", "chair_s_all"], False,
+            headers={"risk_auroc": "AUROC", "risk_auroc_prior": "prior", "risk_auroc_perceptual": "percep",
+                     "risk_auprc": "AUPRC", "risk_caught_at_90": "caught", "chair_s_kept80": "kept80",
+                     "chair_s_all": "CHAIR_s"},
+            formats={name: ".3f" for name in ("risk_auroc", "risk_auroc_prior", "risk_auroc_perceptual", "risk_auprc",
+                                              "risk_caught_at_90", "chair_s_kept80", "chair_s_all")},
+        )  # fmt: skip
     if differences and not as_json:
         # Two intervals fit in 80 columns; on the priors world, the two that say whether a setting
         # cuts prior-driven hallucinations without losing objects (all of them are in --json).
