@@ -44,6 +44,8 @@ from vacap.model import VisionLanguageModel, load_model
 from vacap.risk_signals import RiskSettings
 from vacap.tiny_models import SIZES, build_tiny_model
 
+from speed import choices
+
 SETTINGS = {
     "greedy": dict(method="greedy"),
     "vasparse": dict(method="vasparse"),
@@ -130,14 +132,6 @@ def table(title: str, figures: dict, names: list[str], batch: int, max_new: int)
             f"| {quartiles[0]:+.1f}, {quartiles[2]:+.1f} |"
         )
     return lines
-
-
-def choices(text: str, allowed, what: str, parser) -> list[str]:
-    chosen = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in chosen if item not in allowed]
-    if unknown or not chosen:
-        parser.error(f"{what} {','.join(unknown) or '(empty)'}: choose from {','.join(allowed)}")
-    return chosen
 
 
 def main() -> None:
