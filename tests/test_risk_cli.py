@@ -155,3 +155,13 @@ def test_the_fit_script_writes_coefficients_the_score_reads(tmp_path):
     assert fitted["fitted_on"].startswith("priors world, train split: 60 scenes (seed 0)")
     assert set(fitted["weights"]) == set(risk.SIGNALS) and fitted["positives"] > 0
     assert risk.load_coefficients()["fitted_on"].startswith("priors world, train split: 3000 scenes")
+
+
+def test_compare_scores_every_setting(scored):
+    folder, *_ = scored
+    out = vacap("compare", folder / SCENES[0].name, "--methods", "greedy,fastv", "--risk", *FLAGS[:6],
+                "--max-new-tokens", "40")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    made = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["setting"] for r in made] == ["greedy", "fastv"]
+    assert all(r["params"]["risk"] is True and r["risk"]["mentions"] for r in made)
