@@ -207,7 +207,7 @@ def risk_figures(records: Sequence[dict], shown: Sequence, world: str) -> dict:
         for mention in record["risk"]["mentions"]:
             if mention["start"] in labels:
                 bad, cause = labels[mention["start"]]
-                mentions.append({"score": mention["score"], "hallucinated": bad, "cause": cause,
+                mentions.append({"score": mention["score"], "hallucinated": bad, "cause": cause, "token": mention["token"],
                                  "signals": mention["signals"]})  # fmt: skip
         hallucinated = score_caption(record["caption"], scene.objects, world)["hallucinated"] > 0
         captions.append((record["risk"]["score"], hallucinated))
