@@ -216,3 +216,40 @@ def test_sigint_and_sigterm_say_what_was_written_and_that_the_same_command_resum
         assert "run the same command again to resume from them" in said
         assert len(list(data.glob("*.txt"))) == done + written
         assert out == ""
+
+
+class StoppedAfterWriting:
+    """A records writer that, having written a record, receives SIGTERM at once: the stop lands
+    between a record and its caption file's submission, the narrowest place a stop can hit."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+
+    def write(self, record: dict) -> None:
+        self.writer.write(record)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+
+def test_a_stop_right_after_a_record_still_writes_its_caption_file(tmp_path, capsys):
+    from vacap.records import RecordWriter, make_record
+    from vacap.sidecars import SidecarRun, Sidecars
+    from vacap.stops import Stops
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"")
+    writer = RecordWriter(tmp_path / "out.jsonl")
+    run = SidecarRun(Sidecars("txt", None, "skip"), images, [tmp_path, tmp_path])
+    records = (make_record(path=str(image), status="ok", caption=f"caption {image.stem}", model="m", method="greedy",
+                           params={}) for image in images)  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        with writer, Stops(writer, run) as stops:
+            stops.captioning = True
+            for _ in run.logged(records, StoppedAfterWriting(writer), hold=stops.held):
+                pass
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "caption a\n" and not (tmp_path / "b.txt").exists()
+    assert "1 records written" in capsys.readouterr().err and run.files_written == 1

@@ -70,13 +70,14 @@ def open_output(output: Path | None, **mode):
         raise RunError(str(exc), 2) from None
 
 
-def write_records(writer, progress, records: Iterable[dict], run=None) -> None:
-    """Write and count each record, with caption files (``run``) each file after its record.
+def write_records(writer, progress, records: Iterable[dict], run=None, hold=contextlib.nullcontext) -> None:
+    """Write and count each record, with caption files (``run``) each file after its record,
+    a stop held while a record and its file's submission are under way (``hold``).
     An output that fails mid-run is a RunError; a reader that went away ends the run with 141
     and no word, as a Unix tool that SIGPIPE ends."""
     from vacap.records import OutputError, ReaderGone, logged
 
-    written = run.logged(records, writer) if run is not None else logged(records, writer)
+    written = run.logged(records, writer, hold=hold) if run is not None else logged(records, writer)
     try:
         # Closed on the way out (a stop, a failed write), so the caption files of the records
         # already written are written before the output is closed.
@@ -177,9 +178,9 @@ def caption(job: Job) -> int:
         stops.captioning = True
         with progress:
             if pool is None:
-                write_records(writer, progress, records, run)
+                write_records(writer, progress, records, run, stops.held)
             else:  # the actors start as the first records are asked for
-                ray_step(write_records, writer, progress, records, run)
+                ray_step(write_records, writer, progress, records, run, stops.held)
     progress.print_summary()
     return 1 if progress.counts["error"] else 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
 import os
 import re
@@ -259,7 +260,9 @@ class SidecarRun:
         self.files_written += 1
         return True
 
-    def logged(self, records: Iterable[dict], log: RecordWriter, ahead: int = 16) -> Iterator[dict]:
+    def logged(
+        self, records: Iterable[dict], log: RecordWriter, ahead: int = 16, hold=contextlib.nullcontext
+    ) -> Iterator[dict]:
         """Each of ``records`` written to ``log`` and then, an ok one, its caption file; yields
         each record, in order, as it stands once its file is written: an error record (written
         to ``log`` too) when the file could not be. Raises what ``log.write`` raises.
@@ -267,14 +270,16 @@ class SidecarRun:
         The files are written on a thread of their own, at most ``ahead`` records behind, so the
         disk's fsync overlaps the decoding of the next captions instead of holding it up. The
         thread flushes the log to disk before each file, so even a power cut leaves no caption
-        file that its record does not account for."""
+        file that its record does not account for. ``hold()`` wraps each record's write and its
+        file's submission (``Stops.held``: a stop waits until both are done)."""
         pending: collections.deque[tuple[dict, Future | None]] = collections.deque()
         with ThreadPoolExecutor(1, thread_name_prefix="vacap-captions") as pool:
             for record in records:
                 record = self._planned(record)
-                log.write(record)
-                file = pool.submit(self._write, record, log, log.written) if "caption_file" in record else None
-                pending.append((record, file))
+                with hold():
+                    log.write(record)
+                    file = pool.submit(self._write, record, log, log.written) if "caption_file" in record else None
+                    pending.append((record, file))
                 while pending and (pending[0][1] is None or pending[0][1].done() or len(pending) > ahead):
                     yield self._finished(*pending.popleft(), log)
             while pending:

@@ -6,6 +6,7 @@ is resumed as one killed there would be; what a stop adds is the word to the use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -29,6 +30,21 @@ class Stops:
         self.writer, self.run = writer, run
         self.captioning = False
         self._handlers = {}
+        self._holding = False
+        self._deferred: int | None = None
+
+    @contextlib.contextmanager
+    def held(self):
+        """A stop that comes in here is raised as the block ends: a record and the submission
+        of its caption file go together, so that every record written gets its file."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._deferred is not None:
+                signum, self._deferred = self._deferred, None
+                raise Stopped(signum)
 
     def __enter__(self) -> Stops:
         self._handlers = {signum: signal.signal(signum, self._stop) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -42,6 +58,9 @@ class Stops:
             raise SystemExit(128 + exc.args[0]) from None
 
     def _stop(self, signum: int, frame) -> None:
+        if self.captioning and self._holding:
+            self._deferred = signum
+            return
         if self.captioning:
             raise Stopped(signum)
         self._say(signum)
