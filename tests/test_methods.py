@@ -398,10 +398,13 @@ def test_identity_8_selection_in_a_real_step_matches_top_k_from_hf(loaded):
 
 
 @pytest.mark.dtype
-def test_identity_9_contrast_branch_runs_m_layers_with_image_slots_hidden(loaded):
+# Both ends and a rate between, beside the default 0.5: a loop that ignored --mask-rate would
+# hide the default's share of the image slots and fail at each of the others.
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 1.0])
+def test_identity_9_contrast_branch_runs_m_layers_with_image_slots_hidden(loaded, rate):
     path, model = loaded
     hf = hf_model(path)
-    m, alpha, apc, rate = 2, 3.0, 0.01, 0.5
+    m, alpha, apc = 2, 3.0, 0.01
     inputs = model.prepare(IMAGES, PROMPT)
     ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
     image = ids == model.image_token_id
