@@ -139,6 +139,55 @@ def test_static_batches_of_long_captions_give_each_image_what_it_gets_alone(llam
     assert [g.tokens for g in batched] == expected
 
 
+SHORT_PROMPT = "Describe."
+# About three times SHORT_PROMPT's width on the tiny models: longer than the whole cache that a
+# first group of short prompts gets (twice their width, plus max_new_tokens + 2).
+LONG_PROMPT = (
+    "Please describe this picture in great detail, every object, colour, shape and position, "
+    "and say what is happening in it and why, at length."
+)
+
+
+@pytest.mark.dtype
+@pytest.mark.parametrize("name", ["greedy", "vasparse", "vasparse-contrast-layers"])
+def test_a_prompt_over_twice_the_first_groups_width_makes_room_in_every_layer(llama, name, monkeypatch):
+    """The running cache is sized from the first group's prompts. A later prompt longer than
+    the whole cache, arriving when the rows that held the leading slots have ended, needs a
+    trim and then growth: every layer must be trimmed alike before it grows (the shared fields
+    of VASparse and of its contrast branch move with layer 0), and the splice needs the whole
+    prompt's slots however many the trim gave back."""
+    config = DecodeConfig(max_new_tokens=MAX_NEW, **METHODS[name])
+    # The first group's rows end before the long prompt comes, so its leading slots are free.
+    images = list(zip(PICTURES, [SHORT_PROMPT] * 4 + [LONG_PROMPT, SHORT_PROMPT]))
+    widths = [llama.prepare([image], prompt)["input_ids"].shape[1] for image, prompt in images]
+    assert widths[4] > 2 * widths[0] + MAX_NEW + 2, widths
+    expected = [
+        generate(llama, llama.prepare([image], prompt), steering_for(llama, config), MAX_NEW)[0].tokens
+        for image, prompt in images
+    ]
+
+    events = []  # ("trim", slots given back) and ("grow", every layer's length before it)
+    trim, grow = KVCache.trim, KVCache.grow
+
+    def spy_trim(self, layer):
+        events.append(("trim", trim(self, layer)))
+        return events[-1][1]
+
+    def spy_grow(self, capacity):
+        events.append(("grow", list(self.length)))
+        grow(self, capacity)
+
+    monkeypatch.setattr(KVCache, "trim", spy_trim)
+    monkeypatch.setattr(KVCache, "grow", spy_grow)
+    prepared = ((i, llama.prepare([image], prompt)) for i, (image, prompt) in enumerate(images))
+    out = dict(generate_stream(llama, prepared, lambda: steering_for(llama, config), 2, MAX_NEW))
+    assert [out[i].tokens for i in range(len(images))] == expected
+    grown = [i for i, (kind, _) in enumerate(events) if kind == "grow"]
+    assert any(events[i - 1][0] == "trim" and events[i - 1][1] > 0 for i in grown), "trimmed, yet had to grow"
+    for i in grown:
+        assert len(set(events[i][1])) == 1, f"layers of different lengths when the cache grew: {events[i][1]}"
+
+
 def test_collate_pads_anyres_tiles_as_the_processor_does(tiny_model):
     preparer = Preparer.load(str(tiny_model("llava-next")))
     alone = [preparer.prepare([image], PROMPT) for image in IMAGES]
@@ -199,8 +248,37 @@ def test_splice_right_aligns_rows_with_their_fields_and_trim_gives_back_slots():
     assert running.trim(0) == 2 and running.length == [2, 6]
     assert running.k[0, 1, 0, :2, 0].tolist() == [100.0, 101.0] and running.fields["v"][0, 1, 0, 1] == -101.0
     assert not running.k[0, :, :, 2:].any() and not running.valid[0, :, 2:].any()
-    running.make_room(1, 30)
+    running.make_room(24)  # 6 slots in layer 1, 24 more: trimming gives back none there
     assert running.capacity >= 30 and running.k[1, 1, 0, :6, 0].tolist() == [200.0 + i for i in range(6)]
+
+
+def test_make_room_trims_every_layer_before_it_grows():
+    """A field shared by all layers moves with layer 0 alone, so make_room may not trim layer 0,
+    grow, and leave the others as they were: every layer must keep describing the field's slots."""
+    cache = KVCache(3, 2, 1, 2, 8, dtype=torch.float32, device=torch.device("cpu"))
+    cache.add_field("image", 1, shared=True)[0, :, 0, :6] = torch.arange(6) + 100.0  # 100 + the slot's key
+    for layer in range(3):
+        k = torch.arange(6, dtype=torch.float32).view(1, 1, 6, 1).expand(2, 1, 6, 2)
+        cache.append(layer, k, k, torch.ones(2, 6, dtype=torch.bool))
+    cache.valid[:, 0] = False  # row 0's caption ended
+    cache.valid[:, 1, :2] = False  # row 1 starts at slot 2: trimming gives back two slots
+    cache.make_room(6)  # 6 + 6 > 8; trimmed, 4 + 6 > 8 still: it must grow as well
+    assert cache.capacity >= 10 and cache.length == [4, 4, 4]
+    for layer in range(3):
+        assert cache.k[layer, 1, 0, :4, 0].tolist() == [2.0, 3.0, 4.0, 5.0], layer
+        assert cache.valid[layer, 1].tolist() == [True] * 4 + [False] * (cache.capacity - 4), layer
+    assert cache.fields["image"][0, 1, 0, :4].tolist() == [102.0, 103.0, 104.0, 105.0]
+    # A splice needs the source's n slots whatever trimming gave back: the 4 slots trimmed here
+    # would make n + 2 - 4 seem to fit.
+    cache.valid[:, 1] = False
+    n = cache.capacity + 1
+    small = KVCache.like(cache, batch=1, capacity=n)
+    for layer in range(3):
+        small.append(layer, torch.ones(1, 1, n, 2), torch.ones(1, 1, n, 2), torch.ones(1, n, dtype=torch.bool))
+    cache.make_room(2, splicing=small)
+    assert cache.capacity >= n + 2
+    cache.splice(small, [0], [1])
+    assert cache.length == [n] * 3 and cache.valid[:, 1, :n].all()
 
 
 def test_splice_carries_the_cluster_bias_into_a_cache_without_one():

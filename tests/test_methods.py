@@ -229,8 +229,8 @@ def test_identity_6_kv_budget_off_and_single_member_clusters(loaded):
 
 @pytest.mark.dtype
 def test_identity_6_kv_budget_clusters_recomputed_from_hf(loaded):
-    """Kept slots, DPC-KNN clusters, their keys, values, bias and statistics, all recomputed from
-    HF's own modules and the contract's formulas; free slots hold nothing."""
+    """Kept slots, DPC-KNN clusters, their keys, values, bias and statistics (image flag, v, c), all
+    recomputed from HF's own modules and the contract's formulas; free slots hold nothing."""
     path, model = loaded
     hf = hf_model(path)
     budget, ratio, knn, lam = 0.5, 0.3, 5, 1.0
@@ -244,7 +244,7 @@ def test_identity_6_kv_budget_clusters_recomputed_from_hf(loaded):
     v = image_mass(states.attentions[-1], image)
     group = model.n_heads // model.n_kv_heads
     start = DecodeConfig().start_layer
-    clustered = 0
+    clustered = merged_v = 0
     for layer in range(start, len(model.layers)):
         _, keys, values = hf_layer_qkv(hf, states.hidden_states[layer], pos, layer)
         s = hf_layer_logits(hf, states.hidden_states[layer], pos, layer)[:, :, -1]  # the last prompt query
@@ -281,6 +281,10 @@ def test_identity_6_kv_budget_clusters_recomputed_from_hf(loaded):
                 torch.testing.assert_close(cache.bias[layer, b, g, :width], torch.cat([torch.zeros(n_keep), sizes.log()]))
                 flags = expect(image[b].float(), lambda x: (x.mean(-1) > 0.5).float())
                 assert torch.equal(cache.fields["image"][layer, b, g, :width], flags)
+                # v (for P) of a cluster is its members' mean; a sum would give it a larger P.
+                torch.testing.assert_close(cache.fields["v"][layer, b, g, :width], expect(v[b], lambda x: x.mean(-1)),
+                                           rtol=1e-4, atol=1e-6)  # fmt: skip
+                merged_v += sum(len(m) > 1 and bool(v[b, m].any()) for m in members)
                 heads = range(g * group, (g + 1) * group)
                 torch.testing.assert_close(cache.fields["colsum"][layer, b, list(heads), :width],
                                            expect(colsum[b, list(heads)], lambda x: x.sum(-1)), rtol=1e-4, atol=1e-5)  # fmt: skip
@@ -289,6 +293,7 @@ def test_identity_6_kv_budget_clusters_recomputed_from_hf(loaded):
             free = field[layer].movedim(2, 1)[~cache.valid[layer]]  # (B, heads, T, ...) -> (free slots, heads, ...)
             assert not free.any(), f"{name} left in a free slot of layer {layer}"
     assert clustered > 0, "some cluster should merge several tokens"
+    assert merged_v > 0, "some cluster should merge several tokens that paid the image attention"
 
 
 def test_identity_6_tokens_after_compaction_start_from_their_own_statistics(loaded):
@@ -398,10 +403,13 @@ def test_identity_8_selection_in_a_real_step_matches_top_k_from_hf(loaded):
 
 
 @pytest.mark.dtype
-def test_identity_9_contrast_branch_runs_m_layers_with_image_slots_hidden(loaded):
+# Both ends and a rate between, beside the default 0.5: a loop that ignored --mask-rate would
+# hide the default's share of the image slots and fail at each of the others.
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 1.0])
+def test_identity_9_contrast_branch_runs_m_layers_with_image_slots_hidden(loaded, rate):
     path, model = loaded
     hf = hf_model(path)
-    m, alpha, apc, rate = 2, 3.0, 0.01, 0.5
+    m, alpha, apc = 2, 3.0, 0.01
     inputs = model.prepare(IMAGES, PROMPT)
     ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
     image = ids == model.image_token_id

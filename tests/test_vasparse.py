@@ -265,6 +265,40 @@ def test_a_non_finite_logit_changes_no_finite_slots_choice(seed):
             assert torch.equal(keep.sum(-1), absent.sum(-1))
 
 
+# 1e20 is finite, but its square overflows fp32: vacap counts it as non-finite (docs/methods.md).
+@pytest.mark.parametrize("bad", [*BAD, 1e20])
+@pytest.mark.parametrize("top_k", ["threshold", "sorted"])
+def test_identity_2_holds_in_both_selections_with_a_non_finite_logit(bad, top_k, monkeypatch):
+    """Identity 2 stated directly, with NaN, +inf or -inf in valid slots (the current slot's own
+    among them): keep_mask and the loop's selection_keep each keep the current slot and exactly
+    k slots per head, never a padding slot, and the same ones. Before revision 2.1 a head's bad
+    slot made max s^2, and so every key of the fused form, NaN or inf: selection_keep then kept
+    padding and dropped the current slot, where keep_mask did neither."""
+    if top_k == "sorted":  # the top-k that devices run, on the CPU
+        monkeypatch.setattr(vs, "_top_k_threshold", lambda key, k: vs._top_k_sorted(key, k, key.shape[-1]))
+    g = gen(21)
+    B, H, T = 3, 4, 12
+    logits = torch.randn(B, H, T, generator=g) * 3
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    valid[2, 5:8] = False  # a compacted row's padding, between its prompt slots and new tokens
+    logits.masked_fill_(~valid[:, None], 1e3)  # the largest logits, on padding: never kept all the same
+    logits[:, 0, 6] = bad  # one bad slot (padding in row 2)
+    logits[:, 1, 2:10] = bad  # most of them
+    logits[:, 2, T - 1] = bad  # the current slot's own
+    logits[:, 3, [0, 4, T - 1]] = bad
+    phat = vs.scaled_saliency(torch.rand(B, 1, T, generator=g), valid)
+    n = valid.sum(-1).tolist()
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        reference = vs.keep_mask(vs.scores_with_scaled_saliency(logits, phat, 1.0, valid), sparsity, valid, T - 1)
+        fused = vs.selection_keep(logits, *vs.selection_parts(phat, 1.0, valid, sparsity, current=T - 1))
+        for name, keep in [("reference", reference), ("fused", fused)]:
+            assert keep[:, :, T - 1].all(), (name, sparsity, "the current slot was dropped")
+            assert not (keep & ~valid[:, None]).any(), (name, sparsity, "a padding slot was kept")
+            assert keep.sum(-1).tolist() == [[expected_k(sparsity, n_b)] * H for n_b in n], (name, sparsity)
+        assert torch.equal(fused, reference), sparsity
+
+
 def test_budget_split_ranks_nan_last_in_slot_order():
     delta = torch.tensor([[0.5, math.nan, 2.0, math.nan, 1.0, math.nan]])
     keep, drop = vs.budget_split(delta, 0.7)  # keeps 5: the three finite, then slots 1 and 3

@@ -118,13 +118,27 @@ class KVCache:
         self.fields = {name: grown(field) for name, field in self.fields.items()}
         self.capacity = capacity
 
-    def make_room(self, layer: int, length: int) -> None:
-        """Let the layer hold ``length`` slots: trim when it would not fit, grow when trimming
-        is not enough (rare: the scheduler gives the cache slack)."""
-        if length > self.capacity:
-            length -= self.trim(layer)
-        if length > self.capacity:
-            self.grow(max(length, 2 * self.capacity))
+    def make_room(self, extra: int, splicing: KVCache | None = None) -> None:
+        """Let every layer take ``extra`` more slots, after ``splicing`` is spliced in if given
+        (``splice`` makes a layer as long as the longer of the two). When one would not fit,
+        every layer is trimmed, then the buffers grow if that is not enough (rare: the scheduler
+        gives the cache slack).
+
+        Every layer, never one alone: a field shared by all layers moves with layer 0
+        (``_per_slot``), so layer 0 trimmed and the others not would leave them on slots the
+        field no longer describes. The need is counted again after trimming: a splice needs
+        the source's slots however many trimming gave back.
+        """
+
+        def needed() -> int:
+            theirs = splicing.length if splicing is not None else self.length
+            return max(max(ours, source) for ours, source in zip(self.length, theirs)) + extra
+
+        if needed() > self.capacity:
+            for layer in range(len(self.length)):
+                self.trim(layer)
+        if needed() > self.capacity:
+            self.grow(max(needed(), 2 * self.capacity))
 
     def splice(self, source: KVCache, rows: Sequence[int], into: Sequence[int]) -> None:
         """Copy ``source``'s rows ``rows`` into this cache's rows ``into``, clearing what those

@@ -774,8 +774,7 @@ def generate_stream(
                 first_input, first_position = hidden[:rows].clone(), position[:rows].clone()
             targets = free[: len(group)]
             into = [c * rows + r for c in range(copies) for r in targets]
-            for layer in range(len(cache.length)):
-                cache.make_room(layer, max(cache.length[layer], small.length[layer]) + 2)
+            cache.make_room(2, splicing=small)
             cache.splice(small, range(small.batch), into)
             into_t = torch.tensor(into, device=device)
             hidden[into_t], last_input[into_t], position[into_t] = h, x, p
@@ -821,8 +820,7 @@ def generate_stream(
             active[freed] = False
             cache.valid[:, freed] = False
         if len(done) < len(busy):
-            for layer in range(len(cache.length)):
-                cache.make_room(layer, cache.length[layer] + 2)
+            cache.make_room(2)
             last_input = model.embed_tokens(token)
             hidden = forward(model, cache, last_input[:, None], position, active[:, None], running)[:, -1]
             position = position + 1
