@@ -287,6 +287,15 @@ def forward(
     return x
 
 
+def projected(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """Queries, keys and values of h # (B, t, hidden), the first two rotated:
+    # (B, H, t, D), (B, Hkv, t, D), (B, Hkv, t, D)."""
+    B, t, _ = h.shape
+    q = attn.q_proj(h).view(B, t, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(B, t, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(B, t, -1, head_dim).transpose(1, 2)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
 def self_attention(
     model: VisionLanguageModel,
     index: int,
@@ -306,10 +315,7 @@ def self_attention(
     H, D = model.n_heads, model.head_dim
     prefill = t > 1
     attn = model.layers[index].self_attn
-    q = attn.q_proj(h).view(B, t, -1, D).transpose(1, 2)
-    k = attn.k_proj(h).view(B, t, -1, D).transpose(1, 2)
-    v = attn.v_proj(h).view(B, t, -1, D).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = projected(attn, h, cos, sin, D)
     keys, values, visible = cache.append(index, k, v, valid)
     del k, v  # the cache holds copies
     hidden = steering.hidden_slots(index, cache, prefill)
@@ -610,10 +616,7 @@ def _branch_attention(
     H, D = model.n_heads, model.head_dim
     group = H // model.n_kv_heads
     attn = model.layers[index].self_attn
-    q = attn.q_proj(h).view(N, c, -1, D).transpose(1, 2)
-    k = attn.k_proj(h).view(N, c, -1, D).transpose(1, 2)
-    v = attn.v_proj(h).view(N, c, -1, D).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (N, H, c, D), (N, Hkv, c, D)
+    q, k, v = projected(attn, h, cos, sin, D)  # (N, H, c, D), (N, Hkv, c, D) x2
     T = chunk.slots
     keys, values, valid = cache.view(index)
     keys, values, valid = keys[rows, :, :T], values[rows, :, :T], valid[rows, :T]
