@@ -296,6 +296,7 @@ def projected(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_
     v = attn.v_proj(h).view(B, t, -1, head_dim).transpose(1, 2)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
+
 def self_attention(
     model: VisionLanguageModel,
     index: int,

@@ -98,6 +98,7 @@ def options_from_flags(ray: bool, address: str | None, workers: int | None, gpus
         raise ValueError(str(exc)) from None
     return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
 
+
 def connect(options: RayOptions) -> Pool:
     """Join the cluster at ``options.address``, or start a local Ray instance (which ends with
     this process), and size the actor pool on it."""

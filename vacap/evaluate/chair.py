@@ -314,6 +314,7 @@ class Chair:
             "risk_caught_at_90": risk.caught_at_keep(scores, labels, keep=0.9),
         }
 
+
 def objects_in(caption: str) -> list[tuple[str, str]]:
     """(word as written, COCO class) for each object mention in a caption, in order."""
     return [(caption[start:end], name) for start, end, name in object_spans(caption)]

@@ -217,6 +217,7 @@ def write_answers(path: Path, answers: Answers) -> None:
             entry = {**question.__dict__, "answer": answer, "parsed": parse_answer(answer)}
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
+
 def score(questions: Sequence[Question], answers: Sequence[str]) -> dict:
     """Accuracy, precision, recall, F1 and the share of "yes" answers, "yes" being positive.
 

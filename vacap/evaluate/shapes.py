@@ -231,6 +231,7 @@ def risk_figures(records: Sequence[dict], shown: Sequence, world: str) -> dict:
         "mentions": mentions,
     }
 
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
@@ -402,6 +403,7 @@ def print_results(rows: Sequence[dict], world: str, title: str, extra: dict, as_
             headers={"CHAIR_s_diff": "CHAIR_s", "CHAIR_i_diff": "CHAIR_i", "CHAIR_i_prior_diff": "prior",
                      "recall_diff": "recall"},
         )  # fmt: skip
+
 
 def format_table(rows: Sequence[dict]) -> str:
     """A Markdown table of :func:`run_benchmark` rows (CHAIR and recall in percent)."""
