@@ -178,10 +178,11 @@ class Steering:
 
     The loop calls, in order: ``embed`` (the batch it decodes, which may be larger than the
     caller's: VCD adds noised copies), ``begin`` once the cache exists, then per layer
-    ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits`` and
-    ``observe`` around the softmax of every chunk of queries (in order; see ``Chunk``);
-    ``after_prefill`` once, then ``head`` and ``next_token`` per step (the loop hands the latter
-    its rule for choosing a token from final logits: argmax, or a seeded draw). With risk signals
+    ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits``,
+    ``layer_probs`` and ``observe`` around the softmax of every chunk of queries (in order; see
+    ``Chunk``); ``residual`` on every layer's output; ``after_prefill`` once, then ``head`` and
+    ``next_token`` per step (the loop hands the latter its rule for choosing a token from final
+    logits: argmax, or a seeded draw). With risk signals
     the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after every
     ``head``. Hooks must also be right where they were not asked for: a wrapper
     (``Diagnostics``) may need the eager path where its inner method does not.
@@ -190,8 +191,9 @@ class Steering:
     state lives in the cache (fields), where splicing carries it.
     """
 
-    # True for a subclass whose ``layer_logits`` and ``observe`` act in the prefill only: its
-    # decode steps may then run as ``static_step``, which calls no per-layer hook.
+    # True for a subclass whose per-layer hooks (``layer_logits``, ``layer_probs``, ``observe``,
+    # ``residual``) act in the prefill only: its decode steps may then run as ``static_step``,
+    # which calls none of them.
     prefill_only_hooks = False
 
     def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
@@ -218,11 +220,21 @@ class Steering:
         """logits # (B, H, c, chunk.slots) fp32, before any mask; returns the logits the softmax should use."""
         return logits
 
+    def layer_probs(self, layer: int, probs: torch.Tensor, cache: KVCache, chunk: Chunk) -> torch.Tensor:
+        """probs # (B, H, c, chunk.slots) fp32, the softmax of the masked logits; returns the
+        attention weights the layer uses (``observe`` sees these)."""
+        return probs
+
     def observe(
         self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
     ) -> None:
         """probs # (B, H, c, chunk.slots) as used; query_valid # (B, c) marks the chunk's real
         (non-padding) queries."""
+
+    def residual(self, layer: int, x: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """x # (B, t, hidden): the residual stream after layer ``layer`` (its attention and MLP);
+        returns the stream the next layer, or the final norm, reads."""
+        return x
 
     def after_prefill(self, cache: KVCache) -> None:
         pass
@@ -284,6 +296,7 @@ def forward(
             model, index, layer.input_layernorm(x), cos, sin, cache, valid, causal, steering, chunk_size
         )
         x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = steering.residual(index, x, x.shape[1] > 1)
     return x
 
 
@@ -344,7 +357,7 @@ def self_attention(
         # The dtype's minimum rather than -inf: a padding query with no visible key then gets a
         # harmless uniform row instead of NaN, as in Hugging Face's eager masks.
         logits = torch.where(chunk_mask(visible, chunk), logits, torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits, dim=-1)
+        probs = steering.layer_probs(index, torch.softmax(logits, dim=-1), cache, chunk)
         del logits  # one chunk-sized tensor fewer while the hooks and the product run
         steering.observe(index, probs, cache, valid[:, chunk.rows], chunk)
         out[:, chunk.rows] = attention_output(probs, vc)
@@ -397,7 +410,8 @@ def _steps_kind(model: VisionLanguageModel, steering: Steering, steps: str) -> s
         raise ValueError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
     if steps == "dynamic":
         return steps
-    base = type(steering).layer_logits is Steering.layer_logits and type(steering).observe is Steering.observe
+    hooks = ("layer_logits", "layer_probs", "observe", "residual")
+    base = all(getattr(type(steering), hook) is getattr(Steering, hook) for hook in hooks)
     if base or steering.prefill_only_hooks:
         return steps
     note = f"dynamic steps for {type(steering).__name__}"

@@ -107,6 +107,12 @@ class Diagnostics(Steering):
             self._add("kept", (seen / valid.sum(-1, keepdim=True)).mean(1))
         return out
 
+    def layer_probs(self, layer: int, probs: torch.Tensor, cache: KVCache, chunk: Chunk) -> torch.Tensor:
+        return self.inner.layer_probs(layer, probs, cache, chunk)
+
+    def residual(self, layer: int, x: torch.Tensor, prefill: bool) -> torch.Tensor:
+        return self.inner.residual(layer, x, prefill)
+
     def observe(
         self, layer: int, probs: torch.Tensor, cache: KVCache, query_valid: torch.Tensor, chunk: Chunk
     ) -> None:
