@@ -265,18 +265,19 @@ def _vacap(*args, columns: int = 250):
                           timeout=600, env=env)  # fmt: skip
 
 
-def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
+def test_settings_grid_sweeps_each_method_in_the_settings_that_act_in_it():
     from vacap.compare import MECHANISMS_ALONE, parse_sweeps, settings_grid
 
     for kwargs, flags in [
-        (dict(sweeps={"sparsity": [0.3]}), "--sparsity"),
-        (dict(sweeps={"alpha": [0.5]}), "--alpha"),
-        (dict(sweeps={"sink_beta": [0.5]}), "--sink-beta"),
-        (dict(ablation=True), "--ablation"),
-        (dict(sweeps={"sparsity": [0.3], "alpha": [0.5]}), "--sparsity and --alpha"),
+        (dict(sweeps={"sparsity": [0.3]}), ["--sparsity"]),
+        (dict(sweeps={"alpha": [0.5]}), ["--alpha"]),
+        (dict(sweeps={"sink_beta": [0.5]}), ["--sink-beta"]),
+        (dict(ablation=True), ["--ablation"]),
+        (dict(sweeps={"sparsity": [0.3], "alpha": [0.5]}), ["--sparsity", "--alpha"]),
     ]:
-        with pytest.raises(ValueError, match=f"{flags} sets? VASparse runs, but vasparse is not among --methods"):
+        with pytest.raises(ValueError, match="no run among --methods \\(greedy, fastv\\) uses") as error:
             settings_grid(["greedy", "fastv"], **kwargs)
+        assert all(f"{flag} (acts only with --method vasparse" in str(error.value) for flag in flags)
     assert list(settings_grid(["greedy"])) == ["greedy"]
     grid = settings_grid(["greedy", "vasparse"], {"sparsity": [0.3, 0.7]}, ablation=True)
     assert list(grid) == ["greedy", "vasparse sparsity=0.3", "vasparse sparsity=0.7", *MECHANISMS_ALONE]
@@ -291,6 +292,19 @@ def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
     assert list(settings_grid(["vasparse"], sweeps)) == [
         "vasparse contrast-layers=2 mask-rate=0.5", "vasparse contrast-layers=4 mask-rate=0.5"
     ]  # fmt: skip
+    # --alpha acts in vcd too; --sparsity only in vasparse; greedy takes neither and runs once.
+    grid = settings_grid(["greedy", "vasparse", "vcd"], {"sparsity": [0.3], "alpha": [0.1, 1.0]})
+    assert grid == {
+        "greedy": dict(method="greedy"),
+        "vasparse sparsity=0.3 alpha=0.1": dict(method="vasparse", sparsity=0.3, alpha=0.1),
+        "vasparse sparsity=0.3 alpha=1": dict(method="vasparse", sparsity=0.3, alpha=1.0),
+        "vcd alpha=0.1": dict(method="vcd", alpha=0.1),
+        "vcd alpha=1": dict(method="vcd", alpha=1.0),
+    }
+    # A setting that a combination turns off is left out of that run's label and settings.
+    assert list(settings_grid(["vasparse"], {"alpha": [0.0, 1.0], "contrast_layers": [2]})) == [
+        "vasparse alpha=0", "vasparse alpha=1 contrast-layers=2"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", [["eval", "shapes"], ["compare", "sample_images/house.jpg"]])
@@ -298,7 +312,9 @@ def test_settings_grid_runs_vasparse_variants_only_with_vasparse():
 def test_vasparse_flags_without_vasparse_are_usage_errors(command, flags):
     out = _vacap(*command, "--methods", "greedy", *flags)
     assert out.returncode == 2
-    assert "vasparse is not among --methods" in out.stderr and flags[0] in out.stderr
+    message = " ".join(out.stderr.replace("│", " ").split())
+    assert "no run among --methods (greedy) uses it" in message
+    assert f"{flags[0]} (acts only with --method vasparse" in message
 
 
 def test_eval_shapes_table_fits_80_columns_and_runs_only_what_was_asked():

@@ -702,9 +702,9 @@ def eval_shapes(
 ) -> None:
     """CHAIR-style hallucination figures on generated shapes scenes with known ground truth.
 
-    --sparsity, --alpha, --lam, --sink-beta, --kv-budget, --contrast-layers, --mask-rate and
-    --ablation add VASparse runs (one per combination of the listed values), so they need
-    vasparse in --methods; the ablation rows are on by default when it is there. The
+    Comma-separated values of a method's settings (--sparsity, --alpha, ...) add a run of each
+    method they act in per combination of the values; --ablation adds VASparse with each
+    mechanism alone, by default when vasparse is in --methods. The
     second table gives each setting's CHAIR minus greedy's with a paired bootstrap interval.
     CHAIR_i is split into prior-driven and perceptual hallucinations by the world's train
     priors; --json also has CHAIR_i by position in the caption.

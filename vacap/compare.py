@@ -9,7 +9,7 @@ from typing import Iterable, Mapping, Sequence
 
 from rich.table import Table
 
-from vacap.config import METHODS
+from vacap.config import METHODS, DecodeConfig
 from vacap.evaluate.report import compact_table
 
 # VASparse with one mechanism at a time (the others off), for ablations.
@@ -57,33 +57,41 @@ def settings_grid(
     sweeps: Mapping[str, Sequence[float]] | None = None,
     ablation: bool = False,
 ) -> dict[str, dict]:
-    """Label -> settings: every method once, VASparse once per combination of the swept values
-    (``sweeps``: setting -> values, e.g. {"sparsity": [0.3, 0.7], "lam": [0, 1]}), plus the
-    ablations.
+    """Label -> settings: each method once per combination of the swept values that act in it
+    (``sweeps``: setting -> values, e.g. {"sparsity": [0.3, 0.7], "alpha": [0.1, 1]}), plus
+    VASparse's ablations.
 
-    Sweeps and ablations are variants of VASparse, so they need ``vasparse`` among ``methods``:
-    a ValueError naming the flags otherwise, rather than settings silently not run.
+    A swept setting applies to the methods it acts in (``DecodeConfig.unused``): ``--alpha`` to
+    vasparse and vcd, ``--sparsity`` to vasparse only; a method in which none acts runs once.
+    A sweep or ablation that acts in none of ``methods`` is a ValueError naming the flags,
+    rather than settings silently not run.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     sweeps = {name: values for name, values in (sweeps or {}).items() if values}
-    if "vasparse" not in methods:
-        given = [SWEEP_FLAGS[name] for name in sweeps] + (["--ablation"] if ablation else [])
-        if given:
-            raise ValueError(
-                f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} VASparse runs, but vasparse is not "
-                f"among --methods ({', '.join(methods)}); add it to --methods or leave {' and '.join(given)} out"
-            )
+    combinations = [dict(zip(sweeps, values)) for values in itertools.product(*sweeps.values())]
     grid: dict[str, dict] = {}
+    acted: set[str] = set()
+    when: dict[str, str] = {}  # where each swept setting acts, for the error below
     for method in methods:
-        if method != "vasparse" or not sweeps:
-            grid[method] = dict(method=method)
-            continue
-        for combination in itertools.product(*sweeps.values()):
-            settings = dict(zip(sweeps, combination))
-            label = " ".join(f"{SWEEP_FLAGS[name][2:]}={value:g}" for name, value in settings.items())
-            grid[f"vasparse {label}"] = dict(method="vasparse", **settings)
+        for combination in combinations:
+            idle = DecodeConfig(method=method, **combination).unused(combination)
+            acting = {name: value for name, value in combination.items() if name not in idle}
+            when.update(idle)
+            acted |= acting.keys()
+            label = " ".join([method, *(f"{SWEEP_FLAGS[name][2:]}={value:g}" for name, value in acting.items())])
+            grid[label] = dict(method=method, **acting)
+    idle_flags = {SWEEP_FLAGS[name]: when[name] for name in sweeps if name not in acted}
+    if ablation and "vasparse" not in methods:
+        idle_flags["--ablation"] = "--method vasparse"
+    if idle_flags:
+        listed = ", ".join(f"{flag} (acts only with {when})" for flag, when in idle_flags.items())
+        them = "it" if len(idle_flags) == 1 else "them"
+        raise ValueError(
+            f"{listed}: no run among --methods ({', '.join(methods)}) uses {them}; "
+            f"add such a method to --methods or leave {them} out"
+        )
     if ablation:
         grid.update(MECHANISMS_ALONE)
     return grid
