@@ -479,12 +479,12 @@ def summarize(scores: Iterable[dict]) -> dict:
         "CHAIR_i_shape": _ratio(total("hallucinated_shape"), total("mentions")),
         "recall_shape": _ratio(total("recalled_shape"), total("objects")),
         "mean_length": _ratio(total("words"), len(scores)),
-        "mentions": total("mentions"),
-        "hallucinated": total("hallucinated"),
+        "mention_count": total("mentions"),
+        "hallucinated_count": total("hallucinated"),
         "hallucinated_by_kind": {kind: by_kind[kind] for kind in KINDS},
         "hallucinated_by_prior": {prior: by_prior[prior] for prior in PRIORS},
         "hallucinated_by_kind_and_prior": {kind: {prior: both[kind, prior] for prior in PRIORS} for kind in KINDS},
-        "hallucinated_predicted_by": {prior: sum(prior in label.predicted_by for label in labels) for prior in PRIORS[:-1]},
+        "hallucinated_predicted_by": {prior: sum(prior in l.predicted_by for l in labels) for prior in PRIORS[:-1]},
         "hallucinated_by_prior_chance": {prior: sum(label.chance[prior] for label in labels) for prior in PRIORS},
     }
 
