@@ -47,7 +47,7 @@ shape, and shapes with a usual colour. A hallucinated mention (colour, shape) is
   colour is the usual colour of its shape;
 * *perceptual* otherwise (a misread shape or colour that no prior explains).
 
-``CHAIR_i_prior`` and ``CHAIR_i_perceptual`` divide each kind by all mentions, so they add up
+``CHAIR_i_prior`` and ``CHAIR_i_perceptual`` divide each cause by all mentions, so they add up
 to ``CHAIR_i``; ``prior_share`` is the prior-driven part of the hallucinations.
 ``CHAIR_i_1st``, ``CHAIR_i_2nd``, ``CHAIR_i_3rd`` and ``CHAIR_i_later`` are CHAIR_i over the
 first, second, third and fourth-or-later distinct mentions of each caption.
@@ -94,10 +94,11 @@ Each hallucinated mention also has the train priors that predict it (:func:`prio
 
 Its *prior* is the first of these that predicts it, in that order, else ``none``
 (:func:`prior_of`). ``colour->shape`` comes before ``co-occurrence`` because the model follows it
-when the two disagree: of the 51 renamed objects in the 300 greedy ``demo-priors`` captions of
-seed 1234 whose colour's training shape and some present trigger's partner were both absent and
-different, it named the colour's shape 39 times and the partner 3 times. ``co-occurrence`` comes
-before ``shape->colour`` because it says why the shape was named at all.
+when the two disagree: in greedy ``demo-priors`` captions of the 300 test scenes of seed 1234,
+of the 51 objects renamed keeping their colour where the colour's training shape and the partner
+of some present trigger were both absent and different, it named the colour's shape 39 times,
+a partner 3 times and another shape 9 times. ``co-occurrence`` comes before ``shape->colour``
+because it says why the shape was named at all.
 ``hallucinated_predicted_by`` counts every prior that predicts a mention, so overlaps show.
 
 A mention is prior-driven exactly when its prior is not ``none``: ``colour->shape`` and
@@ -108,15 +109,17 @@ count them.
 
 Chance
 ------
-Some hallucinations are prior-predicted by chance: in a scene with a star, any error naming a
-circle is. For each hallucinated mention, :func:`prior_chance` takes every alternative of the
+Some hallucinations are prior-predicted by chance: in a scene with a star and no circle, any
+error naming a circle is. For each hallucinated mention, :func:`prior_chance` takes every alternative of the
 same kind and referent at the same place that a uniformly random hallucinator could have
 produced, and gives the share of them labelled with each prior:
 
 * ``renamed``: the stated colour with each of the :data:`SHAPES` (a random shape for the same
   object);
-* ``added``: each shape with each of the :data:`COLOURS` (the stated colour left out when none is
-  stated): a random absent shape in a random colour;
+* ``added``: each shape with each of the :data:`COLOURS` (with no colour when none is stated):
+  a random absent shape in a random colour. Averaged over the priors world's 1000 test scenes of
+  seed 1234, one added mention each, this is the 34.6 % (32.3 % with no colour) that
+  docs/evaluation.md quotes;
 * ``colour`` and ``placement``: the named shape with each colour (a random wrong colour);
 
 keeping those that are hallucinated and have the same kind and referent (the mention itself is
@@ -187,12 +190,13 @@ def objects_at(caption: str) -> list[tuple[int, list[tuple[str | None, str]]]]:
 
 
 Place = tuple[str, str]  # (row, column): ("top" | "middle" | "bottom", "left" | "middle" | "right")
-# " at the top left", " on the right", " in the middle", ...: the priors world's places (thirds).
-_PLACE = re.compile(r"\s+(?:at|on|in)\s+the\s+(?:(top|bottom)(?:\s+(left|right))?|(left|right)|middle|centre|center)\b")
+# "at the top left", "on the right", "in the middle", ...: the priors world's places (thirds).
+_PLACE = re.compile(r"\s*(?:at|on|in)\s+the\s+(?:(top|bottom)(?:\s+(left|right))?|(left|right)|middle|centre|center)\b")
 
 
 def read_place(text: str, at: int = 0) -> Place | None:
-    """The place stated in lower-case ``text`` right at offset ``at`` (" at the top left"), or None."""
+    """The place stated in lower-case ``text`` right at offset ``at`` ("at the top left", after
+    any spaces), or None."""
     match = _PLACE.match(text, at)
     if match is None:
         return None
@@ -233,12 +237,13 @@ def world_priors(world: str) -> tuple[dict[str, str], dict[str, str]]:
 def world_places(world: str) -> Callable[[Shape], Place] | None:
     """Where ``world``'s captions place an object (by thirds in the priors world), or None
     where they place objects only relative to each other (the shapes world)."""
+    if world == "shapes":
+        return None
     if world == "priors":
         from vacap.demo.priors import position
 
-        return lambda obj: read_place(" " + position(obj))
-    world_priors(world)  # the same error for an unknown world
-    return None
+        return lambda obj: read_place(position(obj))
+    raise ValueError(f"unknown world {world!r}; expected shapes or priors")
 
 
 def hallucination_cause(
