@@ -604,10 +604,9 @@ def print_results(rows: Sequence[dict], world: str, title: str, extra: dict, as_
         row["setting"]: {**{k: v for k, v in row.items() if k not in hidden}, **differences.get(row["setting"], {})}
         for row in rows
     }
-    # Six figures fit in 80 columns beside a long sweep label; the rest (CHAIR_s on the priors world,
-    # CHAIR_i_perceptual, CHAIR_i by position, the split by kind and prior) are in --json. On the
-    # priors world, the prior-driven part of CHAIR_i, the part chance gives and what is left
-    # (excess), the figure that says how much the priors drive errors.
+    # Six figures fit in 80 columns beside a long sweep label; the rest are in --json. On the priors
+    # world, CHAIR_i's prior-driven part, the part chance alone gives and the excess left, which says
+    # how much the priors drive errors, take the place of CHAIR_s, words and tok/s.
     if world == "priors":
         first = ["CHAIR_i", "CHAIR_i_prior", "CHAIR_i_prior_chance", "CHAIR_i_prior_excess", "recall"]
         columns = [*first, "errors"]
