@@ -77,3 +77,19 @@ def test_cause_split_and_recall_get_intervals_too():
     assert result["recall"][0] == pytest.approx(7 / 12 - 10 / 12)
     for difference, low, high in result.values():
         assert low <= difference <= high
+
+
+def test_prior_driven_hallucinations_beyond_chance_get_intervals():
+    def full(prior: int, perceptual: int, chance: float, mentions: int) -> dict:
+        return {
+            "hallucinated": prior + perceptual, "hallucinated_prior": prior, "hallucinated_perceptual": perceptual,
+            "hallucinated_prior_excess": prior - chance, "mentions": mentions, "recalled": 0, "objects": 1,
+        }  # fmt: skip
+
+    a = [full(2, 0, 0.5, 4), full(0, 1, 0.25, 3), full(1, 1, 0.5, 5)]  # excess 1.75 of 12 mentions, of 5 errors
+    b = [full(0, 0, 0.0, 4), full(1, 0, 0.5, 3), full(0, 1, 0.125, 5)]  # excess 0.375 of 12 mentions, of 2 errors
+    result = paired_difference(a, b, resamples=300)
+    assert result["CHAIR_i_prior_excess"][0] == pytest.approx(1.75 / 12 - 0.375 / 12)
+    assert result["prior_share_excess"][0] == pytest.approx(1.75 / 5 - 0.375 / 2)
+    for difference, low, high in result.values():
+        assert low <= difference <= high

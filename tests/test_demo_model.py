@@ -4,6 +4,7 @@ code and caption sensibly."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -131,20 +132,55 @@ def test_demo_priors_names_at_least_two_objects_of_a_clear_scene_right(clear_pri
 @needs_priors_model
 def test_eval_shapes_world_priors_reports_the_cause_split_with_intervals():
     out = subprocess.run(
-        [sys.executable, "-m", "vacap.cli", "eval", "shapes", "--world", "priors", "-n", "4", "--methods",
+        [sys.executable, "-m", "vacap.cli", "eval", "shapes", "--world", "priors", "-n", "6", "--methods",
          "greedy,vasparse", "--no-ablation", "--json"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     # The progress bar (on stderr, so the JSON stays parseable) counted every caption.
-    assert "2 settings x 4 scenes" in out.stderr and "100%" in out.stderr
+    assert "2 settings x 6 scenes" in out.stderr and "100%" in out.stderr
     report = json.loads(out.stdout)
     assert (report["model"], report["world"], report["baseline"]) == ("demo-priors", "priors", "greedy")
     greedy, vasparse = report["results"]["greedy"], report["results"]["vasparse"]
+    assert greedy["hallucinated_count"] > 0
     for row in (greedy, vasparse):
         assert row["CHAIR_i_prior"] + row["CHAIR_i_perceptual"] == pytest.approx(row["CHAIR_i"])
         assert 0 <= row["recall"] <= 1
-    for name in ("CHAIR_i", "CHAIR_i_prior", "CHAIR_i_perceptual", "recall"):
+        # Each hallucination has one kind and one prior; "none" is the perceptual part.
+        assert row["hallucinated_count"] == round(row["CHAIR_i"] * row["mention_count"])
+        assert sum(row["hallucinated_by_kind"].values()) == row["hallucinated_count"]
+        assert sum(row["hallucinated_by_prior"].values()) == row["hallucinated_count"]
+        assert {kind: sum(by_prior.values()) for kind, by_prior in row["hallucinated_by_kind_and_prior"].items()} == (
+            row["hallucinated_by_kind"]
+        )
+        prior = row["hallucinated_count"] - row["hallucinated_by_prior"]["none"]
+        assert prior == round(row["CHAIR_i_prior"] * row["mention_count"])
+        assert all(n >= row["hallucinated_by_prior"][name] for name, n in row["hallucinated_predicted_by"].items())
+        # Chance: an expected count per prior, adding up to the hallucinations; excess = share - chance.
+        chance = row["hallucinated_by_prior_chance"]
+        assert sum(chance.values()) == pytest.approx(row["hallucinated_count"])
+        assert row["prior_share_chance"] * row["hallucinated_count"] == pytest.approx(row["hallucinated_count"] - chance["none"])
+        assert 0 <= row["prior_share_chance"] <= 1
+        assert row["prior_share_excess"] == pytest.approx(row["prior_share"] - row["prior_share_chance"])
+        assert row["CHAIR_i_prior_chance"] == pytest.approx(row["prior_share_chance"] * row["CHAIR_i"])
+        assert row["CHAIR_i_prior_excess"] == pytest.approx(row["CHAIR_i_prior"] - row["CHAIR_i_prior_chance"])
+    for name in ("CHAIR_i", "CHAIR_i_prior", "CHAIR_i_perceptual", "CHAIR_i_prior_excess", "prior_share_excess",
+                 "recall"):  # fmt: skip
         difference, low, high = vasparse[f"{name}_diff"]
         assert difference == pytest.approx(vasparse[name] - greedy[name])
         assert low <= difference <= high
+
+
+@needs_priors_model
+def test_eval_shapes_world_priors_table_shows_the_prior_part_chance_and_excess():
+    out = subprocess.run(
+        [sys.executable, "-m", "vacap.cli", "eval", "shapes", "--world", "priors", "-n", "3", "--methods", "greedy"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    header = next(line for line in lines if line.startswith("setting")).split()
+    assert header == ["setting", "CHAIR_i", "prior", "chance", "excess", "recall", "err"]
+    figures = dict(zip(header[1:], map(float, next(line for line in lines if line.startswith("greedy")).split()[1:])))
+    assert figures["excess"] == pytest.approx(figures["prior"] - figures["chance"], abs=0.0011)

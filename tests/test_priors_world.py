@@ -19,7 +19,15 @@ from vacap.demo.priors import (
 )
 from vacap.demo.shapes import COLOURS, SHAPES, SIZE, Shape, _background_image, _mask
 from vacap.demo.worlds import scenes
-from vacap.evaluate.shapes import extract_objects, hallucination_cause, score_caption, summarize
+from vacap.evaluate.shapes import (
+    KINDS,
+    PRIORS,
+    extract_objects,
+    hallucination_cause,
+    placed_objects,
+    score_caption,
+    summarize,
+)
 
 # --- generator -------------------------------------------------------------------------------
 
@@ -97,6 +105,24 @@ def test_positions_by_thirds():
     assert position(Shape("star", "red", 48, 48, 10)) == "in the middle"
     assert position(Shape("star", "red", 31, 64, 10)) == "at the bottom left"
     assert position(Shape("star", "red", 32, 95, 10)) == "at the bottom"
+
+
+def _third(obj) -> tuple[str, str]:
+    return ("top", "middle", "bottom")[3 * obj.y // SIZE], ("left", "middle", "right")[3 * obj.x // SIZE]
+
+
+def test_places_are_read_from_captions_by_thirds(splits):
+    caption = "a red star at the top left, blue and green circles on the right, a ring and a cross in the middle."
+    assert placed_objects(caption) == [
+        ("red", "star", ("top", "left")), ("blue", "circle", ("middle", "right")),
+        ("green", "circle", ("middle", "right")), (None, "ring", None), (None, "cross", ("middle", "middle")),
+    ]  # fmt: skip
+    assert placed_objects("a heart at the bottom. a square at the top right.") == [
+        (None, "heart", ("bottom", "middle")), (None, "square", ("top", "right"))
+    ]  # fmt: skip
+    for scene in splits["test"][:200]:
+        ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
+        assert placed_objects(scene.caption) == [(o.colour, o.kind, _third(o)) for o in ordered]
 
 
 def _alphas(scene, obj) -> list[float]:
@@ -205,6 +231,179 @@ def test_each_world_classifies_by_its_own_priors():
     priors = score_caption(caption, scene, world="priors")
     assert (shapes["hallucinated"], shapes["hallucinated_prior"], shapes["hallucinated_perceptual"]) == (3, 1, 2)
     assert (priors["hallucinated"], priors["hallucinated_prior"], priors["hallucinated_perceptual"]) == (3, 3, 0)
+
+
+# --- what the model did, which prior predicts it, and what chance gives ----------------------
+
+KIND_SCENE = [
+    Shape("square", "blue", 16, 16, 20),  # top left; blue is a circle's usual colour
+    Shape("star", "white", 80, 16, 20),  # top right; trigger: its partner, the circle, is absent
+    Shape("cross", "yellow", 80, 80, 20),  # bottom right; yellow is a diamond's usual colour
+    Shape("heart", "purple", 48, 80, 20),  # bottom; usual colour red
+    Shape("triangle", "orange", 16, 80, 20),  # bottom left; trigger: its partner, the heart, is here
+]  # nothing at the top, on the left, in the middle or on the right
+
+
+@pytest.mark.parametrize(
+    "phrase, kind, prior, predicted_by, referent",
+    [
+        # The blue square renamed, keeping its colour, to the shape blue goes with in training
+        # (also the star's partner: the colour's prior comes first).
+        ("a blue circle at the top left", "renamed", "colour->shape", ("colour->shape", "co-occurrence"), "square"),
+        ("a yellow diamond at the bottom right", "renamed", "colour->shape", ("colour->shape",), "cross"),
+        # Renamed to a shape that is elsewhere: the stated place says which object it was.
+        ("an orange heart at the bottom left", "renamed", "none", (), "triangle"),
+        ("a green star at the top left", "renamed", "none", (), "square"),
+        # Nothing there: an added co-occurrence partner; an added shape in its usual colour.
+        ("a white circle in the middle", "added", "co-occurrence", ("co-occurrence",), None),
+        ("a yellow diamond in the middle", "added", "shape->colour", ("shape->colour",), None),
+        ("a blue circle on the left", "added", "co-occurrence", ("co-occurrence", "shape->colour"), None),
+        ("a black ring on the right", "added", "none", (), None),
+        # The heart, where it is, misread to its usual colour, or to another.
+        ("a red heart at the bottom", "colour", "shape->colour", ("shape->colour",), "heart"),
+        ("a green heart at the bottom", "colour", "none", (), "heart"),
+        ("a red heart", "colour", "shape->colour", ("shape->colour",), "heart"),  # no place stated
+        # The heart or the cross put where nothing is (so their colours are wrong too).
+        ("a red heart at the top", "placement", "shape->colour", ("shape->colour",), "heart"),
+        ("a black cross on the left", "placement", "none", (), "cross"),
+        ("a blue circle", "added", "co-occurrence", ("co-occurrence", "shape->colour"), None),
+    ],
+)  # fmt: skip
+def test_what_the_model_did_and_which_prior_predicts_it(phrase, kind, prior, predicted_by, referent):
+    score = score_caption(f"there is a white star at the top right and {phrase}.", KIND_SCENE, world="priors")
+    assert score["hallucinated_mentions"] != [] and score["mentions"] == 2
+    (label,) = score["labels"]
+    assert (label.kind, label.prior, label.predicted_by) == (kind, prior, predicted_by)
+    assert (label.referent.kind if label.referent else None) == referent
+    # The two-way cause is unchanged: prior-driven exactly when some prior predicts it.
+    cause = hallucination_cause(score["hallucinated_mentions"][0], KIND_SCENE, PARTNERS, USUAL_COLOURS)
+    assert cause == ("perceptual" if prior == "none" else "prior")
+    assert score["hallucinated_prior"] == (prior != "none")
+
+
+def test_the_shapes_world_states_no_places():
+    # Its captions place objects relative to each other, so a place read there would be wrong:
+    # every mention is unplaced, and a shape the scene lacks is added, by the shapes world's priors.
+    (label,) = score_caption("a blue circle at the top left.", KIND_SCENE)["labels"]
+    assert (label.kind, label.prior) == ("added", "co-occurrence")
+    (label,) = score_caption("a blue heart at the bottom.", KIND_SCENE)["labels"]
+    assert (label.kind, label.prior) == ("colour", "none")
+
+
+@pytest.mark.parametrize(
+    "phrase, chance",
+    [
+        # 7 other shapes for the blue square: only a blue circle is prior-driven.
+        ("a blue circle at the top left", 1 / 7),
+        # For the yellow cross: a circle (the star's partner) and a diamond (yellow's shape).
+        ("a yellow diamond at the bottom right", 2 / 7),
+        # Absent circle, ring, diamond in 8 colours each: every circle, and a yellow diamond.
+        ("a white circle in the middle", 9 / 24),
+        ("a circle in the middle", 1 / 3),  # no colour stated: the circle of 3 absent shapes
+        # 7 wrong colours for the heart, one of them its usual red, wherever it is said to be.
+        ("a green heart at the bottom", 1 / 7),
+        ("a black heart at the top", 1 / 7),
+    ],
+)  # fmt: skip
+def test_chance_hand_worked(phrase, chance):
+    (label,) = score_caption(f"there is {phrase}.", KIND_SCENE, world="priors")["labels"]
+    assert 1 - label.chance["none"] == pytest.approx(chance)
+    assert sum(label.chance.values()) == pytest.approx(1)
+
+
+def _prior_driven(colour, shape, truth) -> bool:
+    """The documented two-way rule, written out again: a partner of a present trigger that the
+    scene lacks, or a shape in its usual colour."""
+    kinds = {o.kind for o in truth}
+    partner = shape not in kinds and any(PARTNERS.get(kind) == shape for kind in kinds)
+    return partner or (colour is not None and USUAL_COLOURS.get(shape) == colour)
+
+
+def test_chance_is_the_share_of_a_random_hallucinator_of_the_same_kind(splits):
+    """On real test scenes, every error of each kind a caption can make: its chance is the share
+    of prior-driven errors among all errors of that kind for the same object or empty place,
+    counted here by brute force with the two-way rule."""
+
+    def label(truth, colour, shape, place):
+        score = score_caption(f"there is a {colour} {shape} {place}.", truth, world="priors")
+        assert score["hallucinated"] == 1
+        (found,) = score["labels"]
+        assert (found.prior != "none") == _prior_driven(colour, shape, truth)
+        return found
+
+    def mean(flags):
+        flags = list(flags)
+        return sum(flags) / len(flags)
+
+    seen = dict.fromkeys(KINDS, 0)
+    for scene in splits["test"][:3]:
+        truth = scene.objects
+        kinds = {o.kind for o in truth}
+        cells = {_third(o) for o in truth}
+        alone = [o for o in truth if sum(_third(x) == _third(o) for x in truth) == 1]
+        probes = [Shape("star", "red", 16 + 32 * col, 16 + 32 * row, 10) for row in range(3) for col in range(3)]
+        empty = [position(probe) for probe in probes if _third(probe) not in cells]
+        for o in alone:
+            renames = [k for k in SHAPES if k != o.kind and (o.colour, k) not in {(x.colour, x.kind) for x in truth}]
+            renamed = mean(_prior_driven(o.colour, k, truth) for k in renames)
+            for k in renames:
+                found = label(truth, o.colour, k, position(o))
+                assert (found.kind, found.referent) == ("renamed", o)
+                assert 1 - found.chance["none"] == pytest.approx(renamed)
+            wrong = [c for c in COLOURS if c != o.colour]
+            misread = mean(_prior_driven(c, o.kind, truth) for c in wrong)
+            for c in wrong:
+                found = label(truth, c, o.kind, position(o))
+                assert (found.kind, found.referent) == ("colour", o)
+                assert 1 - found.chance["none"] == pytest.approx(misread)
+            seen["renamed"] += len(renames)
+            seen["colour"] += len(wrong)
+        absent = [k for k in SHAPES if k not in kinds]
+        added = mean(_prior_driven(c, k, truth) for k in absent for c in COLOURS)
+        for place in empty:
+            for k in absent:
+                for c in COLOURS:
+                    found = label(truth, c, k, place)
+                    assert (found.kind, found.referent) == ("added", None)
+                    assert 1 - found.chance["none"] == pytest.approx(added)
+                    seen["added"] += 1
+            for o in truth:
+                wrong = [c for c in COLOURS if c != o.colour]
+                misread = mean(_prior_driven(c, o.kind, truth) for c in wrong)
+                for c in wrong:
+                    found = label(truth, c, o.kind, place)
+                    assert (found.kind, found.referent) == ("placement", o)
+                    assert 1 - found.chance["none"] == pytest.approx(misread)
+                    seen["placement"] += 1
+    assert min(seen.values()) >= 20
+
+
+def test_kind_prior_and_chance_figures_hand_worked():
+    captions = [
+        "a blue circle at the top left and a white star at the top right.",  # renamed, colour->shape: 1/7
+        "a white circle in the middle and a red heart at the bottom.",  # added, co-occurrence: 9/24; colour, 1/7
+        "a black ring on the right.",  # added, none: 9/24
+    ]
+    summary = summarize(score_caption(caption, KIND_SCENE, world="priors") for caption in captions)
+    assert (summary["mention_count"], summary["hallucinated_count"]) == (5, 4)
+    assert summary["hallucinated_by_kind"] == {"renamed": 1, "added": 2, "colour": 1, "placement": 0}
+    assert summary["hallucinated_by_prior"] == {"colour->shape": 1, "co-occurrence": 1, "shape->colour": 1, "none": 1}
+    assert summary["hallucinated_by_kind_and_prior"]["added"] == {
+        "colour->shape": 0, "co-occurrence": 1, "shape->colour": 0, "none": 1
+    }  # fmt: skip
+    assert summary["hallucinated_predicted_by"] == {"colour->shape": 1, "co-occurrence": 2, "shape->colour": 1}
+    chance = 1 / 7 + 9 / 24 + 1 / 7 + 9 / 24
+    assert summary["prior_share"] == pytest.approx(3 / 4)
+    assert summary["prior_share_chance"] == pytest.approx(chance / 4)
+    assert summary["prior_share_excess"] == pytest.approx((3 - chance) / 4)
+    assert summary["CHAIR_i_prior_chance"] == pytest.approx(chance / 5)
+    assert summary["CHAIR_i_prior_excess"] == pytest.approx((3 - chance) / 5)
+    # Each prior's expected count: a random circle is co-occurrence, a random yellow diamond
+    # added is shape->colour, a blue circle for the square colour->shape, a red heart shape->colour.
+    assert summary["hallucinated_by_prior_chance"] == pytest.approx(
+        {"colour->shape": 1 / 7, "co-occurrence": 2 * 8 / 24, "shape->colour": 1 / 7 + 2 / 24, "none": 4 - chance}
+    )
+    assert list(summary["hallucinated_by_prior"]) == list(PRIORS)
 
 
 # --- what training sees ----------------------------------------------------------------------

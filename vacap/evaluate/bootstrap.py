@@ -18,6 +18,9 @@ RATIOS = {
     "CHAIR_i": ("hallucinated", "mentions"),
     "CHAIR_i_prior": ("hallucinated_prior", "mentions"),
     "CHAIR_i_perceptual": ("hallucinated_perceptual", "mentions"),
+    # Prior-driven hallucinations beyond what chance gives (vacap.evaluate.shapes.prior_chance).
+    "CHAIR_i_prior_excess": ("hallucinated_prior_excess", "mentions"),
+    "prior_share_excess": ("hallucinated_prior_excess", "hallucinated"),
     "recall": ("recalled", "objects"),
 }
 
