@@ -707,7 +707,8 @@ def eval_shapes(
     mechanism alone, by default when vasparse is in --methods. The
     second table gives each setting's CHAIR minus greedy's with a paired bootstrap interval.
     CHAIR_i is split into prior-driven and perceptual hallucinations by the world's train
-    priors; --json also has CHAIR_i by position in the caption.
+    priors, with the part chance alone would give and the excess over it; --json also has the
+    hallucinations by kind and prior, and CHAIR_i by position in the caption.
     """
     _setup(False)
     from rich.progress import Progress
