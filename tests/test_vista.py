@@ -150,7 +150,8 @@ def test_settings_are_checked_and_resolved():
     for method in ("greedy", "vasparse", "vcd", "fastv"):
         other = DecodeConfig(method=method).resolved()
         assert (other.vista_lambda, other.vista_gamma) == (0.0, 0.0)
-        assert set(DecodeConfig(method=method).unused(["vista_lambda", "vista_gamma"])) == {"vista_lambda", "vista_gamma"}
+        unused = DecodeConfig(method=method).unused(["vista_lambda", "vista_gamma"])
+        assert set(unused) == {"vista_lambda", "vista_gamma"}
     assert DecodeConfig(method="vista", vista_gamma=0.0).unused(["vista_window_start", "vista_lambda"]) == {
         "vista_window_start": "--method vista with a --vista-gamma above 0"
     }
@@ -179,7 +180,13 @@ def test_identity_2_vector_is_hf_difference(loaded):
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(vista_gamma=0.0), dict(vista_lambda=0.0), dict(vista_lambda=0.0, **WIDE), dict(), dict(vista_lambda=0.5, **WIDE)],
+    [
+        dict(vista_gamma=0.0),
+        dict(vista_lambda=0.0),
+        dict(vista_lambda=0.0, **WIDE),
+        dict(),
+        dict(vista_lambda=0.5, **WIDE),
+    ],
     ids=["vsv", "sla", "sla-wide", "both", "both-strong-wide"],
 )
 def test_identity_3_first_logits_are_hf_recomputed(loaded, settings):

@@ -141,7 +141,8 @@ class DecodeConfig:
             "top_p": c.temperature > 0,
             "vista_lambda": c.method == "vista",
             "vista_gamma": c.method == "vista",
-            **{name: c.method == "vista" and c.vista_gamma > 0 for name in ("vista_window_start", "vista_window_end")},
+            "vista_window_start": c.method == "vista" and c.vista_gamma > 0,
+            "vista_window_end": c.method == "vista" and c.vista_gamma > 0,
             "seed": c.temperature > 0 or c.method == "vcd" or c.risk or (vasparse and contrast and c.contrast_layers > 0),
         }
         return {name: _WHEN_USED[name] for name in given if not acts.get(name, True)}

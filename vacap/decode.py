@@ -180,15 +180,15 @@ class Steering:
     caller's: VCD adds noised copies), ``begin`` once the cache exists, then per layer
     ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits``,
     ``layer_probs`` and ``observe`` around the softmax of every chunk of queries (in order; see
-    ``Chunk``); ``mlp_output`` on every layer's MLP output, ``residual`` on every layer's output; ``after_prefill`` once, then ``head`` and
-    ``next_token`` per step (the loop hands the latter its rule for choosing a token from final
-    logits: argmax, or a seeded draw). With risk signals
-    the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after every
-    ``head``. Hooks must also be right where they were not asked for: a wrapper
+    ``Chunk``); ``mlp_output`` on every layer's MLP output and ``residual`` on every layer's
+    output; ``after_prefill`` once, then ``head`` and ``next_token`` per step (the loop hands the
+    latter its rule for choosing a token from final logits: argmax, or a seeded draw). With risk
+    signals the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after
+    every ``head``. Hooks must also be right where they were not asked for: a wrapper
     (``Diagnostics``) may need the eager path where its inner method does not.
     Under continuous batching one instance does the prefill of each admitted group, and another,
     given the running cache by ``attach`` instead of ``begin``, does every step; so all per-row
-    state lives in the cache (fields), where splicing carries it.
+    state lives in the cache (per-slot fields, or ``rows``), where splicing carries it.
     """
 
     # True for a subclass whose per-layer hooks (``layer_logits``, ``layer_probs``, ``observe``,

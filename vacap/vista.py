@@ -37,15 +37,16 @@ def window(n_layers: int, start: float, end: float) -> range:
     return range(min(first, last) - 1, last)
 
 
-def steer(m: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
-    """One layer's MLP output m # (B, t, hidden) turned towards its row's vector v # (B, hidden)
-    fp32 (docs/VISTA.md eq. 2): m' = |m| normalize(m^ + lam (1 + relu(cos(m, -v))) v^), in m's
-    dtype. A zero v leaves m as it is (up to rounding)."""
+def steer(m: torch.Tensor, direction: torch.Tensor, lam: float) -> torch.Tensor:
+    """One layer's MLP output m # (B, t, hidden) turned towards its row's unit vector v^ =
+    direction # (B, hidden) fp32 (docs/VISTA.md eq. 2): m' = |m| normalize(m^ + lam (1 +
+    relu(cos(m, -v))) v^), in m's dtype. A zero direction leaves m as it is (up to rounding)."""
     x = m.float()
-    v = v[:, None]  # (B, 1, hidden)
-    weight = 1 + F.cosine_similarity(x, -v, dim=-1).clamp(min=0)[..., None]  # (B, t, 1)
-    turned = F.normalize(F.normalize(x, dim=-1) + lam * weight * F.normalize(v, dim=-1), dim=-1)
-    return (turned * x.norm(dim=-1, keepdim=True)).to(m.dtype)
+    norm = x.norm(dim=-1, keepdim=True)
+    unit = x / norm.clamp(min=1e-12)
+    v = direction[:, None]  # (B, 1, hidden)
+    weight = 1 - (unit * v).sum(-1, keepdim=True).clamp(max=0)  # 1 + relu(cos(m, -v))
+    return (F.normalize(unit + lam * weight * v, dim=-1) * norm).to(m.dtype)
 
 
 def text_only(embeds: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor):
@@ -107,7 +108,8 @@ class VISTA(Steering):
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
         self.cache = cache
         if self.lam:
-            cache.rows[VECTOR] = self._vector
+            # Eq. 2 reads only v's direction: normalised once here, not in every step.
+            cache.rows[VECTOR] = F.normalize(self._vector, dim=-1)
             del self._vector
         if self.gamma:
             width = self.model.embed_tokens.embedding_dim
