@@ -41,6 +41,9 @@ class KVCache:
         self.length = [0] * n_layers
         self.capacity = capacity
         self.fields: dict[str, torch.Tensor] = {}
+        # Per-row state that is not per slot (a method's vector per row) # (B, ...): splicing
+        # carries it with its row; compaction leaves it alone.
+        self.rows: dict[str, torch.Tensor] = {}
 
     @classmethod
     def like(cls, other: KVCache, batch: int, capacity: int) -> KVCache:
@@ -50,6 +53,8 @@ class KVCache:
         cache = cls(L, batch, Hkv, D, capacity, dtype=other.k.dtype, device=other.k.device)
         for name, field in other.fields.items():
             cache.add_field(name, field.shape[2], shared=field.shape[0] < L)
+        for name, value in other.rows.items():
+            cache.rows[name] = value.new_zeros(batch, *value.shape[1:])
         if other.bias is not None:
             cache._add_bias()
         return cache
@@ -146,11 +151,14 @@ class KVCache:
 
         Per layer the copied slots end at this layer's length (right-aligned), their earlier
         slots invalid; a longer source layer first shifts this layer's slots right. Keys,
-        values, validity, bias and fields move together; ``source`` has this cache's fields
-        (``KVCache.like``). Make room first: a layer needs max(its length, the source's) slots.
+        values, validity, bias and fields move together, and so does the rows' ``rows`` state;
+        ``source`` has this cache's fields (``KVCache.like``). Make room first: a layer needs
+        max(its length, the source's) slots.
         """
         src = torch.tensor(list(rows), device=self.k.device)
         dst = torch.tensor(list(into), device=self.k.device)
+        for name, value in self.rows.items():
+            value[dst] = source.rows[name][src] if name in source.rows else 0
         if source.bias is not None and self.bias is None:
             self._add_bias()
         for layer in range(len(self.length)):

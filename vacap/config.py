@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from vacap.text import prompt_problem
 
-METHODS = ("vasparse", "greedy", "vcd", "fastv")
+METHODS = ("vasparse", "greedy", "vcd", "fastv", "vista")
 # Contrastive weight when none is given: VASparse's default, and VCD's published alpha = 1.
 METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0}
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -48,6 +48,12 @@ class DecodeConfig:
     fastv_layer: int = 2
     fastv_ratio: float = 0.5
     seed: int = 0
+    # vista (docs/VISTA.md): the visual steering vector's strength, the self-logits augmentation's
+    # weight, and its window of layers as fractions of the depth (layers 25-30 of 32)
+    vista_lambda: float = 0.17
+    vista_gamma: float = 0.3
+    vista_window_start: float = 0.78125
+    vista_window_end: float = 0.9375
     # Sampling (vacap/sampling.py): temperature 0 is greedy; the penalty and the n-gram ban also
     # act on greedy. Records state them only away from these defaults (``as_params``).
     temperature: float = 0.0
@@ -78,9 +84,12 @@ class DecodeConfig:
         """
         alpha = METHOD_ALPHA.get(self.method, 0.0) if self.alpha is None else self.alpha
         top_p = 1.0 if self.temperature == 0 else self.top_p
+        vista = {} if self.method == "vista" else dict(vista_lambda=0.0, vista_gamma=0.0)
         if self.method == "vasparse":
-            return dataclasses.replace(self, alpha=alpha, top_p=top_p)
-        off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p)
+            return dataclasses.replace(self, alpha=alpha, top_p=top_p, **vista)
+        off = dict(
+            sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p, **vista
+        )
         if self.method == "vcd":
             return dataclasses.replace(self, **{**off, "alpha": alpha})
         return dataclasses.replace(self, **off)
@@ -130,6 +139,10 @@ class DecodeConfig:
             "contrast_layers": vasparse and contrast,
             "mask_rate": vasparse and contrast and c.contrast_layers > 0,
             "top_p": c.temperature > 0,
+            "vista_lambda": c.method == "vista",
+            "vista_gamma": c.method == "vista",
+            "vista_window_start": c.method == "vista" and c.vista_gamma > 0,
+            "vista_window_end": c.method == "vista" and c.vista_gamma > 0,
             "seed": c.temperature > 0 or c.method == "vcd" or c.risk or (vasparse and contrast and c.contrast_layers > 0),
         }
         return {name: _WHEN_USED[name] for name in given if not acts.get(name, True)}
@@ -145,6 +158,10 @@ _WHEN_USED = {
     "contrast_layers": "--method vasparse with an --alpha above 0",
     "mask_rate": "--method vasparse with --contrast-layers and --alpha above 0",
     "top_p": "a --temperature above 0",
+    "vista_lambda": "--method vista",
+    "vista_gamma": "--method vista",
+    "vista_window_start": "--method vista with a --vista-gamma above 0",
+    "vista_window_end": "--method vista with a --vista-gamma above 0",
     "seed": "something drawn at random: a --temperature above 0, --method vcd, --risk, or vasparse's "
     "contrast branch (--contrast-layers and --alpha above 0)",
 }
@@ -214,15 +231,23 @@ def _problems(c: DecodeConfig):
             _in_unit("kv_budget", c.kv_budget, closed_high=True, open_low=True),
             _in_unit("cluster_ratio", c.cluster_ratio, closed_high=True),
             _in_unit("fastv_ratio", c.fastv_ratio),
+            _in_unit("vista_gamma", c.vista_gamma, closed_high=True),
+            _in_unit("vista_window_start", c.vista_window_start, closed_high=True, open_low=True),
+            _in_unit("vista_window_end", c.vista_window_end, closed_high=True, open_low=True),
         ),
     )
-    for name in ("lam", "alpha", "sink_beta"):
+    for name in ("lam", "alpha", "sink_beta", "vista_lambda"):
         value = getattr(c, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             yield f"{name} must be a finite number >= 0, got {value!r}"
     for name in ("start_layer", "contrast_layers"):
         if getattr(c, name) < 0:
             yield f"{name} must be >= 0, got {getattr(c, name)}"
+    if c.vista_window_start > c.vista_window_end:
+        yield (
+            f"vista_window_start must be at most vista_window_end, got {c.vista_window_start!r} > "
+            f"{c.vista_window_end!r}"
+        )
     if c.fastv_layer < 1:
         yield f"fastv_layer must be >= 1, got {c.fastv_layer}"
     if c.kv_budget < 1 and c.contrast_layers > c.start_layer:

@@ -180,20 +180,20 @@ class Steering:
     caller's: VCD adds noised copies), ``begin`` once the cache exists, then per layer
     ``hidden_slots`` and ``needs_attention``; where the latter says yes, ``layer_logits``,
     ``layer_probs`` and ``observe`` around the softmax of every chunk of queries (in order; see
-    ``Chunk``); ``residual`` on every layer's output; ``after_prefill`` once, then ``head`` and
-    ``next_token`` per step (the loop hands the latter its rule for choosing a token from final
-    logits: argmax, or a seeded draw). With risk signals
-    the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after every
-    ``head``. Hooks must also be right where they were not asked for: a wrapper
+    ``Chunk``); ``mlp_output`` on every layer's MLP output and ``residual`` on every layer's
+    output; ``after_prefill`` once, then ``head`` and ``next_token`` per step (the loop hands the
+    latter its rule for choosing a token from final logits: argmax, or a seeded draw). With risk
+    signals the loop asks ``shares_branch`` once and, where it says yes, ``branch_logits`` after
+    every ``head``. Hooks must also be right where they were not asked for: a wrapper
     (``Diagnostics``) may need the eager path where its inner method does not.
     Under continuous batching one instance does the prefill of each admitted group, and another,
     given the running cache by ``attach`` instead of ``begin``, does every step; so all per-row
-    state lives in the cache (fields), where splicing carries it.
+    state lives in the cache (per-slot fields, or ``rows``), where splicing carries it.
     """
 
     # True for a subclass whose per-layer hooks (``layer_logits``, ``layer_probs``, ``observe``,
-    # ``residual``) act in the prefill only: its decode steps may then run as ``static_step``,
-    # which calls none of them.
+    # ``mlp_output``, ``residual``) act in the prefill only: its decode steps may then run as
+    # ``static_step``, which calls none of them.
     prefill_only_hooks = False
 
     def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
@@ -230,6 +230,11 @@ class Steering:
     ) -> None:
         """probs # (B, H, c, chunk.slots) as used; query_valid # (B, c) marks the chunk's real
         (non-padding) queries."""
+
+    def mlp_output(self, layer: int, m: torch.Tensor, prefill: bool) -> torch.Tensor:
+        """m # (B, t, hidden): what layer ``layer``'s MLP adds to the residual stream; returns
+        what the layer adds instead."""
+        return m
 
     def residual(self, layer: int, x: torch.Tensor, prefill: bool) -> torch.Tensor:
         """x # (B, t, hidden): the residual stream after layer ``layer`` (its attention and MLP);
@@ -295,7 +300,7 @@ def forward(
         x = x + self_attention(
             model, index, layer.input_layernorm(x), cos, sin, cache, valid, causal, steering, chunk_size
         )
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + steering.mlp_output(index, layer.mlp(layer.post_attention_layernorm(x)), x.shape[1] > 1)
         x = steering.residual(index, x, x.shape[1] > 1)
     return x
 
@@ -410,7 +415,7 @@ def _steps_kind(model: VisionLanguageModel, steering: Steering, steps: str) -> s
         raise ValueError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
     if steps == "dynamic":
         return steps
-    hooks = ("layer_logits", "layer_probs", "observe", "residual")
+    hooks = ("layer_logits", "layer_probs", "observe", "mlp_output", "residual")
     base = all(getattr(type(steering), hook) is getattr(Steering, hook) for hook in hooks)
     if base or steering.prefill_only_hooks:
         return steps

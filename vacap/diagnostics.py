@@ -110,6 +110,9 @@ class Diagnostics(Steering):
     def layer_probs(self, layer: int, probs: torch.Tensor, cache: KVCache, chunk: Chunk) -> torch.Tensor:
         return self.inner.layer_probs(layer, probs, cache, chunk)
 
+    def mlp_output(self, layer: int, m: torch.Tensor, prefill: bool) -> torch.Tensor:
+        return self.inner.mlp_output(layer, m, prefill)
+
     def residual(self, layer: int, x: torch.Tensor, prefill: bool) -> torch.Tensor:
         return self.inner.residual(layer, x, prefill)
 

@@ -17,6 +17,7 @@ from vacap.cache import KVCache
 from vacap.config import DecodeConfig
 from vacap.decode import RISK_FIELD, Chunk, Steering, forward
 from vacap.model import VisionLanguageModel
+from vacap.vista import VISTA
 
 
 def steering_for(model: VisionLanguageModel, config: DecodeConfig) -> Steering:
@@ -28,6 +29,8 @@ def steering_for(model: VisionLanguageModel, config: DecodeConfig) -> Steering:
         return FastV(config)
     if config.method == "vasparse":
         return VASparse(model, config)
+    if config.method == "vista":
+        return VISTA(model, config)
     return Steering()
 
 
