@@ -65,6 +65,7 @@ SETTINGS = {
     "kv-budget-0.5": dict(method="vasparse", kv_budget=0.5),
     "vcd": dict(method="vcd"),
     "fastv": dict(method="fastv"),
+    "var": dict(method="var"),
     "diagnostics-tokens": dict(method="vasparse", diagnostics="tokens"),
 }
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
