@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from helpers import IMAGES, PROMPT, hf_greedy, hf_layer_qkv, hf_model, hf_states, positions
+from helpers import IMAGES, PROMPT, extended, hf_greedy, hf_layer_qkv, hf_model, hf_states, positions
 from test_syncs import stream_syncs, syncs
 from transformers.models.llama.modeling_llama import repeat_kv
 
@@ -113,10 +113,12 @@ def test_identity_3_redistribution_is_the_literal_rule_and_keeps_rows_summing_to
     assert changed > 0 and torch.equal(out[2], probs[2])
 
 
-def hf_var_logits(path, model, inputs, settings) -> torch.Tensor:
-    """The first generated token's logits # (V,) of one image with VAR, recomputed from Hugging
-    Face's modules: each decoder layer is HF's own, except in layers VAR acts in, whose attention
-    is written out (HF's projections and rotary, softmax, ``literal_redistribution`` per row)."""
+def hf_var_logits(path, model, inputs, settings, prompt: int) -> torch.Tensor:
+    """The last position's next-token logits # (V,) of one image with VAR, recomputed from
+    Hugging Face's modules: each decoder layer is HF's own, except in layers VAR acts in, whose
+    attention is written out (HF's projections and rotary, softmax, ``literal_redistribution``
+    per row). The first ``prompt`` tokens are the prompt: only they may be sinks; the rest are
+    generated tokens fed back (a decode step's query sees the prompt as the prefill left it)."""
     hf = hf_model(path)
     config = DecodeConfig(**settings)
     lm = hf.model.language_model
@@ -138,6 +140,7 @@ def hf_var_logits(path, model, inputs, settings) -> torch.Tensor:
                 continue
             x = hidden.float()
             sink = ((x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()).abs() * dims).amax(-1)[0] > config.var_tau
+            sink[prompt:] = False
             visual_sinks += int((sink & image).sum())
             q, k, v = hf_layer_qkv(hf, hidden, pos, index)
             k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
@@ -157,20 +160,25 @@ def hf_var_logits(path, model, inputs, settings) -> torch.Tensor:
 
 @pytest.mark.dtype
 @pytest.mark.parametrize("arch", ["llava-llama", "llava-qwen2"])
-def test_identity_2_first_token_logits_match_hf_recomputation(tiny_model, arch):
+def test_identity_2_logits_match_hf_recomputation_in_prefill_and_step(tiny_model, arch):
     path = tiny_model(arch)
     model = load_model(str(path), dtype="fp32", device="cpu")
+    model.eos_ids = ()  # two steps even where the first token is EOS
     settings = sinks_exist(path, model)
     inputs = model.prepare(IMAGES[:1], PROMPT)
-    steering = steering_for(model, DecodeConfig(max_new_tokens=1, **settings))
+    steering = steering_for(model, DecodeConfig(max_new_tokens=2, **settings))
     seen = []
     head = steering.head
     steering.head = lambda *args: seen.append(head(*args)) or seen[-1]
-    generate(model, inputs, steering, 1)
-    expected = hf_var_logits(path, model, inputs, settings)
+    tokens = generate(model, inputs, steering, 2)[0].tokens
+    T = inputs["input_ids"].shape[1]
+    expected = hf_var_logits(path, model, inputs, settings, T)
     torch.testing.assert_close(seen[0][0], expected, rtol=1e-4, atol=1e-4)
     greedy = Steering().head(model, *_first_hidden(model, inputs))
     assert (expected - greedy[0]).abs().max() > 1e-3, "VAR should move the logits"
+    # The step after: the first generated token is fed back, a query of its own, never a sink.
+    stepped = extended(inputs, torch.tensor([[tokens[0]]]))
+    torch.testing.assert_close(seen[1][0], hf_var_logits(path, model, stepped, settings, T), rtol=1e-4, atol=1e-4)
 
 
 def _first_hidden(model, inputs):
