@@ -69,6 +69,16 @@ def test_identity_1_p_one_is_hf_greedy(loaded):
         assert SINK_FIELD not in steering.cache.fields  # off: no field, the fused path everywhere
 
 
+def test_identity_1_a_model_without_sink_dimensions_decodes_as_greedy(loaded, caplog):
+    path, model = loaded
+    with caplog.at_level("WARNING", logger="vacap"):
+        tokens, steering = run(model, IMAGES, method="var")  # tau 20: unreachable at hidden size 64
+        assert tokens == run(model, IMAGES, method="var")[0] == run(model, IMAGES, method="greedy")[0]
+    assert SINK_FIELD not in steering.cache.fields
+    said = [r.getMessage() for r in caplog.records if "no sink dimension" in r.getMessage()]
+    assert len(said) == 1 and "changes nothing" in said[0]  # once per loaded model, not per batch
+
+
 def literal_redistribution(a, sink, image, p, rho, floor):
     """Equations 3-5 of docs/VAR.md for one attention row a # (S,), by plain loops."""
     S = len(a)
@@ -223,7 +233,7 @@ def test_identity_5_sink_dimensions_are_where_the_first_token_is_massive(tiny_mo
     # Hidden size 64: |x_d| / rms(x) is at most 8, so the tiny test uses tau 5 (docs/VAR.md, section 2).
     tau, layers = 5.0, range(START, 3)
     clean = load_model(str(path), dtype="fp32", device="cpu")
-    assert not model_sink_dims(clean, tau, layers).any()  # a random model has no massive activations
+    assert model_sink_dims(clean, tau, layers) is None  # a random model has no massive activations
     model = planted(path, 17)
     dims = model_sink_dims(model, tau, layers)
     assert dims.nonzero().flatten().tolist() == [17]
@@ -245,12 +255,13 @@ def test_identity_5_sink_dimensions_are_where_the_first_token_is_massive(tiny_mo
 
 
 def test_identity_6_no_extra_host_sync_per_step(tiny_model):
-    model = load_model(str(tiny_model("llava-llama")), dtype="fp32", device="cpu")
+    model = planted(tiny_model("llava-llama"), 5)  # so that the model has a sink dimension of its own
     model.eos_ids = ()  # every row runs to max_new
     settings = dict(method="var", var_tau=2.5, var_dims=tuple(range(64)), var_start_layer=START)
     inputs = model.prepare(IMAGES[:2], PROMPT)
-    for found in (dict(), dict(var_dims=())):  # given dimensions, and the model's own
+    for found in (dict(), dict(var_dims=(), var_tau=5.0)):  # given dimensions, and the model's own
         chosen = {**settings, **found}
+        syncs(model, inputs, chosen, 1)  # the model's own are found (and counted) once per model
         short, long = syncs(model, inputs, chosen, 2), syncs(model, inputs, chosen, 6)
         assert len(long) - len(short) == 4, long[len(short) :]
         short, long = stream_syncs(model, IMAGES[:2], chosen, 2), stream_syncs(model, IMAGES[:2], chosen, 6)

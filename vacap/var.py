@@ -9,6 +9,7 @@ with its rule for the sink dimensions and its identities, is docs/VAR.md.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -18,6 +19,7 @@ from vacap.config import DEFAULT_PROMPT, DecodeConfig
 from vacap.decode import Chunk, Steering, forward
 from vacap.model import VisionLanguageModel
 
+log = logging.getLogger("vacap")
 # Cache fields (docs/VAR.md, "Where it hooks"): per layer, 1 on a slot whose token is a sink in
 # that layer; and 1 on image slots. Fields, so that continuous batching carries them.
 SINK_FIELD = "var_sink"
@@ -90,12 +92,13 @@ _FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def model_sink_dims(model: VisionLanguageModel, tau: float, layers: range) -> torch.Tensor:
-    """The model's sink dimensions # (hidden,) bool: where the first token of vacap's prompt,
+def model_sink_dims(model: VisionLanguageModel, tau: float, layers: range) -> torch.Tensor | None:
+    """The model's sink dimensions # (hidden,) bool, or None where it has none: where the first token of vacap's prompt,
     alone at position 0, is massive at the input of a layer of ``layers`` (``massive_dims``).
 
     A causal model's first token sees only itself, so these are its states in every prompt that
-    starts with it. Found once per loaded model and kept on the device: no host read.
+    starts with it. Found once per loaded model: one token through the layers, and one read of
+    how many there are (a model with none is told so, once).
     """
     found = _FOUND.setdefault(model.hf, {})
     key = (tau, layers.start, layers.stop)
@@ -107,7 +110,15 @@ def model_sink_dims(model: VisionLanguageModel, tau: float, layers: range) -> to
         record = _FirstToken()
         one = torch.ones(1, 1, dtype=torch.bool, device=device)
         forward(model, cache, x, torch.zeros(1, 1, dtype=torch.long, device=device), one, record)
-        found[key] = massive_dims(torch.stack([record.states[layer] for layer in layers]), tau)
+        dims = massive_dims(torch.stack([record.states[layer] for layer in layers]), tau)
+        found[key] = dims if bool(dims.any()) else None
+        if found[key] is None:
+            log.warning(
+                "var: %s has no sink dimension (no hidden dimension where its first token's RMS-normalised "
+                "state exceeds --var-tau %g in layers %d-%d), so VAR changes nothing and decodes as greedy; "
+                "see docs/VAR.md",
+                model.name, tau, layers.start, layers.stop - 1,
+            )  # fmt: skip
     return found[key]
 
 
@@ -128,6 +139,8 @@ class VisualAttentionRedistribution(Steering):
             self.dims[list(config.var_dims)] = True
         elif self.active:
             self.dims = model_sink_dims(model, config.var_tau, self.layers)
+            # Without sink dimensions nothing can be a sink: the fused path, greedy's tokens exactly.
+            self.active = self.dims is not None
 
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
         self.cache = cache
