@@ -26,7 +26,8 @@ SINK_FIELD = "var_sink"
 IMAGE_FIELD = "var_image"
 # The epsilon inside the RMS, as in LLaMA's RMSNorm and the paper's code.
 RMS_EPS = 1e-6
-# A share of image attention below which nothing is moved to the image: no division by ~0.
+# The least non-sink image mass the budget is divided by (the paper's code's clamp): a row with
+# less gets only n / MIN_MASS of its budget, never more than all of it.
 MIN_MASS = 1e-6
 
 
@@ -72,8 +73,10 @@ def redistribute(
     if eligible is not None:
         chosen = chosen & eligible[:, None]
     gain = torch.where(chosen, (1 - p) * s / n.clamp(min=MIN_MASS), 0.0)  # (B, H, c)
-    keep = torch.where(chosen[..., None] & sink[:, None, None], p, 1.0)  # (B, H, c, S)
-    return probs * (keep + gain[..., None] * non_sink[:, None, None])
+    # One chunk-sized factor, built in place: the prefill's chunks bound its size (CHUNK_BYTES).
+    factor = torch.where(chosen[..., None] & sink[:, None, None], p, 1.0)  # (B, H, c, S)
+    factor.addcmul_(gain[..., None], non_sink[:, None, None].to(probs.dtype))
+    return probs * factor
 
 
 class _FirstToken(Steering):
