@@ -65,6 +65,9 @@ SETTINGS = {
     "kv-budget-0.5": dict(method="vasparse", kv_budget=0.5),
     "vcd": dict(method="vcd"),
     "fastv": dict(method="fastv"),
+    # Random checkpoints have no sink dimension of their own (docs/VAR.md, section 2), so one is
+    # given: VAR then runs in full; what it costs does not depend on how many tokens are sinks.
+    "var": dict(method="var", var_dims=(0,)),
     "diagnostics-tokens": dict(method="vasparse", diagnostics="tokens"),
 }
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"

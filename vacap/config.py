@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from vacap.text import prompt_problem
 
-METHODS = ("vasparse", "greedy", "vcd", "fastv", "vista")
+METHODS = ("vasparse", "greedy", "vcd", "fastv", "vista", "var")
 # Contrastive weight when none is given: VASparse's default, and VCD's published alpha = 1.
 METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0}
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -47,6 +47,14 @@ class DecodeConfig:
     vcd_noise_step: int = 500
     fastv_layer: int = 2
     fastv_ratio: float = 0.5
+    # var: visual attention redistribution (docs/VAR.md). var_p is the share of a sink's
+    # attention kept (the paper's p; 1 is off); var_dims empty: the model's own sink dimensions.
+    var_p: float = 0.6
+    var_rho: float = 0.5
+    var_tau: float = 20.0
+    var_image_floor: float = 0.2
+    var_start_layer: int = 2
+    var_dims: tuple[int, ...] = ()
     seed: int = 0
     # vista (docs/VISTA.md): the visual steering vector's strength, the self-logits augmentation's
     # weight, and its window of layers as fractions of the depth (layers 25-30 of 32)
@@ -84,15 +92,15 @@ class DecodeConfig:
         """
         alpha = METHOD_ALPHA.get(self.method, 0.0) if self.alpha is None else self.alpha
         top_p = 1.0 if self.temperature == 0 else self.top_p
-        vista = {} if self.method == "vista" else dict(vista_lambda=0.0, vista_gamma=0.0)
+        own = {
+            name: value for method, off in METHOD_OFF.items() if method != self.method for name, value in off.items()
+        }
         if self.method == "vasparse":
-            return dataclasses.replace(self, alpha=alpha, top_p=top_p, **vista)
-        off = dict(
-            sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p, **vista
-        )
+            return dataclasses.replace(self, alpha=alpha, top_p=top_p, **own)
+        off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p)
         if self.method == "vcd":
-            return dataclasses.replace(self, **{**off, "alpha": alpha})
-        return dataclasses.replace(self, **off)
+            return dataclasses.replace(self, **{**off, **own, "alpha": alpha})
+        return dataclasses.replace(self, **off, **own)
 
     def check_layers(self, n_layers: int) -> None:
         """Raise ValueError for layer settings the loaded model does not have."""
@@ -105,6 +113,12 @@ class DecodeConfig:
             )
             if used and value >= n_layers
         ]
+        if c.method == "var" and c.var_p < 1 and c.var_start_layer > n_layers - 2:
+            # VAR leaves the last layer alone, so it needs a layer from var_start_layer to the one before.
+            problems.append(
+                f"var_start_layer must be at most {n_layers - 2} (the model's {n_layers} decoder layers but the "
+                f"last), got {c.var_start_layer}"
+            )
         if c.contrast_layers > n_layers:
             problems.append(f"contrast_layers must be at most the model's {n_layers} decoder layers")
         if problems:
@@ -123,6 +137,12 @@ class DecodeConfig:
         for name in (*SAMPLING_FIELDS, "risk"):
             if params[name] == defaults[name]:
                 del params[name]
+        # Knobs of the methods added in issue 26 appear under their own method only, so that the
+        # records of every other method keep the params, and the resume keys, they had.
+        for method, names in METHOD_KNOBS.items():
+            if method != self.method:
+                for name in names:
+                    del params[name]
         return params
 
     def unused(self, given: Iterable[str]) -> dict[str, str]:
@@ -144,11 +164,21 @@ class DecodeConfig:
             "vista_window_start": c.method == "vista" and c.vista_gamma > 0,
             "vista_window_end": c.method == "vista" and c.vista_gamma > 0,
             "seed": c.temperature > 0 or c.method == "vcd" or c.risk or (vasparse and contrast and c.contrast_layers > 0),
+            "var_p": c.method == "var",
+            **{name: c.method == "var" and c.var_p < 1 for name in METHOD_KNOBS["var"] if name != "var_p"},
         }
         return {name: _WHEN_USED[name] for name in given if not acts.get(name, True)}
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram")
+# Each method's own knobs, where records state them only for that method (``as_params``).
+METHOD_KNOBS = {
+    "vista": ("vista_lambda", "vista_gamma", "vista_window_start", "vista_window_end"),
+    "var": ("var_p", "var_rho", "var_tau", "var_image_floor", "var_start_layer", "var_dims"),
+}
+# Each such method's mechanisms off, for the other methods' resolved settings: VAR's sinks keep
+# all their attention, VISTA neither steers nor mixes logits.
+METHOD_OFF = {"vista": dict(vista_lambda=0.0, vista_gamma=0.0), "var": dict(var_p=1.0)}
 # Where a setting that only some settings use acts (DecodeConfig.unused).
 _WHEN_USED = {
     **{name: "--method vasparse" for name in ("sparsity", "sink_beta", "start_layer", "kv_budget")},
@@ -164,6 +194,8 @@ _WHEN_USED = {
     "vista_window_end": "--method vista with a --vista-gamma above 0",
     "seed": "something drawn at random: a --temperature above 0, --method vcd, --risk, or vasparse's "
     "contrast branch (--contrast-layers and --alpha above 0)",
+    "var_p": "--method var",
+    **{name: "--method var with a --var-p below 1" for name in METHOD_KNOBS["var"] if name != "var_p"},
 }
 
 
@@ -269,3 +301,24 @@ def _problems(c: DecodeConfig):
         yield f"knn must be at least 1, got {c.knn}"
     if not 1 <= c.vcd_noise_step <= 999:
         yield f"vcd_noise_step must be in [1, 999], got {c.vcd_noise_step}"
+    yield from _var_problems(c)
+
+
+def _var_problems(c: DecodeConfig):
+    yield from filter(
+        None,
+        (
+            _in_unit("var_p", c.var_p, closed_high=True),
+            _in_unit("var_rho", c.var_rho, closed_high=True),
+            _in_unit("var_image_floor", c.var_image_floor, closed_high=True),
+        ),
+    )
+    if not (math.isfinite(c.var_tau) and c.var_tau > 0):
+        yield f"var_tau must be a finite number > 0 (a sink's RMS-normalised activation), got {c.var_tau!r}"
+    if c.var_start_layer < 1:
+        # Layer l's sinks are read from layer l - 1's output (docs/VAR.md).
+        yield f"var_start_layer must be >= 1, got {c.var_start_layer}"
+    if not isinstance(c.var_dims, tuple) or not all(isinstance(d, int) and d >= 0 for d in c.var_dims):
+        yield f"var_dims must be a tuple of hidden dimensions (whole numbers >= 0), got {c.var_dims!r}"
+    elif len(set(c.var_dims)) != len(c.var_dims):
+        yield f"var_dims must not repeat a dimension, got {c.var_dims!r}"

@@ -1,4 +1,4 @@
-"""Decoding methods as ``Steering`` of the one decode loop: VASparse, VCD and FastV.
+"""Decoding methods as ``Steering`` of the one decode loop: VASparse, VCD and FastV (VAR: vacap/var.py).
 
 The formulas live in ``vacap/vasparse.py`` as pure functions; this module keeps their state
 (statistics per cache slot, masks, the noised batch) and calls them at the loop's hooks.
@@ -17,6 +17,7 @@ from vacap.cache import KVCache
 from vacap.config import DecodeConfig
 from vacap.decode import RISK_FIELD, Chunk, Steering, forward
 from vacap.model import VisionLanguageModel
+from vacap.var import VisualAttentionRedistribution
 from vacap.vista import VISTA
 
 
@@ -31,6 +32,8 @@ def steering_for(model: VisionLanguageModel, config: DecodeConfig) -> Steering:
         return VASparse(model, config)
     if config.method == "vista":
         return VISTA(model, config)
+    if config.method == "var":
+        return VisualAttentionRedistribution(model, config)
     return Steering()
 
 
