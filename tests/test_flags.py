@@ -42,6 +42,9 @@ def said(out: subprocess.CompletedProcess) -> str:
          ["mask_rate", "contrast_layers", "apc_beta"]),
         (dict(method="vasparse", sparsity=0.0), ["lam"], ["lam"]),
         (dict(method="vasparse", sparsity=0.0, kv_budget=0.5), ["lam"], []),
+        (dict(method="vasparse"), ["vista_lambda", "var_p", "var_dims"], ["vista_lambda", "var_p", "var_dims"]),
+        (dict(method="vista", vista_gamma=0.0), ["vista_lambda", "vista_window_start"], ["vista_window_start"]),
+        (dict(method="var", var_p=1.0), ["var_p", "var_tau", "var_dims"], ["var_tau", "var_dims"]),
     ],
 )  # fmt: skip
 def test_unused_names_exactly_the_settings_that_change_nothing(settings, given, unused):
@@ -78,6 +81,19 @@ def test_a_flag_given_at_its_default_value_counts_as_given(tmp_path):
 def test_every_command_refuses_a_flag_no_setting_uses(command, refused):
     out = vacap(*command, "--model", NO_MODEL)
     assert out.returncode == 2 and f"changing nothing with --method" in said(out) and refused in said(out)
+
+
+def test_other_methods_flags_reach_their_settings_and_records(tmp_path):
+    out_file = tmp_path / "out.jsonl"
+    out = vacap("caption", SAMPLES / "scene_1.png", "--model", "demo", "--method", "var", "--var-dims", "3,5",
+                "--var-tau", "2", "--max-new-tokens", "4", "-o", out_file)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    params = json.loads(out_file.read_text(encoding="utf-8").splitlines()[0])["params"]
+    assert params["var_dims"] == [3, 5] and params["var_tau"] == 2.0 and "vista_lambda" not in params
+    bad = vacap("caption", SAMPLES, "--model", NO_MODEL, "--method", "var", "--var-dims", "3,x")
+    assert bad.returncode == 2 and "'3,x' is not a comma-separated list of whole numbers" in said(bad)
+    idle = vacap("caption", SAMPLES, "--model", NO_MODEL, "--method", "greedy", "--vista-lambda", "0.1")
+    assert idle.returncode == 2 and "--vista-lambda (acts only with --method vista)" in said(idle)
 
 
 def test_compare_takes_a_flag_that_one_of_its_methods_uses():

@@ -201,6 +201,16 @@ def caption(
     contrast_layers: o.ContrastLayers = D.contrast_layers,
     mask_rate: o.MaskRate = D.mask_rate,
     kv_budget: o.KvBudget = D.kv_budget,
+    vista_lambda: o.VistaLambda = D.vista_lambda,
+    vista_gamma: o.VistaGamma = D.vista_gamma,
+    vista_window_start: o.VistaWindowStart = D.vista_window_start,
+    vista_window_end: o.VistaWindowEnd = D.vista_window_end,
+    var_p: o.VarP = D.var_p,
+    var_rho: o.VarRho = D.var_rho,
+    var_tau: o.VarTau = D.var_tau,
+    var_image_floor: o.VarImageFloor = D.var_image_floor,
+    var_start_layer: o.VarStartLayer = D.var_start_layer,
+    var_dims: o.VarDims = "",
     temperature: o.Temperature = D.temperature,
     top_p: o.TopP = D.top_p,
     repetition_penalty: o.RepetitionPenalty = D.repetition_penalty,
@@ -237,7 +247,9 @@ def caption(
         apc_beta=apc_beta, sink_beta=sink_beta, start_layer=start_layer, contrast_layers=contrast_layers,
         mask_rate=mask_rate, kv_budget=kv_budget, seed=seed, diagnostics=diagnostics, compile=compile,
         temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
-        risk=risk,
+        risk=risk, vista_lambda=vista_lambda, vista_gamma=vista_gamma, vista_window_start=vista_window_start,
+        vista_window_end=vista_window_end, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
+        var_image_floor=var_image_floor, var_start_layer=var_start_layer, var_dims=var_dims,
     )  # fmt: skip
     config = _configs(ctx, [{}], **settings)
     _check_vocabulary(risk, risk_vocab)
@@ -303,6 +315,11 @@ def compare(
     lam: o.Lams = None,
     sink_beta: o.SinkBetas = None,
     kv_budget: o.KvBudgets = None,
+    vista_lambda: o.VistaLambdas = None,
+    vista_gamma: o.VistaGammas = None,
+    var_p: o.VarPs = None,
+    var_rho: o.VarRhos = None,
+    var_tau: o.VarTaus = None,
     ablation: o.Ablation = False,
     temperature: o.Temperature = D.temperature,
     top_p: o.TopP = D.top_p,
@@ -334,7 +351,10 @@ def compare(
     )  # fmt: skip
     _check_vocabulary(risk, risk_vocab)
     try:
-        sweeps = parse_sweeps(sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget)
+        sweeps = parse_sweeps(
+            sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget,
+            vista_lambda=vista_lambda, vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
+        )  # fmt: skip
         grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
     except ValueError as exc:
         _usage(str(exc))
@@ -684,6 +704,11 @@ def eval_shapes(
     kv_budget: o.KvBudgets = None,
     contrast_layers: o.ContrastLayerCounts = None,
     mask_rate: o.MaskRates = None,
+    vista_lambda: o.VistaLambdas = None,
+    vista_gamma: o.VistaGammas = None,
+    var_p: o.VarPs = None,
+    var_rho: o.VarRhos = None,
+    var_tau: o.VarTaus = None,
     ablation: Annotated[
         Optional[bool],
         typer.Option(
@@ -723,7 +748,8 @@ def eval_shapes(
         chosen = parse_list(methods, str, "--methods")
         sweeps = parse_sweeps(
             sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget,
-            contrast_layers=contrast_layers, mask_rate=mask_rate,
+            contrast_layers=contrast_layers, mask_rate=mask_rate, vista_lambda=vista_lambda,
+            vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
         )  # fmt: skip
         grid = settings_grid(chosen, sweeps, "vasparse" in chosen if ablation is None else ablation)
         grid = {label: {**settings, "risk": risk} for label, settings in grid.items()}

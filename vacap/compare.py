@@ -40,6 +40,11 @@ SWEEP_FLAGS = {
     "kv_budget": "--kv-budget",
     "contrast_layers": "--contrast-layers",
     "mask_rate": "--mask-rate",
+    "vista_lambda": "--vista-lambda",
+    "vista_gamma": "--vista-gamma",
+    "var_p": "--var-p",
+    "var_rho": "--var-rho",
+    "var_tau": "--var-tau",
 }
 # A layer count is a whole number; every other swept setting is a float.
 _SWEEP_KINDS = {"contrast_layers": int}

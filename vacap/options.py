@@ -21,6 +21,8 @@ TEXT = "Caption text"
 MODEL = "Model"
 DECODING = "Decoding"
 VASPARSE = "VASparse"
+VISTA = "VISTA (--method vista)"
+VAR = "VAR (--method var)"
 SAMPLING = "Sampling"
 DIAGNOSTICS = "Diagnostics"
 SCALE_OUT = "Scale-out"
@@ -247,6 +249,51 @@ KvBudget = Annotated[
     float, typer.Option(metavar="X", rich_help_panel=VASPARSE, help="Share of the prompt cache kept, (0, 1]; 1 is off.")
 ]
 
+# VISTA (docs/VISTA.md) and VAR (docs/VAR.md); DecodeConfig checks the ranges.
+VistaLambda = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VISTA, help="Visual steering strength, >= 0; 0 is off.")
+]
+VistaGamma = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VISTA, help="Weight of late layers' logits, [0, 1]; 0 is off.")
+]
+VistaWindowStart = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VISTA, help="Their first layer, as a share of the depth.")
+]
+VistaWindowEnd = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VISTA, help="Their last layer, as a share of the depth.")
+]
+VarP = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VAR, help="Share of sinks' attention kept, [0, 1]; 1 is off.")
+]
+VarRho = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VAR, help="Least non-sink share of a row's image attention.")
+]
+VarTau = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VAR, help="Normalised activation that makes a sink, > 0.")
+]
+VarImageFloor = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=VAR, help="Least attention a row pays the image, [0, 1].")
+]
+VarStartLayer = Annotated[int, typer.Option(metavar="N", rich_help_panel=VAR, help="First decoder layer VAR acts in.")]
+
+
+def _dimensions(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
+# A str to typer, which would take a tuple annotation for several values per flag; the parser
+# turns the text into the tuple DecodeConfig holds.
+VarDims = Annotated[
+    str,
+    typer.Option(
+        parser=_dimensions, metavar="LIST", rich_help_panel=VAR,
+        help="Sink dimensions, comma-separated; default: found in the model.",
+    ),
+]  # fmt: skip
+
 # Sampling.
 Temperature = Annotated[
     float,
@@ -337,10 +384,10 @@ Methods = Annotated[
 ]
 
 
-def _sweep(flag: str, what: str):
+def _sweep(flag: str, what: str, panel: str = VASPARSE):
     return Annotated[
         Optional[str],
-        typer.Option(flag, metavar="LIST", rich_help_panel=VASPARSE, help=f"Comma-separated {what}, one run each."),
+        typer.Option(flag, metavar="LIST", rich_help_panel=panel, help=f"Comma-separated {what}, one run each."),
     ]
 
 
@@ -351,6 +398,11 @@ SinkBetas = _sweep("--sink-beta", "sink penalties")
 KvBudgets = _sweep("--kv-budget", "KV budgets")
 ContrastLayerCounts = _sweep("--contrast-layers", "contrast-branch layer counts")
 MaskRates = _sweep("--mask-rate", "shares of image slots the contrast branch hides")
+VistaLambdas = _sweep("--vista-lambda", "steering strengths", VISTA)
+VistaGammas = _sweep("--vista-gamma", "weights of late layers' logits", VISTA)
+VarPs = _sweep("--var-p", "shares of sinks' attention kept", VAR)
+VarRhos = _sweep("--var-rho", "least non-sink shares", VAR)
+VarTaus = _sweep("--var-tau", "sink thresholds", VAR)
 Ablation = Annotated[
     bool, typer.Option(metavar="", rich_help_panel=VASPARSE, help="Add VASparse with each mechanism alone.")
 ]
