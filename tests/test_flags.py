@@ -54,7 +54,7 @@ def test_a_flag_the_method_ignores_is_refused_before_anything_loads(tmp_path):
     assert out.returncode == 2
     assert (
         "given but changing nothing with --method greedy: --sparsity (acts only with --method vasparse), "
-        "--alpha (acts only with --method vasparse or vcd); leave them out" in said(out)
+        "--alpha (acts only with --method vasparse, vcd or pai); leave them out" in said(out)
     )
     assert "Usage: " in out.stderr and not (tmp_path / "out.jsonl").exists()
 
@@ -101,7 +101,7 @@ def test_other_flags_that_would_change_nothing_are_refused(command, message):
 @pytest.mark.parametrize(
     "command, flag, value, allowed",
     [
-        ("caption", "--method", "greed", "vasparse, greedy, vcd, fastv"),
+        ("caption", "--method", "greed", "vasparse, greedy, vcd, fastv, pai"),
         ("caption", "--dtype", "fp8", "auto, bf16, fp16, fp32"),
         ("caption", "--sidecar", "md", "txt, caption"),
         ("caption", "--existing", "merge", "skip, overwrite, append, prepend"),

@@ -89,7 +89,7 @@ def test_caption_help_says_what_a_new_user_needs():
     assert "or demo (the small model shipped with vacap)" in text
     assert "[default: llava-hf/llava-1.5-7b-hf]" in text
     assert 'pip install ".[ray]" in vacap\'s checkout' in text
-    assert "Decoding method: vasparse, greedy, vcd or fastv." in text
+    assert "Decoding method: vasparse, greedy, vcd, fastv or pai." in text
     for command in (["caption"], ["compare"], ["eval", "pope"], ["eval", "shapes"]):
         batch = " ".join(words(render(command, 250)))
         assert re.search(r"--batch-size N \[x>=1\] \w+ decoded together\. \d+ by default[:,] ", batch), command

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 
 from vacap.text import prompt_problem
 
-METHODS = ("vasparse", "greedy", "vcd", "fastv")
-# Contrastive weight when none is given: VASparse's default, and VCD's published alpha = 1.
-METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0}
+METHODS = ("vasparse", "greedy", "vcd", "fastv", "pai")
+# Contrastive weight when none is given: VASparse's default, VCD's published alpha = 1, and PAI's
+# guidance gamma = 1.1 (alpha = gamma - 1, docs/PAI.md).
+METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0, "pai": 0.1}
+# Settings only one method has: records of the other methods leave them out (``as_params``), so
+# that adding a method changes no earlier record's resume key.
+METHOD_FIELDS = {"pai": ("pai_alpha", "pai_start_layer")}
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DIAGNOSTICS = ("none", "summary", "tokens")
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -48,6 +52,10 @@ class DecodeConfig:
     fastv_layer: int = 2
     fastv_ratio: float = 0.5
     seed: int = 0
+    # pai (docs/PAI.md): image attention amplification from pai_start_layer on; its guidance is
+    # alpha (gamma - 1) and apc_beta
+    pai_alpha: float = 0.5
+    pai_start_layer: int = 2
     # Sampling (vacap/sampling.py): temperature 0 is greedy; the penalty and the n-gram ban also
     # act on greedy. Records state them only away from these defaults (``as_params``).
     temperature: float = 0.0
@@ -78,10 +86,12 @@ class DecodeConfig:
         """
         alpha = METHOD_ALPHA.get(self.method, 0.0) if self.alpha is None else self.alpha
         top_p = 1.0 if self.temperature == 0 else self.top_p
+        own = {} if self.method == "pai" else dict(pai_alpha=0.0)
         if self.method == "vasparse":
-            return dataclasses.replace(self, alpha=alpha, top_p=top_p)
+            return dataclasses.replace(self, alpha=alpha, top_p=top_p, **own)
         off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p)
-        if self.method == "vcd":
+        off.update(own)
+        if self.method in ("vcd", "pai"):
             return dataclasses.replace(self, **{**off, "alpha": alpha})
         return dataclasses.replace(self, **off)
 
@@ -93,6 +103,7 @@ class DecodeConfig:
             for name, value, used in (
                 ("start_layer", c.start_layer, c.method == "vasparse"),
                 ("fastv_layer", c.fastv_layer, c.method == "fastv"),
+                ("pai_start_layer", c.pai_start_layer, c.pai_alpha > 0),
             )
             if used and value >= n_layers
         ]
@@ -108,12 +119,17 @@ class DecodeConfig:
         (``records.settings_key``): a greedy run finds them done, and a sampled run, whose
         params differ, does not. ``risk`` changes no token but adds the record's ``risk``
         object, so a run with it does not take records without it as done."""
-        params = dataclasses.asdict(self.resolved())
+        c = self.resolved()
+        params = dataclasses.asdict(c)
         del params["compile"]
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         for name in (*SAMPLING_FIELDS, "risk"):
             if params[name] == defaults[name]:
                 del params[name]
+        for method, names in METHOD_FIELDS.items():
+            if c.method != method:
+                for name in names:
+                    del params[name]
         return params
 
     def unused(self, given: Iterable[str]) -> dict[str, str]:
@@ -130,6 +146,8 @@ class DecodeConfig:
             "contrast_layers": vasparse and contrast,
             "mask_rate": vasparse and contrast and c.contrast_layers > 0,
             "top_p": c.temperature > 0,
+            "pai_alpha": c.method == "pai",
+            "pai_start_layer": c.pai_alpha > 0,
             "seed": c.temperature > 0 or c.method == "vcd" or c.risk or (vasparse and contrast and c.contrast_layers > 0),
         }
         return {name: _WHEN_USED[name] for name in given if not acts.get(name, True)}
@@ -139,11 +157,13 @@ SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngra
 # Where a setting that only some settings use acts (DecodeConfig.unused).
 _WHEN_USED = {
     **{name: "--method vasparse" for name in ("sparsity", "sink_beta", "start_layer", "kv_budget")},
-    "alpha": "--method vasparse or vcd",
-    "apc_beta": "--method vasparse or vcd with an --alpha above 0",
+    "alpha": "--method vasparse, vcd or pai",
+    "apc_beta": "--method vasparse, vcd or pai with an --alpha above 0",
     "lam": "--method vasparse with a --sparsity above 0 or a --kv-budget below 1",
     "contrast_layers": "--method vasparse with an --alpha above 0",
     "mask_rate": "--method vasparse with --contrast-layers and --alpha above 0",
+    "pai_alpha": "--method pai",
+    "pai_start_layer": "--method pai with a --pai-alpha above 0",
     "top_p": "a --temperature above 0",
     "seed": "something drawn at random: a --temperature above 0, --method vcd, --risk, or vasparse's "
     "contrast branch (--contrast-layers and --alpha above 0)",
@@ -216,11 +236,11 @@ def _problems(c: DecodeConfig):
             _in_unit("fastv_ratio", c.fastv_ratio),
         ),
     )
-    for name in ("lam", "alpha", "sink_beta"):
+    for name in ("lam", "alpha", "sink_beta", "pai_alpha"):
         value = getattr(c, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             yield f"{name} must be a finite number >= 0, got {value!r}"
-    for name in ("start_layer", "contrast_layers"):
+    for name in ("start_layer", "contrast_layers", "pai_start_layer"):
         if getattr(c, name) < 0:
             yield f"{name} must be >= 0, got {getattr(c, name)}"
     if c.fastv_layer < 1:
