@@ -65,6 +65,10 @@ SETTINGS = {
     "kv-budget-0.5": dict(method="vasparse", kv_budget=0.5),
     "vcd": dict(method="vcd"),
     "fastv": dict(method="fastv"),
+    # PAI (docs/PAI.md) and each of its mechanisms alone.
+    "pai": dict(method="pai"),
+    "pai-attention-only": dict(method="pai", alpha=0.0),
+    "pai-guidance-only": dict(method="pai", pai_alpha=0.0),
     "diagnostics-tokens": dict(method="vasparse", diagnostics="tokens"),
 }
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
