@@ -216,9 +216,13 @@ def runs_long(tiny_model):
     return model
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_each_decode_step_syncs_once(runs_long, variant):
-    settings = dict(method="pai", **VARIANTS[variant])
+# With risk signals too: the risk branch is vacap's own and must cost PAI no sync per step either.
+SYNC_SETTINGS = {**{name: dict(method="pai", **v) for name, v in VARIANTS.items()}, "risk": dict(method="pai", risk=True)}
+
+
+@pytest.mark.parametrize("name", SYNC_SETTINGS)
+def test_each_decode_step_syncs_once(runs_long, name):
+    settings = SYNC_SETTINGS[name]
     inputs = runs_long.prepare(IMAGES[:2], PROMPT)
     short, long = syncs(runs_long, inputs, settings, 2), syncs(runs_long, inputs, settings, 6)
     assert len(long) - len(short) == 4, long[len(short) :]
