@@ -68,6 +68,10 @@ SETTINGS = {
     # Random checkpoints have no sink dimension of their own (docs/VAR.md, section 2), so one is
     # given: VAR then runs in full; what it costs does not depend on how many tokens are sinks.
     "var": dict(method="var", var_dims=(0,)),
+    # PAI (docs/PAI.md) and each of its mechanisms alone.
+    "pai": dict(method="pai"),
+    "pai-attention-only": dict(method="pai", alpha=0.0),
+    "pai-guidance-only": dict(method="pai", pai_alpha=0.0),
     "diagnostics-tokens": dict(method="vasparse", diagnostics="tokens"),
 }
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"

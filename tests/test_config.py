@@ -43,4 +43,4 @@ def test_help_states_each_methods_alpha():
     # Typer renders help with rich markup, which would swallow a "[default: ...]" written by hand.
     out = subprocess.run([sys.executable, "-m", "vacap.cli", "caption", "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "250"}, timeout=60)  # fmt: skip
-    assert "Default: 0.1 for vasparse, 1 for vcd" in out.stdout
+    assert "Default: 0.1 for vasparse and pai, 1 for vcd" in out.stdout

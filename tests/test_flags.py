@@ -45,6 +45,8 @@ def said(out: subprocess.CompletedProcess) -> str:
         (dict(method="vasparse"), ["vista_lambda", "var_p", "var_dims"], ["vista_lambda", "var_p", "var_dims"]),
         (dict(method="vista", vista_gamma=0.0), ["vista_lambda", "vista_window_start"], ["vista_window_start"]),
         (dict(method="var", var_p=1.0), ["var_p", "var_tau", "var_dims"], ["var_tau", "var_dims"]),
+        (dict(method="greedy"), ["pai_alpha", "pai_start_layer"], ["pai_alpha", "pai_start_layer"]),
+        (dict(method="pai", pai_alpha=0.0), ["pai_alpha", "pai_start_layer", "alpha"], ["pai_start_layer"]),
     ],
 )  # fmt: skip
 def test_unused_names_exactly_the_settings_that_change_nothing(settings, given, unused):
@@ -57,7 +59,7 @@ def test_a_flag_the_method_ignores_is_refused_before_anything_loads(tmp_path):
     assert out.returncode == 2
     assert (
         "given but changing nothing with --method greedy: --sparsity (acts only with --method vasparse), "
-        "--alpha (acts only with --method vasparse or vcd); leave them out" in said(out)
+        "--alpha (acts only with --method vasparse, vcd or pai); leave them out" in said(out)
     )
     assert "Usage: " in out.stderr and not (tmp_path / "out.jsonl").exists()
 
@@ -94,6 +96,14 @@ def test_other_methods_flags_reach_their_settings_and_records(tmp_path):
     assert bad.returncode == 2 and "'3,x' is not a comma-separated list of whole numbers" in said(bad)
     idle = vacap("caption", SAMPLES, "--model", NO_MODEL, "--method", "greedy", "--vista-lambda", "0.1")
     assert idle.returncode == 2 and "--vista-lambda (acts only with --method vista)" in said(idle)
+    pai = vacap("caption", SAMPLES / "scene_1.png", "--model", "demo", "--method", "pai", "--pai-alpha", "0.3",
+                "--pai-start-layer", "1", "--max-new-tokens", "4", "-o", tmp_path / "pai.jsonl")  # fmt: skip
+    assert pai.returncode == 0, pai.stderr
+    params = json.loads((tmp_path / "pai.jsonl").read_text(encoding="utf-8").splitlines()[0])["params"]
+    assert (params["pai_alpha"], params["pai_start_layer"], params["alpha"]) == (0.3, 1, 0.1)
+    assert "var_p" not in params and "vista_lambda" not in params
+    idle = vacap("caption", SAMPLES, "--model", NO_MODEL, "--method", "vcd", "--pai-alpha", "0.1")
+    assert idle.returncode == 2 and "--pai-alpha (acts only with --method pai)" in said(idle)
 
 
 def test_compare_takes_a_flag_that_one_of_its_methods_uses():
@@ -117,7 +127,7 @@ def test_other_flags_that_would_change_nothing_are_refused(command, message):
 @pytest.mark.parametrize(
     "command, flag, value, allowed",
     [
-        ("caption", "--method", "greed", "vasparse, greedy, vcd, fastv"),
+        ("caption", "--method", "greed", "vasparse, greedy, vcd, fastv, vista, var, pai"),
         ("caption", "--dtype", "fp8", "auto, bf16, fp16, fp32"),
         ("caption", "--sidecar", "md", "txt, caption"),
         ("caption", "--existing", "merge", "skip, overwrite, append, prepend"),

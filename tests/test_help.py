@@ -78,6 +78,7 @@ def test_caption_help_is_grouped_into_panels():
         "VISTA (--method vista)": ["--vista-lambda", "--vista-gamma", "--vista-window-start", "--vista-window-end"],
         "VAR (--method var)": ["--var-p", "--var-rho", "--var-tau", "--var-image-floor", "--var-start-layer",
                                "--var-dims"],
+        "PAI (--method pai)": ["--pai-alpha", "--pai-start-layer"],
         "Sampling": ["--temperature", "--top-p", "--repetition-penalty", "--no-repeat-ngram"],
         "Diagnostics": ["--diagnostics", "--verbose"],
         "Scale-out": ["--ray", "--ray-address", "--workers", "--gpus-per-worker"],
@@ -92,7 +93,7 @@ def test_caption_help_says_what_a_new_user_needs():
     assert "or demo (the small model shipped with vacap)" in text
     assert "[default: llava-hf/llava-1.5-7b-hf]" in text
     assert 'pip install ".[ray]" in vacap\'s checkout' in text
-    assert "Decoding method: vasparse, greedy, vcd, fastv, vista or var." in text
+    assert "Decoding method: vasparse, greedy, vcd, fastv, vista, var or pai." in text
     for command in (["caption"], ["compare"], ["eval", "pope"], ["eval", "shapes"]):
         batch = " ".join(words(render(command, 250)))
         assert re.search(r"--batch-size N \[x>=1\] \w+ decoded together\. \d+ by default[:,] ", batch), command

@@ -302,12 +302,16 @@ def test_settings_grid_sweeps_each_method_in_the_settings_that_act_in_it():
         "vcd alpha=1": dict(method="vcd", alpha=1.0),
     }
     # Each method's own knobs sweep that method only.
-    grid = settings_grid(["greedy", "vista", "var"], parse_sweeps(vista_lambda="0,0.3", var_p="0.6"))
+    grid = settings_grid(
+        ["greedy", "vista", "var", "pai"], parse_sweeps(vista_lambda="0,0.3", var_p="0.6", pai_alpha="0.2,1")
+    )
     assert grid == {
         "greedy": dict(method="greedy"),
         "vista vista-lambda=0": dict(method="vista", vista_lambda=0.0),
         "vista vista-lambda=0.3": dict(method="vista", vista_lambda=0.3),
         "var var-p=0.6": dict(method="var", var_p=0.6),
+        "pai pai-alpha=0.2": dict(method="pai", pai_alpha=0.2),
+        "pai pai-alpha=1": dict(method="pai", pai_alpha=1.0),
     }
     # A setting that a combination turns off is left out of that run's label and settings.
     assert list(settings_grid(["vasparse"], {"alpha": [0.0, 1.0], "contrast_layers": [2]})) == [

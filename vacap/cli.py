@@ -211,6 +211,8 @@ def caption(
     var_image_floor: o.VarImageFloor = D.var_image_floor,
     var_start_layer: o.VarStartLayer = D.var_start_layer,
     var_dims: o.VarDims = "",
+    pai_alpha: o.PaiAlpha = D.pai_alpha,
+    pai_start_layer: o.PaiStartLayer = D.pai_start_layer,
     temperature: o.Temperature = D.temperature,
     top_p: o.TopP = D.top_p,
     repetition_penalty: o.RepetitionPenalty = D.repetition_penalty,
@@ -249,7 +251,8 @@ def caption(
         temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
         risk=risk, vista_lambda=vista_lambda, vista_gamma=vista_gamma, vista_window_start=vista_window_start,
         vista_window_end=vista_window_end, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
-        var_image_floor=var_image_floor, var_start_layer=var_start_layer, var_dims=var_dims,
+        var_image_floor=var_image_floor, var_start_layer=var_start_layer, var_dims=var_dims, pai_alpha=pai_alpha,
+        pai_start_layer=pai_start_layer,
     )  # fmt: skip
     config = _configs(ctx, [{}], **settings)
     _check_vocabulary(risk, risk_vocab)
@@ -320,6 +323,7 @@ def compare(
     var_p: o.VarPs = None,
     var_rho: o.VarRhos = None,
     var_tau: o.VarTaus = None,
+    pai_alpha: o.PaiAlphas = None,
     ablation: o.Ablation = False,
     temperature: o.Temperature = D.temperature,
     top_p: o.TopP = D.top_p,
@@ -354,6 +358,7 @@ def compare(
         sweeps = parse_sweeps(
             sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget,
             vista_lambda=vista_lambda, vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
+            pai_alpha=pai_alpha,
         )  # fmt: skip
         grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
     except ValueError as exc:
@@ -709,6 +714,7 @@ def eval_shapes(
     var_p: o.VarPs = None,
     var_rho: o.VarRhos = None,
     var_tau: o.VarTaus = None,
+    pai_alpha: o.PaiAlphas = None,
     ablation: Annotated[
         Optional[bool],
         typer.Option(
@@ -749,7 +755,7 @@ def eval_shapes(
         sweeps = parse_sweeps(
             sparsity=sparsity, alpha=alpha, lam=lam, sink_beta=sink_beta, kv_budget=kv_budget,
             contrast_layers=contrast_layers, mask_rate=mask_rate, vista_lambda=vista_lambda,
-            vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
+            vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau, pai_alpha=pai_alpha,
         )  # fmt: skip
         grid = settings_grid(chosen, sweeps, "vasparse" in chosen if ablation is None else ablation)
         grid = {label: {**settings, "risk": risk} for label, settings in grid.items()}

@@ -45,6 +45,7 @@ SWEEP_FLAGS = {
     "var_p": "--var-p",
     "var_rho": "--var-rho",
     "var_tau": "--var-tau",
+    "pai_alpha": "--pai-alpha",
 }
 # A layer count is a whole number; every other swept setting is a float.
 _SWEEP_KINDS = {"contrast_layers": int}

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from vacap.text import prompt_problem
 
-METHODS = ("vasparse", "greedy", "vcd", "fastv", "vista", "var")
-# Contrastive weight when none is given: VASparse's default, and VCD's published alpha = 1.
-METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0}
+METHODS = ("vasparse", "greedy", "vcd", "fastv", "vista", "var", "pai")
+# Contrastive weight when none is given: VASparse's default, VCD's published alpha = 1, and PAI's
+# guidance gamma = 1.1 (alpha = gamma - 1, docs/PAI.md).
+METHOD_ALPHA = {"vasparse": 0.1, "vcd": 1.0, "pai": 0.1}
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DIAGNOSTICS = ("none", "summary", "tokens")
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -62,6 +63,10 @@ class DecodeConfig:
     vista_gamma: float = 0.3
     vista_window_start: float = 0.78125
     vista_window_end: float = 0.9375
+    # pai (docs/PAI.md): image attention amplification from pai_start_layer on; its guidance is
+    # alpha (gamma - 1) and apc_beta
+    pai_alpha: float = 0.5
+    pai_start_layer: int = 2
     # Sampling (vacap/sampling.py): temperature 0 is greedy; the penalty and the n-gram ban also
     # act on greedy. Records state them only away from these defaults (``as_params``).
     temperature: float = 0.0
@@ -98,7 +103,7 @@ class DecodeConfig:
         if self.method == "vasparse":
             return dataclasses.replace(self, alpha=alpha, top_p=top_p, **own)
         off = dict(sparsity=0.0, lam=0.0, sink_beta=0.0, alpha=0.0, contrast_layers=0, kv_budget=1.0, top_p=top_p)
-        if self.method == "vcd":
+        if self.method in ("vcd", "pai"):
             return dataclasses.replace(self, **{**off, **own, "alpha": alpha})
         return dataclasses.replace(self, **off, **own)
 
@@ -110,6 +115,7 @@ class DecodeConfig:
             for name, value, used in (
                 ("start_layer", c.start_layer, c.method == "vasparse"),
                 ("fastv_layer", c.fastv_layer, c.method == "fastv"),
+                ("pai_start_layer", c.pai_start_layer, c.pai_alpha > 0),
             )
             if used and value >= n_layers
         ]
@@ -131,7 +137,8 @@ class DecodeConfig:
         (``records.settings_key``): a greedy run finds them done, and a sampled run, whose
         params differ, does not. ``risk`` changes no token but adds the record's ``risk``
         object, so a run with it does not take records without it as done."""
-        params = dataclasses.asdict(self.resolved())
+        c = self.resolved()
+        params = dataclasses.asdict(c)
         del params["compile"]
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         for name in (*SAMPLING_FIELDS, "risk"):
@@ -163,6 +170,8 @@ class DecodeConfig:
             "vista_gamma": c.method == "vista",
             "vista_window_start": c.method == "vista" and c.vista_gamma > 0,
             "vista_window_end": c.method == "vista" and c.vista_gamma > 0,
+            "pai_alpha": c.method == "pai",
+            "pai_start_layer": c.method == "pai" and c.pai_alpha > 0,
             "seed": c.temperature > 0 or c.method == "vcd" or c.risk or (vasparse and contrast and c.contrast_layers > 0),
             "var_p": c.method == "var",
             **{name: c.method == "var" and c.var_p < 1 for name in METHOD_KNOBS["var"] if name != "var_p"},
@@ -175,18 +184,21 @@ SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty", "no_repeat_ngra
 METHOD_KNOBS = {
     "vista": ("vista_lambda", "vista_gamma", "vista_window_start", "vista_window_end"),
     "var": ("var_p", "var_rho", "var_tau", "var_image_floor", "var_start_layer", "var_dims"),
+    "pai": ("pai_alpha", "pai_start_layer"),
 }
 # Each such method's mechanisms off, for the other methods' resolved settings: VAR's sinks keep
-# all their attention, VISTA neither steers nor mixes logits.
-METHOD_OFF = {"vista": dict(vista_lambda=0.0, vista_gamma=0.0), "var": dict(var_p=1.0)}
+# all their attention, VISTA neither steers nor mixes logits, PAI amplifies nothing.
+METHOD_OFF = {"vista": dict(vista_lambda=0.0, vista_gamma=0.0), "var": dict(var_p=1.0), "pai": dict(pai_alpha=0.0)}
 # Where a setting that only some settings use acts (DecodeConfig.unused).
 _WHEN_USED = {
     **{name: "--method vasparse" for name in ("sparsity", "sink_beta", "start_layer", "kv_budget")},
-    "alpha": "--method vasparse or vcd",
-    "apc_beta": "--method vasparse or vcd with an --alpha above 0",
+    "alpha": "--method vasparse, vcd or pai",
+    "apc_beta": "--method vasparse, vcd or pai with an --alpha above 0",
     "lam": "--method vasparse with a --sparsity above 0 or a --kv-budget below 1",
     "contrast_layers": "--method vasparse with an --alpha above 0",
     "mask_rate": "--method vasparse with --contrast-layers and --alpha above 0",
+    "pai_alpha": "--method pai",
+    "pai_start_layer": "--method pai with a --pai-alpha above 0",
     "top_p": "a --temperature above 0",
     "vista_lambda": "--method vista",
     "vista_gamma": "--method vista",
@@ -268,11 +280,11 @@ def _problems(c: DecodeConfig):
             _in_unit("vista_window_end", c.vista_window_end, closed_high=True, open_low=True),
         ),
     )
-    for name in ("lam", "alpha", "sink_beta", "vista_lambda"):
+    for name in ("lam", "alpha", "sink_beta", "vista_lambda", "pai_alpha"):
         value = getattr(c, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             yield f"{name} must be a finite number >= 0, got {value!r}"
-    for name in ("start_layer", "contrast_layers"):
+    for name in ("start_layer", "contrast_layers", "pai_start_layer"):
         if getattr(c, name) < 0:
             yield f"{name} must be >= 0, got {getattr(c, name)}"
     if c.vista_window_start > c.vista_window_end:

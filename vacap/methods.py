@@ -1,4 +1,4 @@
-"""Decoding methods as ``Steering`` of the one decode loop: VASparse, VCD and FastV (VAR: vacap/var.py).
+"""Decoding methods as ``Steering`` of the one decode loop: VASparse, VCD and FastV (PAI, VISTA, VAR: their own modules).
 
 The formulas live in ``vacap/vasparse.py`` as pure functions; this module keeps their state
 (statistics per cache slot, masks, the noised batch) and calls them at the loop's hooks.
@@ -17,6 +17,7 @@ from vacap.cache import KVCache
 from vacap.config import DecodeConfig
 from vacap.decode import RISK_FIELD, Chunk, Steering, forward
 from vacap.model import VisionLanguageModel
+from vacap.pai import PayAttentionToImage
 from vacap.var import VisualAttentionRedistribution
 from vacap.vista import VISTA
 
@@ -34,6 +35,8 @@ def steering_for(model: VisionLanguageModel, config: DecodeConfig) -> Steering:
         return VISTA(model, config)
     if config.method == "var":
         return VisualAttentionRedistribution(model, config)
+    if config.method == "pai":
+        return PayAttentionToImage(config)
     return Steering()
 
 

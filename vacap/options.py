@@ -23,6 +23,7 @@ DECODING = "Decoding"
 VASPARSE = "VASparse"
 VISTA = "VISTA (--method vista)"
 VAR = "VAR (--method var)"
+PAI = "PAI (--method pai)"
 SAMPLING = "Sampling"
 DIAGNOSTICS = "Diagnostics"
 SCALE_OUT = "Scale-out"
@@ -231,7 +232,7 @@ Alpha = Annotated[
     Optional[float],
     typer.Option(
         metavar="X", rich_help_panel=VASPARSE,
-        help="Contrastive decoding weight, >= 0. Default: 0.1 for vasparse, 1 for vcd.",
+        help="Contrastive decoding weight, >= 0. Default: 0.1 for vasparse and pai, 1 for vcd.",
     ),
 ]  # fmt: skip
 ApcBeta = Annotated[float, typer.Option(metavar="X", rich_help_panel=VASPARSE, help="Plausibility cut-off, [0, 1].")]
@@ -275,6 +276,11 @@ VarImageFloor = Annotated[
     float, typer.Option(metavar="X", rich_help_panel=VAR, help="Least attention a row pays the image, [0, 1].")
 ]
 VarStartLayer = Annotated[int, typer.Option(metavar="N", rich_help_panel=VAR, help="First decoder layer VAR acts in.")]
+# PAI (docs/PAI.md): its guidance against the image-free prompt is --alpha (gamma - 1).
+PaiAlpha = Annotated[
+    float, typer.Option(metavar="X", rich_help_panel=PAI, help="Image attention amplification, >= 0; 0 is off.")
+]
+PaiStartLayer = Annotated[int, typer.Option(metavar="N", rich_help_panel=PAI, help="First decoder layer it acts in.")]
 
 
 def _dimensions(text: str) -> tuple[int, ...]:
@@ -403,6 +409,7 @@ VistaGammas = _sweep("--vista-gamma", "weights of late layers' logits", VISTA)
 VarPs = _sweep("--var-p", "shares of sinks' attention kept", VAR)
 VarRhos = _sweep("--var-rho", "least non-sink shares", VAR)
 VarTaus = _sweep("--var-tau", "sink thresholds", VAR)
+PaiAlphas = _sweep("--pai-alpha", "image attention amplifications", PAI)
 Ablation = Annotated[
     bool, typer.Option(metavar="", rich_help_panel=VASPARSE, help="Add VASparse with each mechanism alone.")
 ]
