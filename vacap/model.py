@@ -26,15 +26,19 @@ from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR
 
 log = logging.getLogger("vacap")
 
-SUPPORTED_ARCHITECTURES = (
+LLAVA_ARCHITECTURES = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
 )
+# Qwen2-VL's family: its own text model (Qwen2's layers, multimodal rotary positions), its own
+# vision tower and merger, dynamic resolution (each image's own patch grid).
+QWEN_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_ARCHITECTURES
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
-QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
@@ -145,10 +149,13 @@ def _quantization_config(quant: str, dtype: torch.dtype):
 def _check_supported(config) -> None:
     architecture = (getattr(config, "architectures", None) or ["<none>"])[0]
     text_type = getattr(getattr(config, "text_config", None), "model_type", "<none>")
-    if architecture not in SUPPORTED_ARCHITECTURES or text_type not in SUPPORTED_TEXT_MODELS:
+    if architecture in QWEN_ARCHITECTURES:
+        return
+    if architecture not in LLAVA_ARCHITECTURES or text_type not in SUPPORTED_TEXT_MODELS:
         raise ModelLoadError(
             f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model"
+            f"{', '.join(LLAVA_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model, and "
+            f"{', '.join(QWEN_ARCHITECTURES)} (images only, no video)"
         )
 
 
@@ -212,14 +219,15 @@ class Preparer:
     def collate(self, prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch from images prepared one by one, as ``prepare`` makes it for them together:
         token rows left padded (input_ids with the tokenizer's pad token), anyres tile stacks
-        (pixel_values # (1, tiles, 3, h, w)) padded with zeros, all stacked along the rows."""
+        (pixel_values # (1, tiles, 3, h, w)) padded with zeros, all stacked along the rows
+        (Qwen2-VL's patch rows # (patches, d) and image_grid_thw # (1, 3) simply follow each other)."""
         if len(prepared) == 1:  # the usual admission once rows free one at a time: nothing to pad
             return prepared[0]
         out = {}
         for name in prepared[0]:
             parts = [p[name] for p in prepared]
             width = max(x.shape[1] if x.dim() > 1 else 0 for x in parts)
-            if name in ("input_ids", "attention_mask"):
+            if name in ("input_ids", "attention_mask", "mm_token_type_ids"):
                 fill = self._pad_id if name == "input_ids" else 0
                 parts = [torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill) for x in parts]
             elif parts[0].dim() > 2:
@@ -251,6 +259,9 @@ class VisionLanguageModel:
         self.head_dim: int = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.scaling: float = self.layers[0].self_attn.scaling
         self.image_token_id: int = self.hf.config.image_token_id
+        # Multimodal rotary positions (Qwen2-VL's M-RoPE): image tokens get (time, height, width)
+        # positions from their grid, so positions are not the count of tokens before.
+        self.mrope: bool = type(self.hf).__name__ in QWEN_ARCHITECTURES
         self.sliding_window: int | None = _sliding_window(text)
         # The longest sequence (prompt, image tokens and caption) the model was made for;
         # beyond it positions are ones it never saw, and the caption is garbage.
@@ -307,6 +318,39 @@ class VisionLanguageModel:
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
         return embeds, image_mask
+
+    def positions(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary positions of a prepared batch and each row's offset for the tokens after it.
+
+        Returns positions # (B, T) long, each real token's count of real tokens before it, or
+        under M-RoPE # (3, B, T): the (time, height, width) positions of the model's own
+        ``get_rope_index``, where an image's tokens sit on its grid and the text after an image
+        continues from its largest position; and deltas # (B, 1) long: a token after the prompt,
+        with n real tokens before it, has position n + delta in every stream (0 without M-RoPE).
+        """
+        mask = inputs["attention_mask"]
+        if not self.mrope or "image_grid_thw" not in inputs:
+            return (mask.long().cumsum(-1) - 1).clamp(min=0), mask.new_zeros(mask.shape[0], 1, dtype=torch.long)
+        return self.hf.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+        )
+
+    def image_pixels(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """pixel_values cut into each image's own part, in the batch's layout, so that
+        ``torch.cat`` joins them back: # (1, ...) per image, or Qwen2-VL's patch rows of each image."""
+        pixels = inputs["pixel_values"]
+        if "image_grid_thw" in inputs:
+            return list(pixels.split(inputs["image_grid_thw"].prod(-1).tolist()))
+        return list(pixels.split(1))
+
+    def image_grids(self, inputs: dict[str, torch.Tensor]) -> list[tuple[int, int]] | None:
+        """Each image's grid of image tokens (rows, columns), in the batch's order, where the
+        tokens are one grid per image (Qwen2-VL's, after the 2 x 2 merge); None for LLaVA's
+        families, whose tokens are one square grid (or anyres tiles) of the tower's size."""
+        if "image_grid_thw" not in inputs:
+            return None
+        merge = self.hf.config.vision_config.spatial_merge_size
+        return [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
@@ -426,15 +470,20 @@ def _load_processor(source: str, **hub):
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
-    # LLaVA-OneVision's processor insists on a video processor, and every video processor in
-    # transformers 5 needs torchvision (no CPU wheel matches our torch). vacap captions only
-    # images, so it builds the same processor class without the video part.
+    # LLaVA-OneVision's and Qwen2-VL's processors insist on a video processor, and every video
+    # processor in transformers 5 needs torchvision (no CPU wheel matches our torch). vacap
+    # captions only images, so it builds the same processor class without the video part.
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.image_processing_base import ImageProcessingMixin
     from transformers.processing_utils import ProcessorMixin
 
     settings, _ = ProcessorMixin.get_processor_dict(source, **hub)
-    base = getattr(transformers, settings.pop("processor_class"))
+    # The hub's Qwen2-VL checkpoints name their processor class in preprocessor_config.json only.
+    name = settings.pop("processor_class", None) or ImageProcessingMixin.get_image_processor_dict(source, **hub)[0].get(
+        "processor_class"
+    )
+    base = getattr(transformers, name)
 
     class ImageOnlyProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
