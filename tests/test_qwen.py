@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGES, MAX_NEW, PROMPT, hf_greedy
+import transformers
+from helpers import IMAGES, MAX_NEW, PROMPT, hf_greedy, noise_image
+from PIL import Image
 
 from vacap.decode import Steering, generate
-from vacap.model import ModelLoadError, load_model
-from vacap.tiny_models import QWEN_ARCHITECTURES
+from vacap.model import ModelLoadError, Preparer, load_model
+from vacap.tiny_models import QWEN_ARCHITECTURES, shrink_hub_checkpoint
+
+# The hub's own files of Qwen/Qwen2.5-VL-7B-Instruct (no weights; see their SOURCES.md), in the
+# shared folder beside the checkout (a worktree's checkout: beside the main one).
+HUB_FILES = next(
+    (
+        folder / "shared" / "real" / "Qwen2.5-VL-7B-Instruct"
+        for folder in (Path(__file__).resolve().parents[2], Path("/work"))
+        if (folder / "shared" / "real" / "Qwen2.5-VL-7B-Instruct").is_dir()
+    ),
+    Path("../shared/real/Qwen2.5-VL-7B-Instruct"),
+)
 
 
 @pytest.fixture(scope="module", params=QWEN_ARCHITECTURES)
@@ -75,3 +91,46 @@ def test_unsupported_architectures_are_refused_with_the_supported_ones_named(tmp
     assert "Qwen2AudioForConditionalGeneration" in message
     for name in ("LlavaForConditionalGeneration", *("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")):
         assert name in message
+
+
+@pytest.fixture(scope="module")
+def hub_model(tmp_path_factory):
+    """Qwen2.5-VL-7B-Instruct's own config, processor, tokenizer and chat template around shrunk
+    random weights saved under the names of its weight index."""
+    if not (HUB_FILES / "config.json").is_file():
+        pytest.skip(f"the hub's Qwen2.5-VL-7B-Instruct files are not at {HUB_FILES}")
+    return shrink_hub_checkpoint(HUB_FILES, tmp_path_factory.mktemp("qwen2.5-vl-7b"))
+
+
+def test_hub_checkpoint_captions_through_the_cli_as_hf_generate_does(hub_model, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    # 84 x 56 and 56 x 112 pixels: grids of 3 x 2 and 4 x 2 merged tokens (28 px each).
+    for name, (width, height) in {"wide.png": (84, 56), "tall.png": (56, 112)}.items():
+        noise_image(width, height, len(name)).save(folder / name)
+    output = tmp_path / "captions.jsonl"
+    command = [sys.executable, "-m", "vacap.cli", "caption", str(folder), "--model", str(hub_model), "--dtype", "fp32",
+               "--device", "cpu", "--method", "greedy", "--max-new-tokens", "10", "--prompt", PROMPT,
+               "--batch-size", "2", "-o", str(output)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    records = {Path(r["path"]).name: r for r in map(json.loads, output.read_text(encoding="utf-8").splitlines())}
+
+    # The reference: transformers alone, the checkpoint's processor and chat template applied by
+    # its own apply_chat_template. Greedy without the checkpoint's sampling defaults (its
+    # generation_config asks for sampling with a repetition penalty).
+    processor = Preparer.load(str(hub_model)).processor
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(hub_model, dtype=torch.float32).eval()
+    eos = hf.generation_config.eos_token_id
+    for name, record in records.items():
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+        inputs = processor(images=[Image.open(folder / name).convert("RGB")], text=[text], return_tensors="pt")
+        generated = hf.generate(**inputs, do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=10)
+        tokens = generated[0, inputs["input_ids"].shape[1] :].tolist()
+        tokens = tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+        assert record["status"] == "ok" and record["tokens"] == len(tokens)
+        assert record["caption"] == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        assert record["image_tokens"] == int(inputs["image_grid_thw"].prod()) // 4
+    assert records["wide.png"]["image_tokens"] == 6 and records["tall.png"]["image_tokens"] == 8

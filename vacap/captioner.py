@@ -347,7 +347,7 @@ class Captioner:
                     caption = self._finish(self.model.decode(tokens), out.stopped_by)
                     yield job.index, self._record(
                         job.path, "ok", image=job.image, caption=caption, tokens=len(tokens), seconds=out.seconds,
-                        stop=out.stopped_by, **_risk_fields(out),
+                        stop=out.stopped_by, image_tokens=self._image_tokens(job.inputs), **_risk_fields(out),
                     )  # fmt: skip
                 break
             except (RuntimeError, ValueError) as exc:
@@ -428,8 +428,13 @@ class Captioner:
         for job, (caption, tokens, stop, extra) in zip(batch, texts):
             yield job.index, self._record(
                 job.path, "ok", image=job.image, caption=self._finish(caption, stop), tokens=tokens,
-                seconds=round(seconds, 4), stop=stop, **extra,
+                seconds=round(seconds, 4), stop=stop, image_tokens=self._image_tokens(job.inputs), **extra,
             )  # fmt: skip
+
+    def _image_tokens(self, inputs: dict) -> int:
+        """How many tokens of the prompt the image became: a fixed count for LLaVA-1.5, one that
+        follows the image's size for anyres and Qwen2-VL's dynamic resolution (``--max-pixels``)."""
+        return int((inputs["input_ids"] == self.model.image_token_id).sum())
 
     def _finish(self, caption: str, stopped_by: str) -> str:
         o = self.output

@@ -552,3 +552,90 @@ def _save_qwen_processor(processor_class: str, image_processor, tokenizer: PreTr
     (out / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}, indent=2) + "\n")
     tokenizer.save_pretrained(out)
+
+
+def shrink_hub_checkpoint(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    init_std: float = 0.3,
+    seed: int = 0,
+) -> Path:
+    """A hub checkpoint's own files (config, processor, tokenizer, chat template, weight index;
+    no weights) around random weights of a shrunk model, saved under the index's key names.
+
+    The config keeps every setting but the sizes: ``layers`` text layers of width ``hidden``,
+    ``heads`` query and ``kv_heads`` key/value heads (M-RoPE's sections scaled to the smaller
+    heads), ``vision_depth`` vision blocks of width ``vision_hidden`` (the last with full
+    attention). Only Qwen2-VL-family checkpoints, whose hub weights use the older key layout
+    (``model.layers.N``, ``visual.blocks.N``) that transformers renames on loading.
+    Returns ``out_dir`` as a ``Path``.
+    """
+    import shutil
+
+    import transformers
+    from safetensors.torch import save_file
+
+    source, out = Path(source), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("generation_config.json", "preprocessor_config.json", "chat_template.json", "tokenizer_config.json",
+                 "vocab.json", "merges.txt", "tokenizer.json"):  # fmt: skip
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    config = json.loads((source / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    scale = (hidden // heads) / head_dim
+    sections = config["rope_scaling"]["mrope_section"]
+    config.update(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        max_window_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=2 * hidden,
+        initializer_range=init_std,
+    )
+    config["rope_scaling"]["mrope_section"] = [round(s * scale) for s in sections]
+    vision = config["vision_config"]
+    vision.update(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        out_hidden_size=hidden,
+        fullatt_block_indexes=[vision_depth - 1],
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    hf_config.vision_config.initializer_range = init_std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, config["architectures"][0])(hf_config).float().eval()
+    # The hub's names: the language model's weights under model., the vision tower's under visual.
+    renamed = {
+        key.replace("model.language_model.", "model.").replace("model.visual.", "visual."): value.contiguous()
+        for key, value in model.state_dict().items()
+    }
+    index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    kept = {key for key in index if _within(key, layers, vision_depth)}
+    if set(renamed) != kept:
+        raise ValueError(f"the shrunk model's weights do not match {source}'s index: {sorted(set(renamed) ^ kept)[:8]}")
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _within(key: str, layers: int, depth: int) -> bool:
+    """Whether a weight of the hub's index belongs to the first ``layers`` text layers and
+    ``depth`` vision blocks (or to no layer or block)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1]) < (layers if part == "layers" else depth)
+    return True
