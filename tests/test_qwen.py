@@ -14,6 +14,7 @@ from helpers import IMAGES, MAX_NEW, PROMPT, hf_greedy, noise_image
 from PIL import Image
 
 from vacap.decode import Steering, generate
+from vacap.model import QWEN_ARCHITECTURES as QWEN_ARCHITECTURES_HF
 from vacap.model import ModelLoadError, Preparer, load_model
 from vacap.tiny_models import QWEN_ARCHITECTURES, shrink_hub_checkpoint
 
@@ -134,3 +135,51 @@ def test_hub_checkpoint_captions_through_the_cli_as_hf_generate_does(hub_model, 
         assert record["caption"] == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         assert record["image_tokens"] == int(inputs["image_grid_thw"].prod()) // 4
     assert records["wide.png"]["image_tokens"] == 6 and records["tall.png"]["image_tokens"] == 8
+
+
+def caption(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "vacap.cli", "caption", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_pixel_flags_set_the_image_token_count_and_the_resume_key(tiny_model, tmp_path):
+    path = tiny_model("qwen2-vl")
+    image = tmp_path / "photo.png"
+    noise_image(64, 60, 4).save(image)
+    counts = {}
+    for flags in ([], ["--max-pixels", "1024"], ["--min-pixels", "2048"]):
+        output = tmp_path / f"{len(counts)}.jsonl"
+        out = caption(image, "--model", path, "--dtype", "fp32", "--max-new-tokens", "4", *flags, "-o", output)
+        assert out.returncode == 0, out.stderr
+        (record,) = map(json.loads, output.read_text(encoding="utf-8").splitlines())
+        counts[" ".join(flags)] = record["image_tokens"]
+        for flag, value in zip(flags[::2], flags[1::2]):
+            assert record["params"][flag[2:].replace("-", "_")] == int(value)
+    # 64 x 60 pixels: a 4 x 4 grid of 16-px tokens; at most 1024 pixels: 32 x 16 (sides rounded
+    # down to whole tokens), 2 tokens. The tiny model's own range (1024 to 4096 pixels) holds the
+    # image, so a larger minimum changes nothing.
+    assert counts == {"": 16, "--max-pixels 1024": 2, "--min-pixels 2048": 16}
+
+
+def test_pixel_flags_are_refused_where_they_cannot_act(tiny_model, tmp_path):
+    image = tmp_path / "photo.png"
+    noise_image(32, 32, 1).save(image)
+    out = caption(image, "--model", "demo", "--max-pixels", "1024")
+    assert out.returncode == 2 and "Qwen2-VL" in out.stderr and "fixed size" in out.stderr
+    out = caption(image, "--model", tiny_model("qwen2-vl"), "--min-pixels", "4096", "--max-pixels", "1024")
+    assert out.returncode == 2 and "--min-pixels 4096 is above --max-pixels 1024" in " ".join(out.stderr.split())
+    out = caption(image, "--model", tiny_model("qwen2-vl"), "--min-pixels", "8192")
+    assert out.returncode == 2 and "--min-pixels 8192 is above --max-pixels 4096" in " ".join(out.stderr.split())
+
+
+def test_doctor_names_the_qwen_family(tmp_path):
+    from test_doctor import doctor
+
+    home = tmp_path / "home"
+    report = doctor(home=home, cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    qwen = next(line for line in report.stdout.splitlines() if line.strip().startswith("Qwen2-VL:"))
+    assert "Qwen2VLForConditionalGeneration" in qwen and "Qwen2_5_VLForConditionalGeneration" in qwen
+    assert "--max-pixels 1003520" in qwen
+    models = json.loads(doctor("--json", home=home, cwd=tmp_path).stdout)["models"]
+    assert models["qwen"] == list(QWEN_ARCHITECTURES_HF) and models["qwen_max_pixels"] == 1280 * 28 * 28

@@ -30,16 +30,25 @@ from vacap.text import bare_prompt, fill_prompt, finish_caption
 
 
 def record_params(
-    config: DecodeConfig, *, dtype: str, device: str, quant: str, output: OutputConfig | None = None
+    config: DecodeConfig,
+    *,
+    dtype: str,
+    device: str,
+    quant: str,
+    output: OutputConfig | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> dict:
     """The ``params`` of every record, and with the model name the resume key: the decode
     settings, the caption shaping in use (``output``), plus the dtype ``load_model`` resolves
-    ``dtype`` to on ``device`` and the quantization (both change the tokens). Needs no loaded
-    model, so a resume can tell what is done before loading one; the Captioner uses it too, so
-    the two cannot disagree."""
+    ``dtype`` to on ``device`` and the quantization (both change the tokens), and the pixel
+    limits where given (they change a Qwen2-VL image's tokens). Needs no loaded model, so a
+    resume can tell what is done before loading one; the Captioner uses it too, so the two
+    cannot disagree."""
     resolved = resolve_dtype(dtype, resolve_device(device))
     shaping = output.as_params() if output is not None else {}
-    return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant}
+    pixels = {name: value for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if value}
+    return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant, **pixels}
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,8 @@ class Captioner:
         dtype: str = "auto",
         device: str = "auto",
         quant: str = "none",
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
         batch_size: int = 1,
         output: OutputConfig | None = None,
         risk_vocab: str | Path | None = None,
@@ -179,9 +190,9 @@ class Captioner:
             raise ValueError("risk_vocab names the objects risk scores are given to: it needs risk=True")
         self.output = output or OutputConfig()
         self.batch_size = batch_size
-        self.model = load_model(model, dtype=dtype, device=device, quant=quant)
+        self._precision = dict(dtype=dtype, device=device, quant=quant, max_pixels=max_pixels, min_pixels=min_pixels)
+        self.model = load_model(model, **self._precision)
         self.model_name = model
-        self._precision = dict(dtype=dtype, device=device, quant=quant)
         # (seconds the decoding waited for images, wall seconds) of the last run of records()
         self.image_wait = (0.0, 0.0)
         self._settle()

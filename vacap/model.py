@@ -40,6 +40,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
 QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+# Qwen2-VL's dynamic resolution gives an image one token per 28 x 28 pixels, up to the
+# checkpoint's max_pixels: 16384 tokens for the hub's, which 8 photos at once would not fit
+# beside a 7B model in 24 GB. Unless --max-pixels says otherwise, at most 1280 tokens an image
+# (the top of the range Qwen's model cards suggest), or the checkpoint's own limit where lower.
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
 class ModelLoadError(RuntimeError):
@@ -146,17 +151,24 @@ def _quantization_config(quant: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
 
 
+def unsupported(architecture: str, text_type: str) -> str | None:
+    """Why vacap cannot run a checkpoint of ``architecture`` (config.json's first) with a text
+    model of ``text_type``, naming what it can run; None where it can."""
+    if architecture in QWEN_ARCHITECTURES or (architecture in LLAVA_ARCHITECTURES and text_type in SUPPORTED_TEXT_MODELS):
+        return None
+    return (
+        f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
+        f"{', '.join(LLAVA_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model, and "
+        f"{', '.join(QWEN_ARCHITECTURES)} (images only, no video)"
+    )
+
+
 def _check_supported(config) -> None:
     architecture = (getattr(config, "architectures", None) or ["<none>"])[0]
     text_type = getattr(getattr(config, "text_config", None), "model_type", "<none>")
-    if architecture in QWEN_ARCHITECTURES:
-        return
-    if architecture not in LLAVA_ARCHITECTURES or text_type not in SUPPORTED_TEXT_MODELS:
-        raise ModelLoadError(
-            f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
-            f"{', '.join(LLAVA_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model, and "
-            f"{', '.join(QWEN_ARCHITECTURES)} (images only, no video)"
-        )
+    reason = unsupported(architecture, text_type)
+    if reason:
+        raise ModelLoadError(reason)
 
 
 @dataclass(frozen=True)
@@ -173,13 +185,15 @@ class Preparer:
         self.processor.tokenizer.padding_side = "left"
 
     @classmethod
-    def load(cls, name: str) -> Preparer:
-        """The preparer of ``--model name`` (found as ``load_model`` finds it), without the weights."""
+    def load(cls, name: str, max_pixels: int | None = None, min_pixels: int | None = None) -> Preparer:
+        """The preparer of ``--model name`` (found as ``load_model`` finds it), without the weights;
+        ``max_pixels`` and ``min_pixels`` as ``load_model`` takes them."""
         source, hub, offline = _locate(name)
         try:
-            return cls(_load_processor(source, **hub))
+            processor = _load_processor(source, **hub)
         except OSError as exc:
             raise _load_error(name, exc, offline) from exc
+        return cls(_limit_pixels(processor, name, max_pixels, min_pixels))
 
     @property
     def tokenizer(self):
@@ -495,14 +509,40 @@ def _load_processor(source: str, **hub):
     )
 
 
+def _limit_pixels(processor, name: str, max_pixels: int | None, min_pixels: int | None):
+    """The processor with Qwen2-VL's dynamic resolution bounded: each image resized to at most
+    ``max_pixels`` (default: ``DEFAULT_MAX_PIXELS`` or the checkpoint's limit where lower) and at
+    least ``min_pixels`` (default: the checkpoint's), aspect kept. Other processors resize to a
+    fixed size; asking them for a pixel range is an error."""
+    image = processor.image_processor
+    size = image.size
+    if getattr(size, "longest_edge", None) is None or not hasattr(image, "merge_size"):
+        if max_pixels is not None or min_pixels is not None:
+            raise ModelLoadError(
+                f"--max-pixels and --min-pixels set the resolution of Qwen2-VL and Qwen2.5-VL checkpoints; "
+                f"{name} resizes every image to its own fixed size"
+            )
+        return processor
+    longest = max_pixels if max_pixels is not None else min(size.longest_edge, DEFAULT_MAX_PIXELS)
+    shortest = min_pixels if min_pixels is not None else min(size.shortest_edge, longest)
+    if shortest > longest:
+        raise ModelLoadError(f"--min-pixels {shortest} is above --max-pixels {longest}; give a min at most the max")
+    image.size = {"shortest_edge": shortest, "longest_edge": longest}
+    return processor
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
     dtype: str = "auto",
     device: str = "auto",
     quant: str = "none",
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> VisionLanguageModel:
-    """Load a checkpoint by Hugging Face id or local folder (safetensors only, no remote code)."""
+    """Load a checkpoint by Hugging Face id or local folder (safetensors only, no remote code).
+    ``max_pixels`` and ``min_pixels`` bound the size images are resized to, for Qwen2-VL's
+    dynamic resolution (see ``_limit_pixels``)."""
     import transformers
     from transformers import AutoConfig
 
@@ -520,8 +560,9 @@ def load_model(
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": torch_device})
     try:
+        processor = _limit_pixels(_load_processor(source, **hub), name, max_pixels, min_pixels)
         hf = model_class.from_pretrained(source, **kwargs)
-        preparer = Preparer(_load_processor(source, **hub))
+        preparer = Preparer(processor)
     except OSError as exc:
         raise _load_error(name, exc, offline) from exc
     except (RuntimeError, ValueError) as exc:
