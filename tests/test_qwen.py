@@ -10,12 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from helpers import IMAGES, MAX_NEW, PROMPT, hf_greedy, noise_image
+from helpers import IMAGES, MAX_NEW, PROMPT, hf_greedy, hf_model, noise_image
 from PIL import Image
 
-from vacap.decode import Steering, generate
+from vacap import Captioner
+from vacap.config import DecodeConfig
+from vacap.decode import Steering, generate, generate_stream
+from vacap.diagnostics import decode_grid
+from vacap.methods import steering_for
 from vacap.model import QWEN_ARCHITECTURES as QWEN_ARCHITECTURES_HF
 from vacap.model import ModelLoadError, Preparer, load_model
+from vacap.risk_signals import RiskSettings
 from vacap.tiny_models import QWEN_ARCHITECTURES, shrink_hub_checkpoint
 
 # The hub's own files of Qwen/Qwen2.5-VL-7B-Instruct (no weights; see their SOURCES.md), in the
@@ -183,3 +188,113 @@ def test_doctor_names_the_qwen_family(tmp_path):
     assert "--max-pixels 1003520" in qwen
     models = json.loads(doctor("--json", home=home, cwd=tmp_path).stdout)["models"]
     assert models["qwen"] == list(QWEN_ARCHITECTURES_HF) and models["qwen_max_pixels"] == 1280 * 28 * 28
+
+
+# The methods on M-RoPE, each where it acts: VASparse's defaults (selection, sink, contrast),
+# its KV budget with a contrast branch of its own layers, VCD's noised copies, FastV's pruning.
+METHODS = {
+    "vasparse": dict(),
+    "vasparse-budget-contrast": dict(kv_budget=0.5, contrast_layers=1),
+    "vcd": dict(method="vcd"),
+    "fastv": dict(method="fastv"),
+}
+OFF = dict(method="vasparse", sparsity=0.0, alpha=0.0, sink_beta=0.0, kv_budget=1.0)
+# Images on grids of varied shapes whose captions end at different lengths within STREAM_NEW
+# tokens (from 4 to 32 on the tiny Qwen2.5-VL), so that rows free early.
+PICTURES = [noise_image(20 + 7 * i, 30 + 3 * i, 10 + i) for i in range(10)]
+STREAM_NEW = 32
+
+
+def decoded(model, images, risk=False, steps="dynamic", max_new=MAX_NEW, **settings):
+    config = DecodeConfig(max_new_tokens=max_new, risk=risk, **settings)
+    outputs = generate(model, model.prepare(images, PROMPT), steering_for(model, config), max_new, steps=steps,
+                       risk=RiskSettings.of(config))  # fmt: skip
+    return [(g.tokens, g.signals) for g in outputs]
+
+
+def test_mechanisms_off_is_greedy_is_hf_generate(qwen):
+    path, model = qwen
+    off = [tokens for tokens, _ in decoded(model, IMAGES, **OFF)]
+    assert off == [tokens for tokens, _ in decoded(model, IMAGES, method="greedy")]
+    assert off == hf_greedy(path, model.prepare(IMAGES, PROMPT))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_methods_act_and_are_deterministic_and_batch_independent(qwen, name):
+    _, model = qwen
+    settings = METHODS[name]
+    batched = decoded(model, IMAGES, risk=True, **settings)
+    assert [tokens for tokens, _ in batched] != [tokens for tokens, _ in decoded(model, IMAGES, method="greedy")]
+    assert decoded(model, IMAGES, risk=True, **settings) == batched
+    alone = [decoded(model, [image], risk=True, **settings)[0] for image in IMAGES]
+    assert [tokens for tokens, _ in alone] == [tokens for tokens, _ in batched]
+    for (tokens, signals), (_, own) in zip(batched, alone):
+        # The risk signals of a row's tokens, up to the rounding of a padded batch's kernels.
+        for name, values in signals.items():
+            assert len(values) == len(tokens) and values == pytest.approx(own[name], abs=1e-4), name
+
+
+@pytest.mark.parametrize("name", ["greedy", "vasparse", "vcd", "fastv"])
+def test_continuous_batching_gives_each_image_what_it_gets_alone(qwen, name):
+    _, model = qwen
+    settings = {"method": "greedy"} if name == "greedy" else METHODS[name]
+    config = DecodeConfig(max_new_tokens=STREAM_NEW, **settings)
+    alone = [decoded(model, [image], max_new=STREAM_NEW, **settings)[0][0] for image in PICTURES]
+    assert len({len(tokens) for tokens in alone}) > 1, "captions of varied lengths, or no row frees early"
+    prepared = ((i, model.prepare([image], PROMPT)) for i, image in enumerate(PICTURES))
+    out = dict(generate_stream(model, prepared, lambda: steering_for(model, config), 3, STREAM_NEW))
+    assert [out[i].tokens for i in range(len(PICTURES))] == alone
+
+
+@pytest.mark.parametrize("steps", ["static", "compiled"])
+def test_static_and_compiled_steps_give_hf_tokens(qwen, steps):
+    path, model = qwen
+    tokens = [t for t, _ in decoded(model, IMAGES, steps=steps, method="greedy")]
+    assert tokens == hf_greedy(path, model.prepare(IMAGES, PROMPT))
+    fastv = decoded(model, IMAGES, steps=steps, method="fastv")
+    assert fastv == decoded(model, IMAGES, method="fastv")
+
+
+def test_diagnostics_follow_a_non_square_grid_and_match_hf_attentions(qwen, tmp_path):
+    path, model = qwen
+    image_path = tmp_path / "tall.png"
+    noise_image(30, 44, 2).save(image_path)  # 3 rows of 2 merged tokens
+    captioner = Captioner(str(path), dtype="fp32", method="greedy", max_new_tokens=6, diagnostics="tokens")
+    record = captioner.caption([image_path])[0]
+    assert record["diagnostics"]["grid"] == [3, 2] and record["image_tokens"] == 6
+    details = record["token_diagnostics"]
+
+    # One eager forward of transformers over prompt + caption: its own M-RoPE positions.
+    inputs = captioner.model.preparer.prepare([Image.open(image_path).convert("RGB")], captioner.config.prompt)
+    generated = hf_greedy(path, inputs, 6)[0][: len(details)]
+    extra = torch.tensor([generated[:-1]])
+    ids = torch.cat([inputs["input_ids"], extra], 1)
+    hf = hf_model(path)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                 image_grid_thw=inputs["image_grid_thw"], output_attentions=True,
+                 mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1))  # fmt: skip
+    T = inputs["input_ids"].shape[1]
+    image = ids[0] == captioner.model.image_token_id
+    start = captioner.config.start_layer
+    for i, entry in enumerate(details):
+        rows = torch.stack([a[0, :, T - 1 + i] for a in out.attentions[start:]])  # (layers, H, keys)
+        assert entry["image_attention"] == pytest.approx(float(rows[..., image].sum(-1).mean()), abs=2e-4)
+        expected = rows[..., image].mean((0, 1)).view(3, 2)  # the image's tokens, row-major
+        grid = decode_grid(entry["patch_attention"], record["diagnostics"]["grid"])
+        assert torch.allclose(grid, expected / expected.max(), atol=1 / 255)
+        best = int(expected.flatten().argmax())
+        assert entry["top_patches"][0] == [best // 2, best % 2]
+
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    heat = tmp_path / "heat.png"
+    shown = subprocess.run([sys.executable, "-m", "vacap.cli", "show", str(records), "--image", "tall.png",
+                            "--heatmap", str(heat), "--token", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    with Image.open(heat) as picture, Image.open(image_path) as original:
+        assert picture.size == (30, 44)
+        # The most attended patch's part of the picture (15 x 14.7 px of it) turns red.
+        row, column = details[0]["top_patches"][0]
+        box = (column * 15 + 4, int(row * 44 / 3) + 4, column * 15 + 11, int((row + 1) * 44 / 3) - 4)
+        assert picture.convert("RGB").crop(box).tobytes() != original.convert("RGB").crop(box).tobytes()
