@@ -298,3 +298,30 @@ def test_diagnostics_follow_a_non_square_grid_and_match_hf_attentions(qwen, tmp_
         row, column = details[0]["top_patches"][0]
         box = (column * 15 + 4, int(row * 44 / 3) + 4, column * 15 + 11, int((row + 1) * 44 / 3) - 4)
         assert picture.convert("RGB").crop(box).tobytes() != original.convert("RGB").crop(box).tobytes()
+
+
+def test_a_model_that_needs_its_own_code_is_refused_with_the_supported_ones_named(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["QwenVLForCausalLM"], "model_type": "qwen_vl_remote",
+        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+    }))  # fmt: skip
+    (folder / "configuration_qwen.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(ModelLoadError) as error:
+        load_model(str(folder), device="cpu")
+    message = str(error.value)
+    assert "runs no model code from a checkpoint" in message and "Qwen2_5_VLForConditionalGeneration" in message
+
+
+@pytest.mark.parametrize("quant, layer_class", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_language_model_and_full_precision_vision_tower(tiny_model, quant, layer_class):
+    pytest.importorskip("bitsandbytes")
+    model = load_model(str(tiny_model("qwen2.5-vl", quantizable=True)), quant=quant, dtype="fp32", device="cpu")
+    assert type(model.layers[0].self_attn.q_proj).__name__ == layer_class
+    assert model.layers[0].self_attn.q_proj.bias is not None  # Qwen2's q/k/v biases stay
+    assert type(model.lm_head).__name__ == "Linear"
+    vision = [m for m in model.hf.model.visual.modules() if "Linear" in type(m).__name__]
+    assert vision and all(type(m).__name__ == "Linear" for m in vision)
+    out = generate(model, model.prepare(IMAGES[:2], PROMPT), steering_for(model, DecodeConfig(max_new_tokens=6)), 6)
+    assert all(1 <= len(g.tokens) <= 6 for g in out)

@@ -551,7 +551,13 @@ def load_model(
     source, hub, offline = _locate(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **hub)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
+        # transformers knows no such model type: the checkpoint's own code would be needed.
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {exc}; vacap runs no model code from a checkpoint, only "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        ) from exc
+    except OSError as exc:
         raise _load_error(name, exc, offline) from exc
     _check_supported(config)
     model_class = getattr(transformers, config.architectures[0])
