@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -325,3 +327,32 @@ def test_quantized_language_model_and_full_precision_vision_tower(tiny_model, qu
     assert vision and all(type(m).__name__ == "Linear" for m in vision)
     out = generate(model, model.prepare(IMAGES[:2], PROMPT), steering_for(model, DecodeConfig(max_new_tokens=6)), 6)
     assert all(1 <= len(g.tokens) <= 6 for g in out)
+
+
+def test_ray_run_gives_the_local_records_with_the_pixel_limits(tiny_model, tmp_path):
+    pytest.importorskip("ray")
+    from test_ray import RAY_TMP, comparable, environment, ray_processes, read_records
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(PICTURES[:4]):
+        image.save(folder / f"picture_{i}.png")
+    flags = ["--model", tiny_model("qwen2.5-vl"), "--dtype", "fp32", "--max-new-tokens", "8", "--max-pixels", "1024"]
+    runs = {}
+    for name, extra in {"local": [], "ray": ["--ray", "--workers", "1"]}.items():
+        output = tmp_path / f"{name}.jsonl"
+        command = [sys.executable, "-m", "vacap.cli", "caption", folder, *flags, *extra, "-o", output]
+        out = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=600, env=environment())
+        assert out.returncode == 0, out.stderr
+        runs[name] = read_records(output)
+    assert comparable(runs["ray"]) == comparable(runs["local"])
+    # Ray's reading tasks prepared the images under the same limit as the local run.
+    tokens = {name: {Path(r["path"]).name: r["image_tokens"] for r in records} for name, records in runs.items()}
+    assert tokens["ray"] == tokens["local"]
+    assert tokens["ray"]["picture_3.png"] == 2  # 41 x 39 pixels: 6 tokens (3 x 2) without the limit
+    assert all(r["params"]["max_pixels"] == 1024 for r in runs["ray"])
+    # The run's local Ray instance ends with it; its files go once its processes have.
+    deadline = time.monotonic() + 180
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    shutil.rmtree(RAY_TMP, ignore_errors=True)

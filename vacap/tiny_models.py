@@ -448,7 +448,9 @@ QWEN_MERGE = 2
 QWEN_MIN_PIXELS = 4 * 16 * 16
 QWEN_MAX_PIXELS = 16 * 16 * 16
 # The mid size sees images as the hub checkpoints do (14-px patches merged 2 x 2, 28 px per
-# token), up to 640 image tokens per image, LLaVA-1.5's 576 or so for most photos.
+# token), from 480 to 640 image tokens per image (small images are enlarged): about LLaVA-1.5's
+# 576, so that benchmarks attend over a cache of realistic length.
+QWEN_MID_MIN_PIXELS = 480 * 28 * 28
 QWEN_MID_MAX_PIXELS = 640 * 28 * 28
 
 
@@ -535,7 +537,7 @@ def _qwen_parts(arch: str, text: Dims, init_std: float, size: str, quantizable: 
         patch_size=patch,
         merge_size=QWEN_MERGE,
         temporal_patch_size=2,
-        min_pixels=QWEN_MIN_PIXELS if not mid else 4 * 28 * 28,
+        min_pixels=QWEN_MIN_PIXELS if not mid else QWEN_MID_MIN_PIXELS,
         max_pixels=QWEN_MAX_PIXELS if not mid else QWEN_MID_MAX_PIXELS,
     )
     return config, model_class, tokenizer, partial(_save_qwen_processor, processor_class, image_processor, tokenizer)
