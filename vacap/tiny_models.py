@@ -23,6 +23,14 @@ Every architecture shares one tokenizer (512 tokens; ``<pad>`` 0, ``<s>`` 1, ``<
 
 LLaVA-OneVision's processor cannot be loaded without torchvision (see
 :func:`_save_onevision_processor`); its model loads either way.
+
+``qwen2-vl`` and ``qwen2.5-vl`` are Qwen's own families instead: a tokenizer with Qwen2's special
+tokens (no BOS; ``<|im_end|>`` ends a caption), the hub checkpoints' chat template, M-RoPE
+text models with q/k/v biases and grouped-query attention, Qwen's vision towers (Qwen2.5-VL's
+with window attention) and dynamic resolution: 8-px patches merged 2 x 2, one image token per
+16 x 16 pixels and 4 to 16 tokens per image, so images of different sizes and aspect ratios
+give different, often non-square grids. :func:`shrink_hub_checkpoint` puts shrunk random
+weights around a hub checkpoint's own files instead.
 """
 
 from __future__ import annotations
