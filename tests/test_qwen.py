@@ -97,7 +97,7 @@ def test_unsupported_architectures_are_refused_with_the_supported_ones_named(tmp
         load_model(str(folder), device="cpu")
     message = str(error.value)
     assert "Qwen2AudioForConditionalGeneration" in message
-    for name in ("LlavaForConditionalGeneration", *("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")):
+    for name in ("LlavaForConditionalGeneration", *QWEN_ARCHITECTURES_HF):
         assert name in message
 
 
@@ -291,8 +291,9 @@ def test_diagnostics_follow_a_non_square_grid_and_match_hf_attentions(qwen, tmp_
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps(record) + "\n", encoding="utf-8")
     heat = tmp_path / "heat.png"
-    shown = subprocess.run([sys.executable, "-m", "vacap.cli", "show", str(records), "--image", "tall.png",
-                            "--heatmap", str(heat), "--token", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "vacap.cli", "show", str(records), "--image", "tall.png", "--heatmap", str(heat),
+               "--token", "0"]  # fmt: skip
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     with Image.open(heat) as picture, Image.open(image_path) as original:
         assert picture.size == (30, 44)
@@ -307,7 +308,7 @@ def test_a_model_that_needs_its_own_code_is_refused_with_the_supported_ones_name
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["QwenVLForCausalLM"], "model_type": "qwen_vl_remote",
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModel": "modeling_qwen.QWenLMHeadModel"},
     }))  # fmt: skip
     (folder / "configuration_qwen.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(ModelLoadError) as error:

@@ -154,7 +154,8 @@ def _quantization_config(quant: str, dtype: torch.dtype):
 def unsupported(architecture: str, text_type: str) -> str | None:
     """Why vacap cannot run a checkpoint of ``architecture`` (config.json's first) with a text
     model of ``text_type``, naming what it can run; None where it can."""
-    if architecture in QWEN_ARCHITECTURES or (architecture in LLAVA_ARCHITECTURES and text_type in SUPPORTED_TEXT_MODELS):
+    llava = architecture in LLAVA_ARCHITECTURES and text_type in SUPPORTED_TEXT_MODELS
+    if llava or architecture in QWEN_ARCHITECTURES:
         return None
     return (
         f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
@@ -345,8 +346,9 @@ class VisionLanguageModel:
         mask = inputs["attention_mask"]
         if not self.mrope or "image_grid_thw" not in inputs:
             return (mask.long().cumsum(-1) - 1).clamp(min=0), mask.new_zeros(mask.shape[0], 1, dtype=torch.long)
+        grids = inputs["image_grid_thw"]
         return self.hf.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=grids, attention_mask=mask
         )
 
     def image_pixels(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
