@@ -9,7 +9,9 @@ Models (random weights, built offline by ``vacap.tiny_models``):
   about 600 prompt tokens);
 - ``long``: the ~27M-parameter llava-next of size "long", whose anyres grid gives 2928 image
   tokens per square image of 384 px or more (LLaVA-NeXT's cache, about 2.9k prompt tokens); its
-  text model is narrower than mid's so that 2 CPU cores prefill a batch of 4 in seconds.
+  text model is narrower than mid's so that 2 CPU cores prefill a batch of 4 in seconds;
+- ``qwen-mid`` (not run by default): mid's text model as Qwen2.5-VL's (M-RoPE, q/k/v biases,
+  grouped-query attention) with Qwen2.5-VL's vision tower, about 500 image tokens per image.
 
 The images are the first sample images, each resized to 384 x 384 so that every one fills the
 anyres grid. For each (model, batch, setting) a child process loads the checkpoint, prepares the
@@ -40,7 +42,7 @@ SETTINGS = {
     "vasparse": dict(method="vasparse"),
     "kv-budget-0.5": dict(method="vasparse", kv_budget=0.5),
 }
-MODELS = {"mid": ("llava-llama", "mid"), "long": ("llava-next", "long")}
+MODELS = {"mid": ("llava-llama", "mid"), "long": ("llava-next", "long"), "qwen-mid": ("qwen2.5-vl", "mid")}
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 SIDE = 384
 
@@ -79,7 +81,7 @@ def child(model_dir: str, name: str, batch: int, dtype: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+    parser.add_argument("--models", default="mid,long", help=f"comma-separated, from {','.join(MODELS)}")
     parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"from {','.join(SETTINGS)} (hf always runs)")

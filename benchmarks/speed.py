@@ -3,9 +3,12 @@
     python benchmarks/speed.py                                  # tiny and mid-size random LLaVA, fp32, batch 1
     python benchmarks/speed.py --sizes mid --batch 1,8 --rounds 5
     python benchmarks/speed.py --settings greedy,vasparse --dtype bf16 --max-new-tokens 32
+    python benchmarks/speed.py --arch qwen2.5-vl --sizes mid --batch 1,8     # the Qwen2-VL family
 
 Builds random llava-llama checkpoints offline (``vacap.tiny_models``; the mid-size one has
-~310M parameters and 576 image tokens per image, like LLaVA-1.5's cache). The reference row is
+~310M parameters and 576 image tokens per image, like LLaVA-1.5's cache), or of ``--arch``
+(qwen2-vl, qwen2.5-vl: the mid-size text model with Qwen's M-RoPE and q/k/v biases, and each
+sample image at its own resolution, up to 640 image tokens). The reference row is
 what a user would run instead of vacap: the same loaded checkpoint's own
 ``generate(do_sample=False, num_beams=1)`` with transformers' default attention (SDPA), on the
 same prepared inputs (``model.prepare``), in the same dtype. Every ratio in the tables is to it.
@@ -51,7 +54,7 @@ from vacap.decode import generate
 from vacap.diagnostics import Diagnostics
 from vacap.methods import steering_for
 from vacap.model import DTYPES, VisionLanguageModel, load_model
-from vacap.tiny_models import SIZES, build_tiny_model
+from vacap.tiny_models import ARCHITECTURES, SIZES, build_tiny_model
 
 HF = "hf"  # Hugging Face generate; always measured, as every ratio is to it
 SETTINGS = {
@@ -201,6 +204,7 @@ def choices(text: str, allowed, what: str, parser) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llava-llama", choices=ARCHITECTURES)
     parser.add_argument("--sizes", default="tiny,mid", help=f"comma-separated, from {','.join(SIZES)}")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -226,14 +230,14 @@ def main() -> None:
 
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
+            model_dir = build_tiny_model(args.arch, Path(tmp) / size, size=size)
             model = load(model_dir, args.dtype)
             params = sum(p.numel() for p in model.hf.parameters()) / 1e6
             hf_label = f"HF generate ({model.hf.config._attn_implementation})"
             for batch in batches:
                 inputs = prepare(model, batch)
                 title = (
-                    f"{size}: {params:.1f}M parameters, {args.dtype}, batch {batch}, prompt "
+                    f"{args.arch} {size}: {params:.1f}M parameters, {args.dtype}, batch {batch}, prompt "
                     f"{inputs['input_ids'].shape[1]} tokens, {args.max_new_tokens} new tokens, "
                     f"median of {args.rounds} rounds, {torch.get_num_threads()} threads"
                 )

@@ -172,7 +172,8 @@ def test_identity_2_vector_is_hf_difference(loaded):
 
     _, model, hf = loaded
     inputs = model.prepare(IMAGES, PROMPT)
-    vector = visual_vector(model, *model.embed(inputs), inputs["attention_mask"].bool())
+    valid = inputs["attention_mask"].bool()
+    vector = visual_vector(model, *model.embed(inputs), valid, model.positions(inputs, valid)[0])
     expected = hf_vector(hf, inputs)
     assert vector.shape == expected.shape
     torch.testing.assert_close(vector, expected, atol=1e-4, rtol=1e-4)

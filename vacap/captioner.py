@@ -30,16 +30,25 @@ from vacap.text import bare_prompt, fill_prompt, finish_caption
 
 
 def record_params(
-    config: DecodeConfig, *, dtype: str, device: str, quant: str, output: OutputConfig | None = None
+    config: DecodeConfig,
+    *,
+    dtype: str,
+    device: str,
+    quant: str,
+    output: OutputConfig | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> dict:
     """The ``params`` of every record, and with the model name the resume key: the decode
     settings, the caption shaping in use (``output``), plus the dtype ``load_model`` resolves
-    ``dtype`` to on ``device`` and the quantization (both change the tokens). Needs no loaded
-    model, so a resume can tell what is done before loading one; the Captioner uses it too, so
-    the two cannot disagree."""
+    ``dtype`` to on ``device`` and the quantization (both change the tokens), and the pixel
+    limits where given (they change a Qwen2-VL image's tokens). Needs no loaded model, so a
+    resume can tell what is done before loading one; the Captioner uses it too, so the two
+    cannot disagree."""
     resolved = resolve_dtype(dtype, resolve_device(device))
     shaping = output.as_params() if output is not None else {}
-    return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant}
+    pixels = {name: value for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if value}
+    return {**config.as_params(), **shaping, "dtype": DTYPE_NAMES[resolved], "quant": quant, **pixels}
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,8 @@ class Captioner:
         dtype: str = "auto",
         device: str = "auto",
         quant: str = "none",
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
         batch_size: int = 1,
         output: OutputConfig | None = None,
         risk_vocab: str | Path | None = None,
@@ -179,9 +190,9 @@ class Captioner:
             raise ValueError("risk_vocab names the objects risk scores are given to: it needs risk=True")
         self.output = output or OutputConfig()
         self.batch_size = batch_size
-        self.model = load_model(model, dtype=dtype, device=device, quant=quant)
+        self._precision = dict(dtype=dtype, device=device, quant=quant, max_pixels=max_pixels, min_pixels=min_pixels)
+        self.model = load_model(model, **self._precision)
         self.model_name = model
-        self._precision = dict(dtype=dtype, device=device, quant=quant)
         # (seconds the decoding waited for images, wall seconds) of the last run of records()
         self.image_wait = (0.0, 0.0)
         self._settle()
@@ -347,7 +358,7 @@ class Captioner:
                     caption = self._finish(self.model.decode(tokens), out.stopped_by)
                     yield job.index, self._record(
                         job.path, "ok", image=job.image, caption=caption, tokens=len(tokens), seconds=out.seconds,
-                        stop=out.stopped_by, **_risk_fields(out),
+                        stop=out.stopped_by, image_tokens=self._image_tokens(job.inputs), **_risk_fields(out),
                     )  # fmt: skip
                 break
             except (RuntimeError, ValueError) as exc:
@@ -428,8 +439,13 @@ class Captioner:
         for job, (caption, tokens, stop, extra) in zip(batch, texts):
             yield job.index, self._record(
                 job.path, "ok", image=job.image, caption=self._finish(caption, stop), tokens=tokens,
-                seconds=round(seconds, 4), stop=stop, **extra,
+                seconds=round(seconds, 4), stop=stop, image_tokens=self._image_tokens(job.inputs), **extra,
             )  # fmt: skip
+
+    def _image_tokens(self, inputs: dict) -> int:
+        """How many tokens of the prompt the image became: a fixed count for LLaVA-1.5, one that
+        follows the image's size for anyres and Qwen2-VL's dynamic resolution (``--max-pixels``)."""
+        return int((inputs["input_ids"] == self.model.image_token_id).sum())
 
     def _finish(self, caption: str, stopped_by: str) -> str:
         o = self.output

@@ -185,6 +185,8 @@ def caption(
     device: o.Device = "auto",
     threads: o.Threads = "auto",
     quant: o.Quant = "none",
+    max_pixels: o.MaxPixels = None,
+    min_pixels: o.MinPixels = None,
     batch_size: o.Batch = 1,
     compile: o.Compile = False,
     method: o.Method = D.method,
@@ -243,6 +245,8 @@ def caption(
     if compile and quant != "none":
         # bitsandbytes layers break the compiled graph into pieces that recompile at every new shape.
         _usage(f"--compile cannot be used with --quant {quant}; use one or the other")
+    if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+        _usage(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}; give a min at most the max")
     prompt = _prompt(prompt, prompt_file)
     settings = dict(
         method=method, prompt=prompt, max_new_tokens=max_new_tokens, sparsity=sparsity, lam=lam, alpha=alpha,
@@ -269,7 +273,8 @@ def caption(
 
     caption_files = runs.CaptionFiles(sidecar or "txt", sidecar_dir, existing) if files else None
     job = runs.Job(
-        listing, config, settings, shaping, model, dict(dtype=dtype, device=device, quant=quant), batch_size,
+        listing, config, settings, shaping, model,
+        dict(dtype=dtype, device=device, quant=quant, max_pixels=max_pixels, min_pixels=min_pixels), batch_size,
         output, overwrite, caption_files, threads, ray_options, verbose, (include or (), exclude or ()), risk_vocab,
     )  # fmt: skip
     with _run_errors():

@@ -14,7 +14,9 @@ cache slots its last query may see, so the prefill never holds a (B, H, T, T) te
 fp32 logits stay under ``CHUNK_BYTES``, and the hooks accumulate their statistics chunk by chunk.
 
 With every mechanism off this is Hugging Face's Llama/Mistral/Qwen2 computation with its default
-SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``.
+SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``;
+Qwen2-VL's too, whose rotary embedding takes the prefill's three M-RoPE position streams (see
+``_prefill``) and splits them among the head's frequencies itself.
 
 ``generate`` decodes one static batch; ``generate_stream`` runs the same prefill and step over
 a stream of images, a finished row taking the next image (continuous batching).
@@ -284,7 +286,8 @@ def forward(
 ) -> torch.Tensor:
     """Run new tokens through the decoder layers, writing their keys and values to the cache.
 
-    x # (B, t, hidden); positions # (B, t) absolute positions; valid # (B, t) real tokens.
+    x # (B, t, hidden); positions # (B, t) absolute positions (a prefill under M-RoPE: # (3, B, t),
+    see ``VisionLanguageModel.positions``); valid # (B, t) real tokens.
     ``chunk_size`` caps the queries per chunk of written-out attention (default: ``CHUNK_BYTES``).
     Returns the hidden states after the first ``n_layers`` layers (all by default), before the
     final norm # (B, t, hidden).
@@ -478,6 +481,8 @@ def _prefill(
 
     -> cache, the last position's hidden state # (B', hidden), its input embedding # (B', hidden),
     the position of each row's next token # (B', 1); B' may exceed the batch (VCD's copies).
+    Tokens after the prompt are text: one position for all of M-RoPE's streams, the row's
+    count of real tokens plus its delta (``VisionLanguageModel.positions``).
     """
     embeds, image_mask, valid = steering.embed(model, inputs)
     B, T, _ = embeds.shape
@@ -490,10 +495,10 @@ def _prefill(
         rows = inputs["input_ids"].shape[0]  # a method's extra copies (VCD's) need no branch
         hidden = draw_hidden(image_mask[:rows], risk.mask_rate, risk.seed)  # (rows, T)
         cache.add_field(RISK_FIELD, cache.n_kv_heads)[:, :rows, :, :T] = hidden[None, :, None].float()
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    positions, deltas = model.positions(inputs, valid)  # (B, T) or M-RoPE's (3, B, T); (B, 1)
     hidden = forward(model, cache, embeds, positions, valid, steering)
     steering.after_prefill(cache)
-    return cache, hidden[:, -1], embeds[:, -1], valid.sum(-1, keepdim=True)
+    return cache, hidden[:, -1], embeds[:, -1], valid.sum(-1, keepdim=True) + deltas
 
 
 def _check_window(model: VisionLanguageModel, prompt: int, max_new: int) -> None:

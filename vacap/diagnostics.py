@@ -15,14 +15,15 @@ all heads:
 - its log-probability under the normal logits and, with ``tokens``, its image patch attention.
 
 Patch attention covers the base image (the first grid of image tokens, which for anyres models
-is the whole image resized) and is recorded only while the cache holds the prompt's tokens in
+is the whole image resized; for Qwen2-VL the image's own grid after the 2 x 2 merge, as many rows
+and columns as its size gives) and is recorded only while the cache holds the prompt's tokens in
 order: after a KV budget or FastV compaction a slot no longer maps to one patch, so it is null.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -35,7 +36,10 @@ SINK_EPSILON = 0.3
 MODES = ("none", "summary", "tokens")
 
 
-def patch_grid_side(model: VisionLanguageModel) -> int:
+def patch_grid_side(model: VisionLanguageModel) -> int | None:
+    """The side of the tower's square patch grid; None for Qwen2-VL, whose grid follows each image."""
+    if model.mrope:
+        return None
     vision = model.hf.config.vision_config
     return vision.image_size // vision.patch_size
 
@@ -52,15 +56,17 @@ def grid_region(model: VisionLanguageModel) -> str:
 
 
 def encode_grid(grid: torch.Tensor) -> str:
-    """A (g, g) attention map as base64 of uint8, scaled so that its maximum is 255."""
+    """A (rows, columns) attention map as base64 of uint8, scaled so that its maximum is 255."""
     peak = float(grid.max())
     scaled = (grid / peak * 255).round() if peak > 0 else torch.zeros_like(grid)
     return base64.b64encode(bytes(scaled.to(torch.uint8).flatten().tolist())).decode("ascii")
 
 
-def decode_grid(text: str, side: int) -> torch.Tensor:
-    """Inverse of ``encode_grid``: # (side, side) in [0, 1]."""
-    return torch.tensor(list(base64.b64decode(text)), dtype=torch.float32).view(side, side) / 255
+def decode_grid(text: str, grid: int | Sequence[int]) -> torch.Tensor:
+    """Inverse of ``encode_grid`` for a record's ``grid``: a square's side, or [rows, columns]
+    -> # (rows, columns) in [0, 1]."""
+    rows, columns = (grid, grid) if isinstance(grid, int) else grid
+    return torch.tensor(list(base64.b64decode(text)), dtype=torch.float32).view(rows, columns) / 255
 
 
 def _mean(values: list[float]) -> float | None:
@@ -83,6 +89,8 @@ class Diagnostics(Steering):
 
     def embed(self, model, inputs):
         self.rows = inputs["input_ids"].shape[0]
+        # Each row's (rows, columns) of patches: the tower's square, or Qwen2-VL's image's own.
+        self.grids = model.image_grids(inputs) or [(self.side, self.side)] * self.rows
         return self.inner.embed(model, inputs)
 
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
@@ -171,16 +179,18 @@ class Diagnostics(Steering):
         self._step[name] = self._step.get(name, 0) + value
 
     def _base_image_slots(self, image_mask: torch.Tensor) -> torch.Tensor | None:
-        """Slot of every base-grid patch, row-major # (B, g*g); None if a row has too few."""
-        count = self.side * self.side
+        """Slot of every base-grid patch, row-major # (B, n) for the largest grid's n patches (a
+        row with a smaller grid repeats its last slot after its own); None if a row has too few."""
+        counts = torch.tensor([h * w for h, w in self.grids], device=image_mask.device)
         per_row = image_mask.sum(-1)
-        if int(per_row.min()) < count:
+        if bool((per_row < counts).any()):
             return None
         # A CLS feature kept in front of the grid ("full" strategy on CLIP) is skipped.
-        offset = 1 if int(per_row.min()) == count + 1 else 0
+        offset = 1 if int(per_row.min()) == int(counts.min()) + 1 else 0
         order = torch.arange(image_mask.shape[1], device=image_mask.device).expand_as(image_mask)
         slots = torch.where(image_mask, order, image_mask.shape[1]).sort(-1).values
-        return slots[:, offset : offset + count]
+        own = torch.arange(int(counts.max()), device=image_mask.device).clamp(max=counts[:, None] - 1)  # (B, n)
+        return slots.gather(1, own + offset)
 
     # -- results ------------------------------------------------------------------------------
 
@@ -190,16 +200,18 @@ class Diagnostics(Steering):
         image, sink, heads, kept, changed = (
             [float(step[name][b]) for step in steps] for name in ("image", "sink", "sink_heads", "kept", "changed")
         )
-        patches = [step["patches"][b] for step in steps if "patches" in step]
+        rows, columns = self.grids[b]
+        patches = [step["patches"][b][: rows * columns].view(rows, columns) for step in steps if "patches" in step]
         summary = {
             "image_attention": _mean(image),
             "sink_attention": _mean(sink),
             "sink_ratio": _mean(heads),
             "kept_fraction": _mean(kept),
             "contrast_changed": int(sum(changed)),
-            "grid": self.side,
+            # A square's side (LLaVA's records always held one), else [rows, columns].
+            "grid": rows if rows == columns and not self.model.mrope else [rows, columns],
             "grid_region": self.region,
-            "patch_attention": encode_grid(torch.stack(patches).mean(0).view(self.side, self.side))
+            "patch_attention": encode_grid(torch.stack(patches).mean(0))
             if len(patches) == len(steps) and patches
             else None,
         }
@@ -209,11 +221,11 @@ class Diagnostics(Steering):
             texts = token_texts(self.model.tokenizer, tokens)
             details = []
             for i, token in enumerate(tokens):
-                grid = patches[i].view(self.side, self.side) if len(patches) == len(steps) else None
+                grid = patches[i] if len(patches) == len(steps) else None
                 top = None
                 if grid is not None:
                     best = grid.flatten().topk(min(3, grid.numel())).indices
-                    top = [[int(k) // self.side, int(k) % self.side] for k in best]
+                    top = [[int(k) // columns, int(k) % columns] for k in best]
                 details.append(
                     {
                         "token": texts[i],

@@ -38,6 +38,7 @@ def collect(model: str = DEFAULT_MODEL) -> dict:
     """Everything the report says, as plain data (what ``--json`` prints)."""
     import torch
 
+    from vacap import model as loader
     from vacap.model import DTYPE_NAMES, cpu_has_native_bf16, resolve_device, resolve_dtype
 
     device = resolve_device("auto")
@@ -62,6 +63,12 @@ def collect(model: str = DEFAULT_MODEL) -> dict:
         "cpu": cpu,
         "cuda_devices": gpus,
         "auto": {"device": str(device), "dtype": dtype, "why": _why(dtype, device.type, cpu, gpus)},
+        "models": {
+            "llava": list(loader.LLAVA_ARCHITECTURES),
+            "llava_text_models": list(loader.SUPPORTED_TEXT_MODELS),
+            "qwen": list(loader.QWEN_ARCHITECTURES),
+            "qwen_max_pixels": loader.DEFAULT_MAX_PIXELS,
+        },
         "cache": cache_status(model),
     }
 
@@ -159,7 +166,22 @@ def cache_status(model: str = DEFAULT_MODEL) -> dict:
     )
     if missing:
         status["missing"] = missing
+    status["unsupported"] = _unsupported(Path(revision.snapshot_path) / "config.json")
     return status
+
+
+def _unsupported(config: Path) -> str | None:
+    """Why vacap cannot run the checkpoint of this config.json (``vacap.model.unsupported``), or
+    None where it can, or where the file cannot be read (its loading will say why)."""
+    from vacap.model import unsupported
+
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        architecture = (settings.get("architectures") or ["<none>"])[0]
+        text_type = (settings.get("text_config") or {}).get("model_type", "<none>")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return unsupported(architecture, text_type)
 
 
 def _missing_files(snapshot: Path) -> list[str]:
@@ -207,9 +229,14 @@ def render(info: dict) -> str:
         lines.append(f"  cuda: none ({'this torch build has no CUDA' if not build['cuda'] else 'no device visible'})")
     auto = info["auto"]
     cache = info["cache"]
+    models = info["models"]
     lines += [
         "",
         f"--device auto: {auto['device']}; --dtype auto: {auto['dtype']} ({auto['why']})",
+        "",
+        "models vacap runs:",
+        f"  LLaVA: {', '.join(models['llava'])}, with a {', '.join(models['llava_text_models'])} text model",
+        f"  Qwen2-VL: {', '.join(models['qwen'])}, images only; --max-pixels {models['qwen_max_pixels']} by default",
         "",
         f"Hugging Face cache: {cache['dir']}" + ("" if cache["dir_exists"] else " (does not exist yet)"),
         f"  {cache['model']}: {_cache_line(cache)}",
@@ -226,5 +253,5 @@ def _cache_line(cache: dict) -> str:
         return "not in the cache (the first run downloads it where there is a network)"
     where = f"{cache['size_gib']} GiB" + (f", {cache['path']}" if cache.get("path") else "")
     if cache["state"] == "complete":
-        return f"in the cache ({where})"
+        return f"in the cache ({where})" + (f"; but {cache['unsupported']}" if cache.get("unsupported") else "")
     return f"partly in the cache ({where}); missing: {', '.join(cache['missing'])}"

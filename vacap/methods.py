@@ -346,8 +346,8 @@ class NoisedImageContrast(Steering):
         # Each image its own seeded noise, so that a caption does not depend on its batch.
         noised = torch.cat(
             [
-                vs.diffusion_noise(x[None].float(), self.config.vcd_noise_step, _generator(self.config, pixels.device))
-                for x in pixels
+                vs.diffusion_noise(x.float(), self.config.vcd_noise_step, _generator(self.config, pixels.device))
+                for x in model.image_pixels(inputs)
             ]
         )
         noised_embeds, _ = model.embed({**inputs, "pixel_values": noised.to(pixels.dtype)})

@@ -26,16 +26,25 @@ from vacap.demo import MODEL_DIR, PRIORS_MODEL_DIR
 
 log = logging.getLogger("vacap")
 
-SUPPORTED_ARCHITECTURES = (
+LLAVA_ARCHITECTURES = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
 )
+# Qwen2-VL's family: its own text model (Qwen2's layers, multimodal rotary positions), its own
+# vision tower and merger, dynamic resolution (each image's own patch grid).
+QWEN_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_ARCHITECTURES
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
-QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
 FALLBACK_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+# Qwen2-VL's dynamic resolution gives an image one token per 28 x 28 pixels, up to the
+# checkpoint's max_pixels: 16384 tokens for the hub's, which 8 photos at once would not fit
+# beside a 7B model in 24 GB. Unless --max-pixels says otherwise, at most 1280 tokens an image
+# (the top of the range Qwen's model cards suggest), or the checkpoint's own limit where lower.
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
 class ModelLoadError(RuntimeError):
@@ -142,14 +151,25 @@ def _quantization_config(quant: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
 
 
+def unsupported(architecture: str, text_type: str) -> str | None:
+    """Why vacap cannot run a checkpoint of ``architecture`` (config.json's first) with a text
+    model of ``text_type``, naming what it can run; None where it can."""
+    llava = architecture in LLAVA_ARCHITECTURES and text_type in SUPPORTED_TEXT_MODELS
+    if llava or architecture in QWEN_ARCHITECTURES:
+        return None
+    return (
+        f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
+        f"{', '.join(LLAVA_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model, and "
+        f"{', '.join(QWEN_ARCHITECTURES)} (images only, no video)"
+    )
+
+
 def _check_supported(config) -> None:
     architecture = (getattr(config, "architectures", None) or ["<none>"])[0]
     text_type = getattr(getattr(config, "text_config", None), "model_type", "<none>")
-    if architecture not in SUPPORTED_ARCHITECTURES or text_type not in SUPPORTED_TEXT_MODELS:
-        raise ModelLoadError(
-            f"unsupported architecture {architecture} with text model {text_type!r}; vacap supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} with a {', '.join(SUPPORTED_TEXT_MODELS)} text model"
-        )
+    reason = unsupported(architecture, text_type)
+    if reason:
+        raise ModelLoadError(reason)
 
 
 @dataclass(frozen=True)
@@ -166,13 +186,15 @@ class Preparer:
         self.processor.tokenizer.padding_side = "left"
 
     @classmethod
-    def load(cls, name: str) -> Preparer:
-        """The preparer of ``--model name`` (found as ``load_model`` finds it), without the weights."""
+    def load(cls, name: str, max_pixels: int | None = None, min_pixels: int | None = None) -> Preparer:
+        """The preparer of ``--model name`` (found as ``load_model`` finds it), without the weights;
+        ``max_pixels`` and ``min_pixels`` as ``load_model`` takes them."""
         source, hub, offline = _locate(name)
         try:
-            return cls(_load_processor(source, **hub))
+            processor = _load_processor(source, **hub)
         except OSError as exc:
             raise _load_error(name, exc, offline) from exc
+        return cls(_limit_pixels(processor, name, max_pixels, min_pixels))
 
     @property
     def tokenizer(self):
@@ -212,14 +234,15 @@ class Preparer:
     def collate(self, prepared: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch from images prepared one by one, as ``prepare`` makes it for them together:
         token rows left padded (input_ids with the tokenizer's pad token), anyres tile stacks
-        (pixel_values # (1, tiles, 3, h, w)) padded with zeros, all stacked along the rows."""
+        (pixel_values # (1, tiles, 3, h, w)) padded with zeros, all stacked along the rows
+        (Qwen2-VL's patch rows # (patches, d) and image_grid_thw # (1, 3) simply follow each other)."""
         if len(prepared) == 1:  # the usual admission once rows free one at a time: nothing to pad
             return prepared[0]
         out = {}
         for name in prepared[0]:
             parts = [p[name] for p in prepared]
             width = max(x.shape[1] if x.dim() > 1 else 0 for x in parts)
-            if name in ("input_ids", "attention_mask"):
+            if name in ("input_ids", "attention_mask", "mm_token_type_ids"):
                 fill = self._pad_id if name == "input_ids" else 0
                 parts = [torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill) for x in parts]
             elif parts[0].dim() > 2:
@@ -251,6 +274,9 @@ class VisionLanguageModel:
         self.head_dim: int = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.scaling: float = self.layers[0].self_attn.scaling
         self.image_token_id: int = self.hf.config.image_token_id
+        # Multimodal rotary positions (Qwen2-VL's M-RoPE): image tokens get (time, height, width)
+        # positions from their grid, so positions are not the count of tokens before.
+        self.mrope: bool = type(self.hf).__name__ in QWEN_ARCHITECTURES
         self.sliding_window: int | None = _sliding_window(text)
         # The longest sequence (prompt, image tokens and caption) the model was made for;
         # beyond it positions are ones it never saw, and the caption is garbage.
@@ -307,6 +333,49 @@ class VisionLanguageModel:
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
         return embeds, image_mask
+
+    def positions(
+        self, inputs: dict[str, torch.Tensor], valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary positions of a prepared batch and each row's offset for the tokens after it.
+
+        ``valid`` # (B', T) bool, B' a multiple of the batch's B, numbers the slots a method's
+        rows hold (default: the batch's attention mask): its extra rows are copies of the batch's
+        rows in order (VCD's noised images) or copies with their image slots invalid (PAI's
+        image-free prompt), which count their own slots only, as the shorter prompt would.
+        Returns positions # (B', T) long, each real token's count of real tokens before it, or
+        under M-RoPE # (3, B', T): the (time, height, width) positions of the model's own
+        ``get_rope_index``, where an image's tokens sit on its grid and the text after an image
+        continues from its largest position; and deltas # (B', 1) long: a token after the prompt,
+        with n real tokens before it, has position n + delta in every stream (0 without M-RoPE).
+        """
+        mask = inputs["attention_mask"].bool() if valid is None else valid
+        if not self.mrope or "image_grid_thw" not in inputs:
+            return (mask.long().cumsum(-1) - 1).clamp(min=0), mask.new_zeros(mask.shape[0], 1, dtype=torch.long)
+        copies = mask.shape[0] // inputs["input_ids"].shape[0]
+        # A row without its image tokens takes no grid, and copies follow all the batch's rows, so
+        # the grids repeated in the rows' order meet the rows that show an image.
+        return self.hf.model.get_rope_index(
+            inputs["input_ids"].repeat(copies, 1), inputs["mm_token_type_ids"].repeat(copies, 1),
+            image_grid_thw=inputs["image_grid_thw"].repeat(copies, 1), attention_mask=mask.long(),
+        )  # fmt: skip
+
+    def image_pixels(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """pixel_values cut into each image's own part, in the batch's layout, so that
+        ``torch.cat`` joins them back: # (1, ...) per image, or Qwen2-VL's patch rows of each image."""
+        pixels = inputs["pixel_values"]
+        if "image_grid_thw" in inputs:
+            return list(pixels.split(inputs["image_grid_thw"].prod(-1).tolist()))
+        return list(pixels.split(1))
+
+    def image_grids(self, inputs: dict[str, torch.Tensor]) -> list[tuple[int, int]] | None:
+        """Each image's grid of image tokens (rows, columns), in the batch's order, where the
+        tokens are one grid per image (Qwen2-VL's, after the 2 x 2 merge); None for LLaVA's
+        families, whose tokens are one square grid (or anyres tiles) of the tower's size."""
+        if "image_grid_thw" not in inputs:
+            return None
+        merge = self.hf.config.vision_config.spatial_merge_size
+        return [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
@@ -426,15 +495,20 @@ def _load_processor(source: str, **hub):
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
-    # LLaVA-OneVision's processor insists on a video processor, and every video processor in
-    # transformers 5 needs torchvision (no CPU wheel matches our torch). vacap captions only
-    # images, so it builds the same processor class without the video part.
+    # LLaVA-OneVision's and Qwen2-VL's processors insist on a video processor, and every video
+    # processor in transformers 5 needs torchvision (no CPU wheel matches our torch). vacap
+    # captions only images, so it builds the same processor class without the video part.
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.image_processing_base import ImageProcessingMixin
     from transformers.processing_utils import ProcessorMixin
 
     settings, _ = ProcessorMixin.get_processor_dict(source, **hub)
-    base = getattr(transformers, settings.pop("processor_class"))
+    # The hub's Qwen2-VL checkpoints name their processor class in preprocessor_config.json only.
+    name = settings.pop("processor_class", None) or ImageProcessingMixin.get_image_processor_dict(source, **hub)[0].get(
+        "processor_class"
+    )
+    base = getattr(transformers, name)
 
     class ImageOnlyProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -446,14 +520,40 @@ def _load_processor(source: str, **hub):
     )
 
 
+def _limit_pixels(processor, name: str, max_pixels: int | None, min_pixels: int | None):
+    """The processor with Qwen2-VL's dynamic resolution bounded: each image resized to at most
+    ``max_pixels`` (default: ``DEFAULT_MAX_PIXELS`` or the checkpoint's limit where lower) and at
+    least ``min_pixels`` (default: the checkpoint's), aspect kept. Other processors resize to a
+    fixed size; asking them for a pixel range is an error."""
+    image = processor.image_processor
+    size = image.size
+    if getattr(size, "longest_edge", None) is None or not hasattr(image, "merge_size"):
+        if max_pixels is not None or min_pixels is not None:
+            raise ModelLoadError(
+                f"--max-pixels and --min-pixels set the resolution of Qwen2-VL and Qwen2.5-VL checkpoints; "
+                f"{name} resizes every image to its own fixed size"
+            )
+        return processor
+    longest = max_pixels if max_pixels is not None else min(size.longest_edge, DEFAULT_MAX_PIXELS)
+    shortest = min_pixels if min_pixels is not None else min(size.shortest_edge, longest)
+    if shortest > longest:
+        raise ModelLoadError(f"--min-pixels {shortest} is above --max-pixels {longest}; give a min at most the max")
+    image.size = {"shortest_edge": shortest, "longest_edge": longest}
+    return processor
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
     dtype: str = "auto",
     device: str = "auto",
     quant: str = "none",
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
 ) -> VisionLanguageModel:
-    """Load a checkpoint by Hugging Face id or local folder (safetensors only, no remote code)."""
+    """Load a checkpoint by Hugging Face id or local folder (safetensors only, no remote code).
+    ``max_pixels`` and ``min_pixels`` bound the size images are resized to, for Qwen2-VL's
+    dynamic resolution (see ``_limit_pixels``)."""
     import transformers
     from transformers import AutoConfig
 
@@ -462,7 +562,13 @@ def load_model(
     source, hub, offline = _locate(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, **hub)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
+        # transformers knows no such model type: the checkpoint's own code would be needed.
+        raise ModelLoadError(
+            f"cannot load model {name!r}: {exc}; vacap runs no model code from a checkpoint, only "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        ) from exc
+    except OSError as exc:
         raise _load_error(name, exc, offline) from exc
     _check_supported(config)
     model_class = getattr(transformers, config.architectures[0])
@@ -471,8 +577,9 @@ def load_model(
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": torch_device})
     try:
+        processor = _limit_pixels(_load_processor(source, **hub), name, max_pixels, min_pixels)
         hf = model_class.from_pretrained(source, **kwargs)
-        preparer = Preparer(_load_processor(source, **hub))
+        preparer = Preparer(processor)
     except OSError as exc:
         raise _load_error(name, exc, offline) from exc
     except (RuntimeError, ValueError) as exc:

@@ -180,6 +180,21 @@ Quant = Annotated[
         help="none, 8bit or 4bit: bitsandbytes quantization of the language model.",
     ),
 ]  # fmt: skip
+MaxPixels = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1, metavar="N", rich_help_panel=MODEL,
+        help="Qwen2-VL, Qwen2.5-VL: largest image size in pixels, aspect kept; one image token per 28 x 28 "
+        "pixels. Default: 1003520 (1280 tokens) or the model's own limit where lower.",
+    ),
+]  # fmt: skip
+MinPixels = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1, metavar="N", rich_help_panel=MODEL,
+        help="Qwen2-VL, Qwen2.5-VL: smallest image size in pixels; default: the model's own.",
+    ),
+]  # fmt: skip
 Batch = Annotated[
     int,
     typer.Option(

@@ -137,10 +137,11 @@ def pool_for(resources: dict, options: RayOptions) -> Pool:
     return Pool(workers=workers, cpus=cpus, gpus=gpus)
 
 
-def worker_params(pool: Pool, config, output, *, dtype: str, device: str, quant: str) -> dict:
+def worker_params(pool: Pool, config, output, **precision) -> dict:
     """The records' params as an actor of ``pool`` will make them: worked out in a Ray task
     with an actor's resources, since the dtype ``auto`` resolves to depends on the device and
-    CPU that run the model, which the driver may not have (a CPU head node of a GPU cluster)."""
+    CPU that run the model, which the driver may not have (a CPU head node of a GPU cluster).
+    ``precision``: ``record_params``'s dtype, device, quant and pixel limits."""
     import ray
     import ray.exceptions
 
@@ -148,26 +149,27 @@ def worker_params(pool: Pool, config, output, *, dtype: str, device: str, quant:
 
     task = ray.remote(num_cpus=pool.cpus, num_gpus=pool.gpus)(record_params)
     try:
-        return ray.get(task.remote(config, output=output, dtype=dtype, device=device, quant=quant))
+        return ray.get(task.remote(config, output=output, **precision))
     except ray.exceptions.RayTaskError as exc:  # --device cuda where the workers have none, say
         raise RayUnavailable(f"the Ray workers cannot run these settings: {_last_line(exc)}") from None
 
 
 @functools.cache
-def _preparer(model: str):
-    """The model's ``Preparer``, loaded once per process: Ray runs many tasks in one worker."""
+def _preparer(model: str, pixels: tuple[int | None, int | None]):
+    """The model's ``Preparer`` with the pixel limits (max, min), loaded once per process: Ray
+    runs many tasks in one worker."""
     from vacap.model import Preparer
 
-    return Preparer.load(model)
+    return Preparer.load(model, *pixels)
 
 
-def _load_preparer(model: str) -> None:
+def _load_preparer(model: str, pixels: tuple[int | None, int | None]) -> None:
     """A Ray task: load the model's ``Preparer`` in this worker, where the reading tasks after it
     find it, or raise the ``ModelLoadError`` saying why it cannot be loaded."""
-    _preparer(model)
+    _preparer(model, pixels)
 
 
-def _read(batch: dict, model: str, prompt: str, verbose: bool) -> dict:
+def _read(batch: dict, model: str, pixels: tuple[int | None, int | None], prompt: str, verbose: bool) -> dict:
     """A Ray task: {"path": file system bytes # (N,)} -> the same plus {"read": pickled
     ``prepare_read`` result # (N,)}, each image read, hashed, decoded and prepared for ``model``
     with the prompt template ``prompt`` (or why it cannot be)."""
@@ -176,7 +178,7 @@ def _read(batch: dict, model: str, prompt: str, verbose: bool) -> dict:
     from vacap.captioner import PreparedImage, prepare_read
     from vacap.images import read_image
 
-    preparer = _preparer(model)
+    preparer = _preparer(model, pixels)
     paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
     prepared = [prepare_read(preparer, path, read_image(path), prompt) for path in paths]
     # Pickled by hand: a column of bytes is plain Arrow, where tensors and error texts side by
@@ -237,10 +239,11 @@ def caption(
     import ray.exceptions
 
     model = captioner.get("model", DEFAULT_MODEL)
+    pixels = (captioner.get("max_pixels"), captioner.get("min_pixels"))
     try:
         # Once before the dataset starts: a reading task that failed to load it would end the
         # run with Ray Data's traceback, not the loading error.
-        ray.get(ray.remote(num_cpus=0)(_load_preparer).remote(model))
+        ray.get(ray.remote(num_cpus=0)(_load_preparer).remote(model, pixels))
     except ray.exceptions.RayTaskError as exc:
         raise RayUnavailable(f"the Ray reading tasks cannot load the model's processor: {_last_line(exc)}") from None
     rows = [{"path": os.fsencode(image)} for image in images]
@@ -256,6 +259,7 @@ def caption(
             batch_format="numpy",
             fn_kwargs={
                 "model": model,
+                "pixels": pixels,
                 "prompt": captioner.get("prompt", DEFAULT_PROMPT),
                 "verbose": verbose,
             },

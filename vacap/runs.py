@@ -121,7 +121,7 @@ class Job:
     settings: dict  # the DecodeConfig's arguments, for the Captioner (and each Ray actor)
     shaping: OutputConfig
     model: str
-    precision: dict  # dtype, device, quant
+    precision: dict  # dtype, device, quant, max_pixels, min_pixels
     batch_size: int = 1
     output: Path | None = None
     overwrite: bool = False

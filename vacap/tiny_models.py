@@ -23,6 +23,14 @@ Every architecture shares one tokenizer (512 tokens; ``<pad>`` 0, ``<s>`` 1, ``<
 
 LLaVA-OneVision's processor cannot be loaded without torchvision (see
 :func:`_save_onevision_processor`); its model loads either way.
+
+``qwen2-vl`` and ``qwen2.5-vl`` are Qwen's own families instead: a tokenizer with Qwen2's special
+tokens (no BOS; ``<|im_end|>`` ends a caption), the hub checkpoints' chat template, M-RoPE
+text models with q/k/v biases and grouped-query attention, Qwen's vision towers (Qwen2.5-VL's
+with window attention) and dynamic resolution: 8-px patches merged 2 x 2, one image token per
+16 x 16 pixels and 4 to 16 tokens per image, so images of different sizes and aspect ratios
+give different, often non-square grids. :func:`shrink_hub_checkpoint` puts shrunk random
+weights around a hub checkpoint's own files instead.
 """
 
 from __future__ import annotations
@@ -53,11 +61,17 @@ from transformers import (
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
     SiglipVisionConfig,
 )
 
-ARCHITECTURES = ("llava-llama", "llava-mistral", "llava-qwen2", "llava-next", "llava-onevision")
+QWEN_ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl")
+ARCHITECTURES = ("llava-llama", "llava-mistral", "llava-qwen2", "llava-next", "llava-onevision", *QWEN_ARCHITECTURES)
 SIZES = ("tiny", "mid", "long", "short", "wide")
 
 IMAGE_TOKEN = "<image>"
@@ -218,12 +232,21 @@ def build_tiny_model(
         text_dims = _QUANT_TEXT if quantizable else _TINY_TEXT
     vision_dims = _QUANT_VISION if quantizable else _TINY_VISION
 
+    if arch in QWEN_ARCHITECTURES:
+        config, model_class, tokenizer, save_processor = _qwen_parts(arch, text_dims, init_std, size, quantizable)
+        return _save(config, model_class, tokenizer, save_processor, seed, out)
     tokenizer = _build_tokenizer()
     text_config = _text_config(arch, text_dims, init_std, tokenizer)
     # Mid and long models see 192 px: 24 x 24 patches, the 576 image tokens of LLaVA-1.5 per
     # tile, so that benchmarks attend over a cache of realistic length.
     side = IMAGE_SIZE if size in ("tiny", "short") else MID_IMAGE_SIZE
     config, model_class, save_processor = _multimodal_parts(arch, text_config, vision_dims, tokenizer, side)
+    return _save(config, model_class, tokenizer, save_processor, seed, out)
+
+
+def _save(config, model_class, tokenizer: PreTrainedTokenizerFast, save_processor, seed: int, out: Path) -> Path:
+    """Random weights of ``config`` from ``seed``, saved to ``out`` with the processor and a
+    generation config."""
     config.dtype = torch.float32
 
     # A private RNG stream: the weights depend on ``seed`` only, and the caller's RNG is untouched.
@@ -400,3 +423,229 @@ def _save_onevision_processor(
         "vision_aspect_ratio": vision_aspect_ratio,
     }
     (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
+
+
+# Qwen2-VL and Qwen2.5-VL: their own tokens (no BOS; <|im_end|> ends a turn, <|endoftext|> pads)
+# and their own chat template (the hub checkpoints' chat_template.json, verbatim).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+# Tiny Qwen images: 8-px patches merged 2 x 2, so one image token per 16 x 16 pixels, and from
+# 4 to 16 of them per image: a 32 x 32 image gives a 2 x 2 grid, 40 x 30 a 3 x 2 one (width x
+# height), 30 x 44 a 2 x 3 one, 64 x 60 a 4 x 4 one.
+QWEN_PATCH = 8
+QWEN_MERGE = 2
+QWEN_MIN_PIXELS = 4 * 16 * 16
+QWEN_MAX_PIXELS = 16 * 16 * 16
+# The mid size sees images as the hub checkpoints do (14-px patches merged 2 x 2, 28 px per
+# token), from 480 to 640 image tokens per image (small images are enlarged): about LLaVA-1.5's
+# 576, so that benchmarks attend over a cache of realistic length.
+QWEN_MID_MIN_PIXELS = 480 * 28 * 28
+QWEN_MID_MAX_PIXELS = 640 * 28 * 28
+
+
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on :data:`CORPUS` with Qwen2's special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def _qwen_parts(arch: str, text: Dims, init_std: float, size: str, quantizable: bool):
+    """(config, model class, tokenizer, processor saver) of a Qwen2-VL or Qwen2.5-VL checkpoint."""
+    tokenizer = _qwen_tokenizer()
+    head_dim = text.hidden // text.heads
+    # M-RoPE splits the head's rotary frequencies among time, height and width as the hub
+    # checkpoints do (16, 24, 24 of 64): a quarter, three eighths, three eighths.
+    quarter = head_dim // 8
+    mrope = [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        **text.config_kwargs(),
+        num_key_value_heads=text.heads // 2,
+        max_position_embeddings=4096,
+        initializer_range=init_std,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = _QUANT_VISION if quantizable else _TINY_VISION
+    mid = size not in ("tiny", "short")
+    patch = 14 if mid else QWEN_PATCH
+    vision_common = dict(
+        depth=vision.layers,
+        num_heads=vision.heads,
+        patch_size=patch,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        initializer_range=init_std,
+    )
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    if arch == "qwen2-vl":
+        vision_config = dict(embed_dim=vision.hidden, hidden_size=text.hidden, mlp_ratio=2, **vision_common)
+        config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, **ids)
+        model_class, processor_class = Qwen2VLForConditionalGeneration, "Qwen2VLProcessor"
+    else:
+        # Windows of 2 x 2 merged tokens, and full attention in the last block (as the hub's
+        # fullatt_block_indexes end with the last), so both of Qwen2.5-VL's attentions run.
+        vision_config = dict(
+            hidden_size=vision.hidden,
+            intermediate_size=vision.intermediate,
+            out_hidden_size=text.hidden,
+            window_size=2 * QWEN_MERGE * patch,
+            fullatt_block_indexes=[vision.layers - 1],
+            **vision_common,
+        )
+        config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **ids)
+        model_class, processor_class = Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VLProcessor"
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch,
+        merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        min_pixels=QWEN_MIN_PIXELS if not mid else QWEN_MID_MIN_PIXELS,
+        max_pixels=QWEN_MAX_PIXELS if not mid else QWEN_MID_MAX_PIXELS,
+    )
+    return config, model_class, tokenizer, partial(_save_qwen_processor, processor_class, image_processor, tokenizer)
+
+
+def _save_qwen_processor(processor_class: str, image_processor, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Write the processor's files as the hub's Qwen2-VL checkpoints hold them: the image
+    processor's preprocessor_config.json naming the processor class, chat_template.json and the
+    tokenizer files. The processor object itself cannot be made without torchvision (see
+    :func:`_save_onevision_processor`); vacap's loader builds it without the video part."""
+    image_processor.save_pretrained(out)
+    settings = json.loads((out / "preprocessor_config.json").read_text())
+    settings["processor_class"] = processor_class
+    (out / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}, indent=2) + "\n")
+    tokenizer.save_pretrained(out)
+
+
+def shrink_hub_checkpoint(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: int = 4,
+    hidden: int = 32,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    init_std: float = 0.3,
+    seed: int = 0,
+) -> Path:
+    """A hub checkpoint's own files (config, processor, tokenizer, chat template, weight index;
+    no weights) around random weights of a shrunk model, saved under the index's key names.
+
+    The config keeps every setting but the sizes: ``layers`` text layers of width ``hidden``,
+    ``heads`` query and ``kv_heads`` key/value heads (M-RoPE's sections scaled to the smaller
+    heads), ``vision_depth`` vision blocks of width ``vision_hidden`` (the last with full
+    attention). Only Qwen2-VL-family checkpoints, whose hub weights use the older key layout
+    (``model.layers.N``, ``visual.blocks.N``) that transformers renames on loading.
+    Returns ``out_dir`` as a ``Path``.
+    """
+    import shutil
+
+    import transformers
+    from safetensors.torch import save_file
+
+    source, out = Path(source), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("generation_config.json", "preprocessor_config.json", "chat_template.json", "tokenizer_config.json",
+                 "vocab.json", "merges.txt", "tokenizer.json"):  # fmt: skip
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    config = json.loads((source / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    scale = (hidden // heads) / head_dim
+    sections = config["rope_scaling"]["mrope_section"]
+    config.update(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        max_window_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=2 * hidden,
+        initializer_range=init_std,
+    )
+    config["rope_scaling"]["mrope_section"] = [round(s * scale) for s in sections]
+    vision = config["vision_config"]
+    vision.update(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        out_hidden_size=hidden,
+        fullatt_block_indexes=[vision_depth - 1],
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    hf_config.vision_config.initializer_range = init_std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, config["architectures"][0])(hf_config).float().eval()
+    # The hub's names: the language model's weights under model., the vision tower's under visual.
+    renamed = {
+        key.replace("model.language_model.", "model.").replace("model.visual.", "visual."): value.contiguous()
+        for key, value in model.state_dict().items()
+    }
+    index = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    kept = {key for key in index if _within(key, layers, vision_depth)}
+    if set(renamed) != kept:
+        raise ValueError(f"the shrunk model's weights do not match {source}'s index: {sorted(set(renamed) ^ kept)[:8]}")
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _within(key: str, layers: int, depth: int) -> bool:
+    """Whether a weight of the hub's index belongs to the first ``layers`` text layers and
+    ``depth`` vision blocks (or to no layer or block)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1]) < (layers if part == "layers" else depth)
+    return True

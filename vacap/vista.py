@@ -60,16 +60,20 @@ def text_only(embeds: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tenso
     return embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1])), text.gather(1, order)
 
 
-def last_states(model: VisionLanguageModel, embeds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def last_states(
+    model: VisionLanguageModel, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """The residual stream after every layer at the last position of a left-padded batch, from
-    a plain prefill into a cache of its own: embeds # (B, T, hidden), valid # (B, T) -> # (L, B,
-    hidden) fp32."""
+    a plain prefill into a cache of its own: embeds # (B, T, hidden), valid # (B, T), positions
+    # (B, T) or M-RoPE's (3, B, T) (default: counted over valid slots, a text prompt's) -> # (L,
+    B, hidden) fp32."""
     B, T, _ = embeds.shape
     cache = KVCache(
         len(model.layers), B, model.n_kv_heads, model.head_dim, T, dtype=embeds.dtype, device=embeds.device
     )
     recorder = _LastStates()
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    if positions is None:
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     forward(model, cache, embeds, positions, valid, recorder)
     return torch.stack(recorder.states)
 
@@ -83,10 +87,14 @@ class _LastStates(Steering):
         return x
 
 
-def visual_vector(model: VisionLanguageModel, embeds: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor):
+def visual_vector(
+    model: VisionLanguageModel, embeds: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor,
+    positions: torch.Tensor,
+):  # fmt: skip
     """The VSV of each row (docs/VISTA.md eq. 1) # (B, L, hidden) fp32: the last token's residual
-    stream after each layer with the image minus without it."""
-    positive = last_states(model, embeds, valid)
+    stream after each layer with the image (at the prompt's own positions, M-RoPE's on Qwen2-VL)
+    minus without it."""
+    positive = last_states(model, embeds, valid, positions)
     negative = last_states(model, *text_only(embeds, image_mask, valid))
     return (positive - negative).transpose(0, 1).contiguous()
 
@@ -102,7 +110,7 @@ class VISTA(Steering):
     def embed(self, model: VisionLanguageModel, inputs: dict[str, torch.Tensor]):
         embeds, image_mask, valid = super().embed(model, inputs)
         if self.lam:
-            self._vector = visual_vector(model, embeds, image_mask, valid)
+            self._vector = visual_vector(model, embeds, image_mask, valid, model.positions(inputs, valid)[0])
         return embeds, image_mask, valid
 
     def begin(self, cache: KVCache, image_mask: torch.Tensor) -> None:
