@@ -160,6 +160,8 @@ class Plan:
     budgets: dict[str, float] = field(default_factory=dict)
 
 
+# Seconds for the whole run: under 8 minutes, so that one 10-minute command holds it with its start.
+DEFAULT_BUDGET = 470.0
 SECTIONS = ("speed", "parity", "speed-long", "caption", "methods", "quant", "speed-32")
 
 
@@ -721,9 +723,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="speed sections' dtype (fp16 on a GPU, fp32 on CPU)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {','.join(SECTIONS)}")
-    parser.add_argument("--budget", type=float, default=470.0, help="seconds for the whole run")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for the whole run")
     parser.add_argument("--images", type=int, help="images of the caption section (1000; 3 in a dry run)")
     parser.add_argument("--bandwidth-gbs", type=float, help="the GPU's memory bandwidth, GB/s (known GPUs: by name)")
+    parser.add_argument("--batches", help="speed sections' batch sizes, comma-separated (1,8; 1,2 in a dry run)")
+    parser.add_argument("--new-tokens", help="the short and the long call's new tokens, e.g. 16,64")
+    parser.add_argument("--rounds", type=int, help="rounds of the speed sections (2; 1 in a dry run)")
     parser.add_argument("--work", type=Path, help="folder for checkpoints saved to disk (a temporary one by default)")
     args = parser.parse_args()
     if args.dry_run:
@@ -735,6 +740,18 @@ def main() -> None:
     if not chosen or any(s not in SECTIONS for s in chosen):
         parser.error(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
     plan = plan_for(args)
+    try:
+        if args.batches:
+            plan.batches = tuple(int(b) for b in args.batches.split(","))
+        if args.new_tokens:
+            plan.short, plan.long = (int(n) for n in args.new_tokens.split(","))
+    except ValueError:
+        parser.error("--batches and --new-tokens take whole numbers separated by commas (--new-tokens: two)")
+    if min(plan.batches) < 1 or not 2 <= plan.short <= plan.long:
+        parser.error("batches must be at least 1, and the new tokens two numbers from 2 up, the short one first")
+    plan.rounds = args.rounds or plan.rounds
+    if not args.dry_run:  # each section keeps its share of a --budget other than the default
+        plan.budgets = {name: seconds * args.budget / DEFAULT_BUDGET for name, seconds in plan.budgets.items()}
     meta = environment(plan, args)
     report = Report(args.out, meta)
     bandwidth = bandwidth_of(meta["device_name"], args.bandwidth_gbs)

@@ -139,3 +139,15 @@ def test_goals_are_judged_from_their_figures(results):
     assert goals["greedy --compile vs HF tokens/s, batch 1"]["figure"] == pytest.approx(ratio)
     # No bandwidth on a CPU, no utilisation without a GPU: not measured, not failed.
     assert goals["greedy --compile decode vs bandwidth limit, batch 1"]["met"] is None
+
+
+@pytest.mark.parametrize("flags", [["--new-tokens", "5"], ["--sections", "speed,nope"]])
+def test_bad_flags_exit_2_saying_what_is_allowed(tmp_path, flags):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(tmp_path / "out"), *flags],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "whole numbers" in done.stderr or "choose from" in done.stderr
+    assert not (tmp_path / "out").exists()
