@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -283,8 +284,6 @@ class Models:
 
 
 def _free(device: torch.device) -> None:
-    import gc
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -580,6 +579,7 @@ def run_caption(report: Report, name: str, models: Models, plan: Plan, clock: Cl
     model.hf.save_pretrained(folder)
     model.processor.save_pretrained(folder)
     save_s = time.perf_counter() - started
+    del model
     models.clear()  # the command loads its own copy
     images = models.work / "caption-images"
     images.mkdir(exist_ok=True)
