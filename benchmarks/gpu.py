@@ -706,6 +706,9 @@ def environment(plan: Plan, args) -> dict:
         "batches": list(plan.batches), "new_tokens": [plan.short, plan.long], "rounds": plan.rounds,
         "qwen": unsupported(SHAPES["qwen2.5-vl-7b"]) or "supported",
         "torch_compile": "disabled (dry run)" if torch._dynamo.config.disable else "on",
+        # vacap's --compile asks torch.compile for no mode: CUDA graphs only where inductor is told
+        # (TORCHINDUCTOR_CUDAGRAPHS=1), and then not over a cache it mutates (not marked static).
+        "inductor_cudagraphs": os.environ.get("TORCHINDUCTOR_CUDAGRAPHS") == "1",
     }  # fmt: skip
 
 
