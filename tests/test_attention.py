@@ -13,7 +13,7 @@ from helpers import IMAGES, PROMPT
 
 from vacap.cache import KVCache
 from vacap.config import DecodeConfig
-from vacap.decode import CHUNK_BYTES, Steering, forward, generate, query_chunks
+from vacap.decode import CHUNK_BYTES, CPU_CHUNK_QUERIES, GPU_CHUNK_BYTES, Steering, forward, generate, query_chunks
 from vacap.diagnostics import Diagnostics
 from vacap.methods import steering_for
 from vacap.model import load_model
@@ -86,6 +86,18 @@ def test_default_chunks_bound_the_logits_and_cover_every_query():
         assert all(c.slots == T - t + c.stop for c in chunks)
     # Nearly equal sizes: no short last chunk.
     assert [c.stop - c.start for c in query_chunks(10, 10, 1, 1, size=3)] == [2, 3, 2, 3]
+
+
+def test_cpu_chunks_stay_small_enough_for_the_cache_and_gpu_chunks_large():
+    # A 607-token prompt at batch 1 fits 431 queries under CHUNK_BYTES; on a CPU its chunks stay
+    # at CPU_CHUNK_QUERIES (twice as fast there: issue 28). Where the bytes bind first they rule.
+    assert max(c.stop - c.start for c in query_chunks(607, 607, 1, 16)) <= CPU_CHUNK_QUERIES
+    by_bytes = CHUNK_BYTES // (4 * 16 * 2928)
+    assert len(query_chunks(2928, 2928, 1, 16)) == len(query_chunks(2928, 2928, 1, 16, size=by_bytes))
+    # On a GPU: a batch of 8 prompts of 2.9k tokens on 32 heads in tens of chunks, not hundreds.
+    chunks = query_chunks(2928, 2928, 8, 32, gpu=True)
+    assert len(chunks) < 40
+    assert all(8 * 32 * (c.stop - c.start) * 2928 * 4 <= GPU_CHUNK_BYTES for c in chunks)
 
 
 @pytest.mark.dtype

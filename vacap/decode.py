@@ -11,7 +11,8 @@ projection, MLP. Attention takes one of two paths per layer, chosen by the decod
 
 The written-out path runs over chunks of queries (one chunk in a decode step), each against the
 cache slots its last query may see, so the prefill never holds a (B, H, T, T) tensor: a chunk's
-fp32 logits stay under ``CHUNK_BYTES``, and the hooks accumulate their statistics chunk by chunk.
+fp32 logits stay under ``CHUNK_BYTES`` (``GPU_CHUNK_BYTES`` on a GPU), and the hooks accumulate their
+statistics chunk by chunk.
 
 With every mechanism off this is Hugging Face's Llama/Mistral/Qwen2 computation with its default
 SDPA attention, so `--method greedy` gives the tokens of ``generate(do_sample=False, num_beams=1)``;
@@ -59,6 +60,14 @@ CAPACITY_QUANTUM = 256
 # (the logits, their masked copy, the probabilities; in bf16 also a cast); bounding the fp32
 # logits to 16 MiB keeps the prefill's attention temporaries near 50 MiB at any length.
 CHUNK_BYTES = 16 * 2**20
+# On a CPU also at most this many queries per chunk, so that a chunk's logits, masked copy and
+# probabilities stay in the last-level cache: a 607-token prompt's written-out attention at batch 1
+# (431 queries a chunk by bytes alone) took twice the time of 128-query chunks (issue 28,
+# benchmarks/RESULTS.md). Fewer queries do not help: at 2.9k slots the per-chunk overhead wins.
+CPU_CHUNK_QUERIES = 128
+# A GPU pays kernel launches per chunk instead, and has memory to spare: by CHUNK_BYTES a batch of
+# 8 prompts of 2.9k tokens on a 7B model (32 heads) would run 4 queries a chunk, 730 chunks a layer.
+GPU_CHUNK_BYTES = 256 * 2**20
 # The cache field of the risk branch's hidden image slots (1 on a hidden slot), per layer and KV
 # head so that every compaction (FastV's, the KV budget's per-head one) carries it with its slots.
 RISK_FIELD = "risk_hidden"
@@ -101,12 +110,14 @@ class Chunk:
         return self.stop == self.total
 
 
-def query_chunks(t: int, T: int, batch: int, heads: int, size: int | None = None) -> list[Chunk]:
+def query_chunks(t: int, T: int, batch: int, heads: int, size: int | None = None, gpu: bool = False) -> list[Chunk]:
     """Split t new tokens, the last t of a T-slot cache, into chunks of at most ``size`` queries
-    (by default as many as keep one chunk's fp32 logits under ``CHUNK_BYTES``) and of nearly equal
-    sizes, so that no short last chunk pays a whole chunk's per-call overhead for a few rows."""
+    (by default as many as keep one chunk's fp32 logits under ``CHUNK_BYTES``, at most
+    ``CPU_CHUNK_QUERIES``; on a GPU under ``GPU_CHUNK_BYTES``) and of nearly equal sizes, so that
+    no short last chunk pays a whole chunk's per-call overhead for a few rows."""
     if size is None:
-        size = max(1, CHUNK_BYTES // (4 * batch * heads * T))
+        logits = 4 * batch * heads * T
+        size = max(1, GPU_CHUNK_BYTES // logits if gpu else min(CHUNK_BYTES // logits, CPU_CHUNK_QUERIES))
     n = -(-t // size)
     bounds = [t * i // n for i in range(n + 1)]
     return [Chunk(a, b, t, T - t + b) for a, b in zip(bounds, bounds[1:])]
@@ -288,7 +299,7 @@ def forward(
 
     x # (B, t, hidden); positions # (B, t) absolute positions (a prefill under M-RoPE: # (3, B, t),
     see ``VisionLanguageModel.positions``); valid # (B, t) real tokens.
-    ``chunk_size`` caps the queries per chunk of written-out attention (default: ``CHUNK_BYTES``).
+    ``chunk_size`` caps the queries per chunk of written-out attention (default: ``query_chunks``'s).
     Returns the hidden states after the first ``n_layers`` layers (all by default), before the
     final norm # (B, t, hidden).
     """
@@ -356,7 +367,7 @@ def self_attention(
         return attn.o_proj(fused_attention(q, keys, values, allowed, bias, model.scaling))
 
     out = h.new_empty(B, t, H * D)
-    for chunk in query_chunks(t, T, B, H, chunk_size):
+    for chunk in query_chunks(t, T, B, H, chunk_size, gpu=h.device.type == "cuda"):
         kc, vc = keys[:, :, : chunk.slots], values[:, :, : chunk.slots]
         logits = attention_logits(q[:, :, chunk.rows], kc, model.scaling)
         logits = steering.layer_logits(index, logits, cache, chunk)
