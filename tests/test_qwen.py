@@ -146,8 +146,8 @@ def test_hub_checkpoint_captions_through_the_cli_as_hf_generate_does(hub_model, 
     assert records["wide.png"]["image_tokens"] == 6 and records["tall.png"]["image_tokens"] == 8
 
 
-def caption(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "vacap.cli", "caption", *map(str, args)], capture_output=True,
+def caption(*args, timeout=600, command=("caption",)):
+    return subprocess.run([sys.executable, "-m", "vacap.cli", *command, *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
@@ -168,6 +168,13 @@ def test_pixel_flags_set_the_image_token_count_and_the_resume_key(tiny_model, tm
     # down to whole tokens), 2 tokens. The tiny model's own range (1024 to 4096 pixels) holds the
     # image, so a larger minimum changes nothing.
     assert counts == {"": 16, "--max-pixels 1024": 2, "--min-pixels 2048": 16}
+    # compare takes the same limits, for every setting it runs.
+    output = tmp_path / "compare.jsonl"
+    out = caption(image, "--model", path, "--dtype", "fp32", "--max-new-tokens", "4", "--methods", "greedy,vcd",
+                  "--max-pixels", "1024", "-o", output, command=("compare",))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [(r["setting"], r["image_tokens"]) for r in records] == [("greedy", 2), ("vcd", 2)]
 
 
 def test_pixel_flags_are_refused_where_they_cannot_act(tiny_model, tmp_path):
@@ -179,6 +186,11 @@ def test_pixel_flags_are_refused_where_they_cannot_act(tiny_model, tmp_path):
     assert out.returncode == 2 and "--min-pixels 4096 is above --max-pixels 1024" in " ".join(out.stderr.split())
     out = caption(image, "--model", tiny_model("qwen2-vl"), "--min-pixels", "8192")
     assert out.returncode == 2 and "--min-pixels 8192 is above --max-pixels 4096" in " ".join(out.stderr.split())
+    out = caption(image, "--model", "demo", "--max-pixels", "1024", "--methods", "greedy", command=("compare",))
+    assert out.returncode == 2 and "Qwen2-VL" in out.stderr and "fixed size" in out.stderr
+    out = caption(image, "--instances", tmp_path / "instances.json", "--min-pixels", "4096", "--max-pixels", "1024",
+                  command=("eval", "pope"))  # fmt: skip
+    assert out.returncode == 2 and "--min-pixels 4096 is above --max-pixels 1024" in " ".join(out.stderr.split())
 
 
 def test_doctor_names_the_qwen_family(tmp_path):

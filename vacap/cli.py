@@ -245,8 +245,7 @@ def caption(
     if compile and quant != "none":
         # bitsandbytes layers break the compiled graph into pieces that recompile at every new shape.
         _usage(f"--compile cannot be used with --quant {quant}; use one or the other")
-    if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
-        _usage(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}; give a min at most the max")
+    _check_pixels(max_pixels, min_pixels)
     prompt = _prompt(prompt, prompt_file)
     settings = dict(
         method=method, prompt=prompt, max_new_tokens=max_new_tokens, sparsity=sparsity, lam=lam, alpha=alpha,
@@ -281,6 +280,11 @@ def caption(
         raise typer.Exit(runs.caption(job))
 
 
+def _check_pixels(max_pixels: int | None, min_pixels: int | None) -> None:
+    if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+        _usage(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}; give a min at most the max")
+
+
 # --- compare ------------------------------------------------------------------------------------
 
 
@@ -312,6 +316,8 @@ def compare(
     device: o.Device = "auto",
     threads: o.Threads = "auto",
     quant: o.Quant = "none",
+    max_pixels: o.MaxPixels = None,
+    min_pixels: o.MinPixels = None,
     batch_size: o.Batch = 1,
     methods: o.Methods = "greedy,vasparse,vcd,fastv",
     prompt: o.Prompt = DEFAULT_PROMPT,
@@ -369,6 +375,7 @@ def compare(
     except ValueError as exc:
         _usage(str(exc))
     _configs(ctx, list(grid.values()), **shared)
+    _check_pixels(max_pixels, min_pixels)
     listing = _choose(
         paths, recursive=recursive, files_from=files_from, include=include or (), exclude=exclude or (),
         shard=shard, limit=limit,
@@ -377,7 +384,7 @@ def compare(
 
     loading = dict(
         model=model, dtype=dtype, device=device, quant=quant, batch_size=batch_size, diagnostics=diagnostics,
-        risk_vocab=risk_vocab,
+        risk_vocab=risk_vocab, max_pixels=max_pixels, min_pixels=min_pixels,
     )  # fmt: skip
     with _run_errors():
         raise typer.Exit(
@@ -606,6 +613,8 @@ def eval_pope(
     device: o.Device = "auto",
     threads: o.Threads = "auto",
     quant: o.Quant = "none",
+    max_pixels: o.MaxPixels = None,
+    min_pixels: o.MinPixels = None,
     batch_size: Annotated[
         int,
         typer.Option(
@@ -633,6 +642,7 @@ def eval_pope(
     from vacap.progress import console
 
     _configs(ctx, [{}], method=method, sparsity=sparsity, max_new_tokens=max_new_tokens)
+    _check_pixels(max_pixels, min_pixels)
     try:
         questions = pope.build_questions(instances, split, images=limit, seed=sample_seed)
     except (OSError, ValueError, KeyError) as exc:
@@ -640,7 +650,8 @@ def eval_pope(
     with _run_errors():
         captioner = runs.load_captioner(
             threads, model=model, method=method, sparsity=sparsity, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, dtype=dtype, device=device, quant=quant,
+            batch_size=batch_size, dtype=dtype, device=device, quant=quant, max_pixels=max_pixels,
+            min_pixels=min_pixels,
         )  # fmt: skip
     with Progress(console=console()) as progress:
         task = progress.add_task("asking", total=len(questions))
