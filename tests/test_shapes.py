@@ -329,6 +329,22 @@ def test_vasparse_flags_without_vasparse_are_usage_errors(command, flags):
     assert f"{flags[0]} (acts only with --method vasparse" in message
 
 
+def test_var_dims_join_the_var_runs_they_act_in():
+    from vacap.compare import parse_sweeps, settings_grid
+
+    grid = settings_grid(["greedy", "var"], parse_sweeps(var_p="0.3,1"), fixed={"var_dims": (3, 5)})
+    assert grid == {
+        "greedy": dict(method="greedy"),
+        "var var-p=0.3": dict(method="var", var_p=0.3, var_dims=(3, 5)),
+        "var var-p=1": dict(method="var", var_p=1.0),
+    }
+    for command in (["eval", "shapes"], ["compare", "sample_images/house.jpg"]):
+        out = _vacap(*command, "--methods", "greedy,vcd", "--var-dims", "3,5")
+        message = " ".join(out.stderr.replace("│", " ").split())
+        assert out.returncode == 2 and "--var-dims (acts only with --method var" in message, command
+        assert "no run among --methods (greedy, vcd) uses it" in message
+
+
 def test_eval_shapes_table_fits_80_columns_and_runs_only_what_was_asked():
     sweep = _vacap("eval", "shapes", "-n", "1", "--methods", "greedy,vasparse", "--sparsity", "0.35,0.7",
                    "--alpha", "0.15,1", "--dtype", "fp32", columns=80)  # fmt: skip

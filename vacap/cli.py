@@ -334,6 +334,7 @@ def compare(
     var_p: o.VarPs = None,
     var_rho: o.VarRhos = None,
     var_tau: o.VarTaus = None,
+    var_dims: o.VarDims = "",
     pai_alpha: o.PaiAlphas = None,
     ablation: o.Ablation = False,
     temperature: o.Temperature = D.temperature,
@@ -371,7 +372,7 @@ def compare(
             vista_lambda=vista_lambda, vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau,
             pai_alpha=pai_alpha,
         )  # fmt: skip
-        grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation)
+        grid = settings_grid(parse_list(methods, str, "--methods"), sweeps, ablation, {"var_dims": var_dims})
     except ValueError as exc:
         _usage(str(exc))
     _configs(ctx, list(grid.values()), **shared)
@@ -730,6 +731,7 @@ def eval_shapes(
     var_p: o.VarPs = None,
     var_rho: o.VarRhos = None,
     var_tau: o.VarTaus = None,
+    var_dims: o.VarDims = "",
     pai_alpha: o.PaiAlphas = None,
     ablation: Annotated[
         Optional[bool],
@@ -773,7 +775,9 @@ def eval_shapes(
             contrast_layers=contrast_layers, mask_rate=mask_rate, vista_lambda=vista_lambda,
             vista_gamma=vista_gamma, var_p=var_p, var_rho=var_rho, var_tau=var_tau, pai_alpha=pai_alpha,
         )  # fmt: skip
-        grid = settings_grid(chosen, sweeps, "vasparse" in chosen if ablation is None else ablation)
+        grid = settings_grid(
+            chosen, sweeps, "vasparse" in chosen if ablation is None else ablation, {"var_dims": var_dims}
+        )
         grid = {label: {**settings, "risk": risk} for label, settings in grid.items()}
         for settings in grid.values():
             DecodeConfig(**settings)

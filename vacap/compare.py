@@ -47,6 +47,8 @@ SWEEP_FLAGS = {
     "var_tau": "--var-tau",
     "pai_alpha": "--pai-alpha",
 }
+# Settings that compare and eval shapes take once, for every run they act in.
+FIXED_FLAGS = {"var_dims": "--var-dims"}
 # A layer count is a whole number; every other swept setting is a float.
 _SWEEP_KINDS = {"contrast_layers": int}
 
@@ -62,10 +64,12 @@ def settings_grid(
     methods: Sequence[str],
     sweeps: Mapping[str, Sequence[float]] | None = None,
     ablation: bool = False,
+    fixed: Mapping[str, object] | None = None,
 ) -> dict[str, dict]:
     """Label -> settings: each method once per combination of the swept values that act in it
     (``sweeps``: setting -> values, e.g. {"sparsity": [0.3, 0.7], "alpha": [0.1, 1]}), plus
-    VASparse's ablations.
+    VASparse's ablations. ``fixed`` settings (``FIXED_FLAGS``, e.g. {"var_dims": (3, 5)}) join
+    every run they act in, without a label of their own.
 
     A swept setting applies to the methods it acts in (``DecodeConfig.unused``): ``--alpha`` to
     vasparse and vcd, ``--sparsity`` to vasparse only; a method in which none acts runs once.
@@ -88,7 +92,14 @@ def settings_grid(
             acted |= acting.keys()
             label = " ".join([method, *(f"{SWEEP_FLAGS[name][2:]}={value:g}" for name, value in acting.items())])
             grid[label] = dict(method=method, **acting)
-    idle_flags = {SWEEP_FLAGS[name]: when[name] for name in sweeps if name not in acted}
+    fixed = {name: value for name, value in (fixed or {}).items() if value}
+    for settings in grid.values():
+        idle = DecodeConfig(**settings, **fixed).unused(fixed)
+        when.update(idle)
+        settings.update({name: value for name, value in fixed.items() if name not in idle})
+        acted |= fixed.keys() - idle.keys()
+    flags = {**SWEEP_FLAGS, **FIXED_FLAGS}
+    idle_flags = {flags[name]: when[name] for name in [*sweeps, *fixed] if name not in acted}
     if ablation and "vasparse" not in methods:
         idle_flags["--ablation"] = "--method vasparse"
     if idle_flags:
