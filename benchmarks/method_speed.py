@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/method_speed.py --methods vasparse,vcd,vasparse+contrast_layers=4
 
 A method is a name of ``vacap.config.METHODS`` at its defaults, or a name followed by
-``+setting=value`` pairs (``vasparse+contrast_layers=4+alpha=1``). Sizes as in
+``+setting=value`` pairs (``vasparse+contrast_layers=4+alpha=1``; a list as ``var_dims=22/100``). Sizes as in
 ``risk_cost.py``: ``demo`` (vacap's shipped model on its scenes) and the random llava-llama
 checkpoints of ``vacap.tiny_models`` (``short``: the ~310M, 24-layer text model with 16 image
 tokens, where decode steps take the time, as on a GPU; ``wide``: 6 layers of LLaVA-1.5-7B's
@@ -49,7 +49,8 @@ def parse_method(text: str) -> dict:
         if field is None or not value:
             raise ValueError(f"{text}: {pair!r} is not setting=value of a DecodeConfig field")
         kind = type(field.default) if field.default is not None else float
-        settings[name] = kind(value)
+        # A tuple (var_dims) is written with "/" between its whole numbers: var_dims=22/100.
+        settings[name] = tuple(int(item) for item in value.split("/")) if kind is tuple else kind(value)
     DecodeConfig(**settings)
     return settings
 
