@@ -29,10 +29,8 @@ import torch
 import vacap.decode as decode
 from vacap.config import METHODS, DecodeConfig
 from vacap.methods import steering_for
-from vacap.model import load_model
-from vacap.tiny_models import build_tiny_model
 
-from risk_cost import SIZE_CHOICES, prepare
+from risk_cost import SIZE_CHOICES, prepare, sized_model
 from speed import choices
 
 
@@ -108,12 +106,7 @@ def main() -> None:
         parser.error(str(exc))
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            if size == "demo":
-                model = load_model("demo", dtype="fp32", device="cpu")
-            else:
-                built = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
-                model = load_model(str(built), dtype="fp32", device="cpu")
-            model.eos_ids = ()
+            model = sized_model(size, Path(tmp))
             params = sum(p.numel() for p in model.hf.parameters()) / 1e6
             for batch in (int(b) for b in args.batch.split(",")):
                 inputs = prepare(model, batch, size == "demo")

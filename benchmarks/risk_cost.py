@@ -56,6 +56,17 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 PROMPT = "Please describe this image in detail."
 
 
+def sized_model(size: str, folder: Path) -> VisionLanguageModel:
+    """The model of a ``SIZE_CHOICES`` size, fp32 on the CPU (a random one built under
+    ``folder``), with no stop token, so that every call makes all the tokens it is asked for."""
+    if size == "demo":
+        model = load_model("demo", dtype="fp32", device="cpu")
+    else:
+        model = load_model(str(build_tiny_model("llava-llama", folder / size, size=size)), dtype="fp32", device="cpu")
+    model.eos_ids = ()
+    return model
+
+
 def prepare(model: VisionLanguageModel, batch: int, demo: bool) -> dict[str, torch.Tensor]:
     """``batch`` sample images (the demo's scenes for the demo model), repeated as needed."""
     paths = sorted(p for p in SAMPLES.iterdir() if p.name.startswith("scene_") or not demo)
@@ -148,12 +159,7 @@ def main() -> None:
     clock = PrefillClock()
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            if size == "demo":
-                model = load_model("demo", dtype="fp32", device="cpu")
-            else:
-                built = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
-                model = load_model(str(built), dtype="fp32", device="cpu")
-            model.eos_ids = ()
+            model = sized_model(size, Path(tmp))
             params = sum(p.numel() for p in model.hf.parameters()) / 1e6
             for batch in batches:
                 inputs = prepare(model, batch, size == "demo")

@@ -22,14 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from risk_cost import SIZE_CHOICES, PrefillClock, prepare
+from risk_cost import SIZE_CHOICES, PrefillClock, prepare, sized_model
 from speed import choices
 
 import vacap.decode as decode
 from vacap.config import DecodeConfig
 from vacap.methods import steering_for
-from vacap.model import load_model
-from vacap.tiny_models import build_tiny_model
 
 SETTINGS = {
     "greedy": dict(method="greedy"),
@@ -66,12 +64,7 @@ def main() -> None:
     clock, made = PrefillClock(), args.max_new_tokens
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            if size == "demo":
-                model = load_model("demo", dtype="fp32", device="cpu")
-            else:
-                built = build_tiny_model("llava-llama", Path(tmp) / size, size=size)
-                model = load_model(str(built), dtype="fp32", device="cpu")
-            model.eos_ids = ()
+            model = sized_model(size, Path(tmp))
             for batch in [int(b) for b in args.batch.split(",")]:
                 inputs = prepare(model, batch, size == "demo")
                 for name in names:  # warm-up
