@@ -105,7 +105,10 @@ def test_compiled_step_gives_hf_tokens_and_never_recompiles_as_captions_grow(tin
     shorter = model.prepare(IMAGES[3:] + IMAGES[:3], "Say it.")
     assert shorter["input_ids"].shape[1] < inputs["input_ids"].shape[1]
     # A recompilation would mean that something changing per step, or per prompt length within
-    # a capacity bucket, reached the compiled region; the first compilation is not one.
+    # a capacity bucket, reached the compiled region; the first compilation is not one. Dynamo
+    # keeps compiled code per function, so another test's model compiled in this process first
+    # would make this model's first compilation count as a recompilation: start from none.
+    torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = tokens(model, inputs, Steering(), "compiled")
         again = tokens(model, shorter, Steering(), "compiled")
